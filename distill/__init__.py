@@ -1,0 +1,3 @@
+"""clip-distill: knowledge distillation for CLIP, from teacher to a shippable edge student."""
+
+__version__ = "0.1.0"
