@@ -1,0 +1,415 @@
+"""Measure every deployment variant the same way: latency, throughput, accuracy, agreement, size.
+
+Conventions (DESIGN 7): warm up, synchronise, time with ``time.perf_counter``, repeat, report
+median and p90 as a flat dict of rounded numbers, and record what it ran on (``environment``).
+Accuracy-type numbers are fractions in [0, 1] (distill/metrics.py); FLOPs are 2 x MACs
+(distill/flops.py). No function here asserts a timing: these are measurements, not tests.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from distill.metrics import (agreement, classify_logits, retrieval_recall, top1_agreement, zero_shot_accuracy,
+                             zero_shot_classifier)
+
+__all__ = ["environment", "time_fn", "peak_rss_mb", "measure_peak_rss", "count_params", "file_size_mb",
+           "matmul_ceiling", "Variant", "measure_variants"]
+
+_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "neon", "asimd")
+
+
+# ----------------------------------------------------------------------------- environment
+
+def _cpu_info() -> tuple[str, list[str]]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Model") and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return model, [f for f in _FLAGS if f in flags]
+
+
+def _version(mod: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(mod)
+    except Exception:
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """What a measurement ran on: CPU model and ISA flags, cores, threads, library versions, GPU, OS."""
+    cpu, flags = _cpu_info()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "cpu_flags": flags,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": _version("onnxruntime"),
+        "onnx": _version("onnx"),
+        "open_clip": _version("open_clip_torch"),
+        "numpy": _version("numpy"),
+    }
+
+
+# ----------------------------------------------------------------------------- timing and memory
+
+def _auto_sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 20,
+            sync: Callable[[], None] | None = None) -> dict[str, float]:
+    """Call ``fn`` ``warmup`` times untimed, then ``repeats`` times timed with perf_counter.
+
+    ``sync`` runs before each clock read (default: ``torch.cuda.synchronize`` when CUDA is in use)
+    so that asynchronous GPU work is inside the interval. Returns
+    {"median_ms", "p90_ms", "mean_ms", "min_ms", "repeats"} rounded to 3 decimals.
+    """
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    sync = sync or _auto_sync
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    p90 = times[min(len(times) - 1, max(0, int(round(0.9 * len(times))) - 1))]
+    return {"median_ms": round(statistics.median(times), 3), "p90_ms": round(p90, 3),
+            "mean_ms": round(statistics.fmean(times), 3), "min_ms": round(times[0], 3), "repeats": repeats}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process since it started, MiB (getrusage; Linux reports KiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def _proc_status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def measure_peak_rss(fn: Callable[[], Any]) -> dict[str, float | None]:
+    """Run ``fn`` and return {"peak_rss_mb", "delta_mb"}: the process's resident peak while it ran
+    and how far that peak rose above the resident size just before.
+
+    On Linux the kernel's high-water mark is reset first (write "5" to /proc/self/clear_refs), so
+    the peak belongs to this call and variants measured one after another get their own figure
+    (everything already loaded, e.g. other variants' weights, is in the baseline). Where that
+    reset is unavailable, both fields fall back to the process-wide ``peak_rss_mb`` / None.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _proc_status_kb("VmRSS")
+    except OSError:
+        base = None
+    fn()
+    hwm = _proc_status_kb("VmHWM") if base is not None else None
+    if base is None or hwm is None:
+        return {"peak_rss_mb": peak_rss_mb(), "delta_mb": None}
+    return {"peak_rss_mb": round(hwm / 1024, 1), "delta_mb": round(max(0, hwm - base) / 1024, 1)}
+
+
+# ----------------------------------------------------------------------------- size
+
+def count_params(module: torch.nn.Module) -> int:
+    """Number of parameter elements (int8 packed weights of torch dynamic-quantised Linear layers are
+    not ``Parameter``s; count those on the fp32 model)."""
+    return int(sum(p.numel() for p in module.parameters()))
+
+
+def file_size_mb(paths: str | Path | Iterable[str | Path]) -> float:
+    """Total size in MB (10^6 bytes) of the files, including ONNX external-data files they reference."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    seen: set[Path] = set()
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} does not exist; pass the exported files")
+        seen.add(p.resolve())
+        if p.suffix == ".onnx":
+            import onnx
+
+            model = onnx.load(str(p), load_external_data=False)
+            for t in model.graph.initializer:
+                for kv in t.external_data:
+                    if kv.key == "location":
+                        seen.add((p.parent / kv.value).resolve())
+    return round(sum(q.stat().st_size for q in seen if q.is_file()) / 1e6, 3)
+
+
+# ----------------------------------------------------------------------------- GEMM ceilings
+
+def _ort_matmul_session(kind: str, n: int, threads: int):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    if kind == "int8":  # what ORT dynamic quantisation runs: uint8 activations x int8 weights -> int32
+        w = numpy_helper.from_array(rng.integers(-64, 64, (n, n), dtype=np.int8), "W")
+        node = helper.make_node("MatMulInteger", ["A", "W"], ["Y"])
+        a_type, y_type = TensorProto.UINT8, TensorProto.INT32
+        feed = rng.integers(0, 255, (n, n), dtype=np.uint8)
+    else:
+        w = numpy_helper.from_array(rng.standard_normal((n, n), dtype=np.float32), "W")
+        node = helper.make_node("MatMul", ["A", "W"], ["Y"])
+        a_type, y_type = TensorProto.FLOAT, TensorProto.FLOAT
+        feed = rng.standard_normal((n, n), dtype=np.float32)
+    graph = helper.make_graph([node], "ceiling", [helper.make_tensor_value_info("A", a_type, [n, n])],
+                              [helper.make_tensor_value_info("Y", y_type, [n, n])], initializer=[w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return lambda: sess.run(None, {"A": feed})
+
+
+def matmul_ceiling(threads: int, n: int = 1024, repeats: int = 10) -> dict[str, float]:
+    """Measured (n x n) @ (n x n) GEMM throughput on ``threads`` CPU threads, per runtime:
+    {"torch_fp32_gflops", "torch_int8_gops", "ort_fp32_gflops", "ort_int8_gops", plus the aliases
+    "fp32_gflops" (= torch) and "int8_gops" (= ORT)}. Counts 2 x n^3 operations per product.
+
+    A model's achieved rate divided by its runtime's ceiling says how much of the machine the
+    runtime uses. Ceilings are large square products; the thin (tokens x width) products of a
+    batch-1 transformer cannot reach them.
+    """
+    ops = 2.0 * n ** 3
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out: dict[str, float] = {}
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        t = time_fn(lambda: a @ b, warmup=2, repeats=repeats)
+        out["torch_fp32_gflops"] = round(ops / t["median_ms"] / 1e6, 1)
+        try:  # fbgemm/onednn dynamic int8 linear: what torch.ao quantize_dynamic runs (deprecated API)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                qlin = torch.ao.nn.quantized.dynamic.Linear(n, n)
+                qlin.set_weight_bias(torch.quantize_per_tensor(torch.randn(n, n), 0.05, 0, torch.qint8), None)
+            t = time_fn(lambda: qlin(a), warmup=2, repeats=repeats)
+            out["torch_int8_gops"] = round(ops / t["median_ms"] / 1e6, 1)
+        except Exception:  # no quantized engine on this build
+            out["torch_int8_gops"] = None
+        for kind in ("fp32", "int8"):
+            run = _ort_matmul_session(kind, n, threads)
+            t = time_fn(run, warmup=2, repeats=repeats)
+            out[f"ort_{kind}_{'gflops' if kind == 'fp32' else 'gops'}"] = round(ops / t["median_ms"] / 1e6, 1)
+    finally:
+        torch.set_num_threads(prev)
+    out["fp32_gflops"] = out["torch_fp32_gflops"]
+    out["int8_gops"] = out["ort_int8_gops"]
+    return out
+
+
+def _ceiling_key(runtime: str, precision: str) -> str:
+    rt = "ort" if runtime == "onnxruntime" else runtime
+    return f"{rt}_{precision}_{'gflops' if precision == 'fp32' else 'gops'}"
+
+
+# ----------------------------------------------------------------------------- variants
+
+@dataclass
+class Variant:
+    """One deployable form of a model.
+
+    ``encoder`` follows the Teacher duck type (distill/teachers/base.py): ``encode_image((B,3,H,W)
+    float [0,1]) -> (B,D)`` L2-normalised, ``encode_text(list[str]) -> (B,D)``, ``image_size``.
+    ORT encoders must be built with ``intra_op_num_threads`` equal to the ``threads`` given to
+    ``measure_variants`` (torch threads are set there).
+    """
+
+    name: str
+    role: str  # "teacher" | "student"
+    runtime: str  # "torch" | "onnxruntime"
+    precision: str  # "fp32" | "int8"
+    encoder: Any
+    params: dict[str, int] = field(default_factory=dict)  # {"image", "text", "total"}
+    flops: dict[str, int] = field(default_factory=dict)  # {"image", "text"} per sample, 2 x MACs
+    files: list[str] = field(default_factory=list)  # what ships, for size_mb
+
+    def __post_init__(self) -> None:
+        if self.role not in ("teacher", "student"):
+            raise ValueError(f"variant {self.name}: role must be 'teacher' or 'student', got {self.role!r}")
+        if self.runtime not in ("torch", "onnxruntime"):
+            raise ValueError(f"variant {self.name}: runtime must be 'torch' or 'onnxruntime', got {self.runtime!r}")
+        if self.precision not in ("fp32", "int8"):
+            raise ValueError(f"variant {self.name}: precision must be 'fp32' or 'int8', got {self.precision!r}")
+
+
+def _encode_images(encoder: Any, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    return torch.cat([torch.as_tensor(encoder.encode_image(images[i:i + batch])).float().cpu()
+                      for i in range(0, images.shape[0], batch)])
+
+
+def _encode_texts(encoder: Any, texts: Sequence[str], batch: int = 256) -> torch.Tensor:
+    return torch.cat([torch.as_tensor(encoder.encode_text(list(texts[i:i + batch]))).float().cpu()
+                      for i in range(0, len(texts), batch)])
+
+
+def _flatten_captions(spec: Mapping[str, Any]) -> tuple[list[str], list[int] | None]:
+    caps = spec["captions"]
+    if "image_for_text" in spec:
+        return list(caps), list(spec["image_for_text"])
+    if caps and not isinstance(caps[0], str):  # several captions per image
+        flat, owner = [], []
+        for i, group in enumerate(caps):
+            flat += list(group)
+            owner += [i] * len(group)
+        return flat, owner
+    return list(caps), None
+
+
+def _round(d: Mapping[str, float], digits: int = 6) -> dict[str, float]:
+    return {k: round(float(v), digits) for k, v in d.items()}
+
+
+def _measure_one(v: Variant, eval_sets: Mapping[str, Any], batch_sizes: Sequence[int], timing_images: dict,
+                 text: list[str], warmup: int, repeats: int, ceilings: Mapping[str, float] | None) -> tuple[dict, dict]:
+    """-> (row for the report, embeddings/logits kept for agreement)."""
+    enc = v.encoder
+    row: dict[str, Any] = {"status": "ok", "role": v.role, "runtime": v.runtime, "precision": v.precision,
+                           "params": dict(v.params), "flops": dict(v.flops),
+                           "size_mb": file_size_mb(v.files) if v.files else None}
+    kept: dict[str, dict[str, torch.Tensor]] = {"image_emb": {}, "logits": {}}
+
+    def body() -> None:
+        lat: dict[str, float] = {}
+        for b in batch_sizes:
+            x = timing_images[(b, int(enc.image_size))]
+            t = time_fn(lambda: enc.encode_image(x), warmup=warmup, repeats=repeats)
+            lat[f"image_b{b}_median_ms"], lat[f"image_b{b}_p90_ms"] = t["median_ms"], t["p90_ms"]
+        t = time_fn(lambda: enc.encode_text(text), warmup=warmup, repeats=repeats)
+        lat["text_b1_median_ms"], lat["text_b1_p90_ms"] = t["median_ms"], t["p90_ms"]
+        row["latency"] = lat
+        bmax = max(batch_sizes)
+        row["throughput_img_s"] = round(bmax / (lat[f"image_b{bmax}_median_ms"] / 1e3), 2)
+        if v.flops.get("image"):
+            key = _ceiling_key(v.runtime, v.precision)
+            ach: dict[str, float | None] = {}
+            for b in batch_sizes:
+                rate = v.flops["image"] * b / (lat[f"image_b{b}_median_ms"] / 1e3) / 1e9
+                ach[f"image_b{b}_gflops_s"] = round(rate, 2)
+                ceil = (ceilings or {}).get(key)
+                ach[f"image_b{b}_ceiling_share"] = round(rate / ceil, 4) if ceil else None
+            ach["ceiling"] = key if ceilings and ceilings.get(key) else None
+            row["achieved"] = ach
+        zs, rt = {}, {}
+        for name, spec in eval_sets.get("classification", {}).items():
+            emb = _encode_images(enc, spec["images"])  # (N, D)
+            clf = zero_shot_classifier(enc.encode_text, spec["classnames"], spec["templates"])  # (C, D)
+            zs[name] = _round(zero_shot_accuracy(emb, clf, spec["labels"]))
+            kept["image_emb"][name], kept["logits"][name] = emb, classify_logits(emb, clf)
+        for name, spec in eval_sets.get("retrieval", {}).items():
+            emb = _encode_images(enc, spec["images"])
+            caps, owner = _flatten_captions(spec)
+            rt[name] = _round(retrieval_recall(emb, _encode_texts(enc, caps), image_for_text=owner))
+            kept["image_emb"][f"retrieval/{name}"] = emb
+        row["zeroshot"], row["retrieval"] = zs, rt
+
+    row["memory"] = measure_peak_rss(body)
+    return row, kept
+
+
+def _one_line(err: BaseException) -> str:
+    msg = " ".join(str(err).split()) or "(no message)"
+    return f"{type(err).__name__}: {msg}"[:300]
+
+
+def measure_variants(variants: Sequence[Variant], eval_sets: Mapping[str, Any], *,
+                     batch_sizes: Sequence[int] = (1, 32), threads: int, reference: str,
+                     warmup: int = 3, repeats: int = 20, ceilings: Mapping[str, float] | None = None,
+                     seed: int = 0) -> dict[str, dict]:
+    """Measure each variant the same way; -> {variant name: report row} (schema in distill/report.py).
+
+    eval_sets: {"classification": {name: {"images": (N,3,H,W) [0,1], "labels": (N,), "classnames",
+    "templates"}}, "retrieval": {name: {"images": (N,3,H,W), "captions": N strings, or N lists of
+    strings, or M strings plus "image_for_text": M ints}}}.
+
+    Every variant sees the same timing inputs (seeded uniform images at its ``image_size``, one
+    fixed caption), the same eval tensors and ``threads`` torch threads. Per variant: encode_image
+    latency at each batch size, encode_text latency at batch 1, throughput at the largest batch,
+    zero-shot top1/top5, retrieval R@1/5/10 both ways, achieved GFLOP/s (and share of ``ceilings``
+    from ``matmul_ceiling`` when given), memory. Agreement with the ``reference`` variant: mean
+    cosine of image embeddings on the eval images (when the embedding sizes match) and top-1
+    zero-shot agreement. A variant that raises becomes {"status": "failed", "reason": one line};
+    the others still run.
+    """
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"variant names must be unique, got {names}")
+    if reference not in names:
+        raise ValueError(f"reference {reference!r} is not one of the variants {names}")
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(seed)
+    sizes = sorted({int(getattr(v.encoder, "image_size", 224)) for v in variants})
+    timing_images = {(b, s): torch.rand(b, 3, s, s, generator=gen) for s in sizes for b in batch_sizes}
+    text = ["a photo of a small dog sitting on the grass."]
+    rows: dict[str, dict] = {}
+    kept: dict[str, dict] = {}
+    for v in variants:
+        try:
+            rows[v.name], kept[v.name] = _measure_one(v, eval_sets, batch_sizes, timing_images, text, warmup,
+                                                      repeats, ceilings)
+        except Exception as err:  # one broken variant must not hide the others
+            rows[v.name] = {"status": "failed", "reason": _one_line(err), "role": v.role, "runtime": v.runtime,
+                            "precision": v.precision}
+    ref = kept.get(reference)
+    for name, row in rows.items():
+        if row["status"] != "ok":
+            continue
+        if ref is None:
+            row["agreement"] = {"reference": reference, "note": "reference variant failed"}
+            continue
+        agr: dict[str, Any] = {"reference": reference}
+        for set_name, emb in kept[name]["image_emb"].items():
+            ref_emb = ref["image_emb"][set_name]
+            entry = agr.setdefault(set_name, {})
+            entry["image_cosine"] = round(agreement(emb, ref_emb), 6) if emb.shape == ref_emb.shape else None
+            if set_name in kept[name]["logits"]:
+                entry["top1"] = round(top1_agreement(kept[name]["logits"][set_name], ref["logits"][set_name]), 6)
+        row["agreement"] = agr
+    return rows

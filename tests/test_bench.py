@@ -1,0 +1,155 @@
+"""The harness computes the right numbers: call counts, failure isolation, metrics, agreement, sizes.
+No timing is asserted (only the structure of timing results)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+
+from distill.bench import (Variant, count_params, environment, file_size_mb, matmul_ceiling, measure_peak_rss,
+                           measure_variants, time_fn)
+from distill.metrics import retrieval_recall, zero_shot_accuracy, zero_shot_classifier
+
+CLASSES = ["red", "green", "blue"]
+
+
+class ColourEncoder:
+    """Tiny deterministic dual encoder: image -> mean RGB, text -> one-hot of the colour it names."""
+
+    image_size = 8
+
+    def __init__(self, noise: float = 0.0):
+        self.noise = noise
+        self.image_calls = 0
+
+    def encode_image(self, images):
+        self.image_calls += 1
+        feats = images.mean(dim=(2, 3)) + self.noise  # (B, 3)
+        return F.normalize(feats, dim=-1)
+
+    def encode_text(self, texts):
+        rows = [[float(c in t) for c in CLASSES] for t in texts]
+        return F.normalize(torch.tensor(rows) + 1e-3, dim=-1)
+
+
+class BrokenEncoder(ColourEncoder):
+    def encode_image(self, images):
+        raise RuntimeError("session lost\nsecond line of a long message")
+
+
+def _eval_sets():
+    images = torch.zeros(2, 3, 8, 8)
+    images[0, 0] = 1.0  # red
+    images[1, 2] = 1.0  # blue
+    return {
+        "classification": {"colours": {"images": images, "labels": torch.tensor([0, 2]), "classnames": CLASSES,
+                                       "templates": ["a {} picture", lambda c: f"{c}!"]}},
+        "retrieval": {"pairs": {"images": images, "captions": [["a red square", "red"], ["blue"]]}},
+    }
+
+
+def test_time_fn_calls_and_structure():
+    calls, syncs = [], []
+    t = time_fn(lambda: calls.append(1), warmup=2, repeats=5, sync=lambda: syncs.append(1))
+    assert len(calls) == 7 and len(syncs) == 6  # once after warm-up, once per timed call
+    assert set(t) == {"median_ms", "p90_ms", "mean_ms", "min_ms", "repeats"} and t["repeats"] == 5
+    assert t["min_ms"] <= t["median_ms"] <= t["p90_ms"]
+
+
+def test_measure_variants_isolates_failures_and_computes_metrics():
+    good = ColourEncoder()
+    variants = [
+        Variant("teacher_torch_fp32", "teacher", "torch", "fp32", good, params={"image": 3, "text": 0, "total": 3},
+                flops={"image": 1000, "text": 10}),
+        Variant("student_onnx_int8", "student", "onnxruntime", "int8", BrokenEncoder()),
+        Variant("student_torch_fp32", "student", "torch", "fp32", ColourEncoder(noise=0.5), flops={"image": 500}),
+    ]
+    ceilings = {"torch_fp32_gflops": 2.0}
+    rows = measure_variants(variants, _eval_sets(), batch_sizes=(1, 2), threads=1, reference="teacher_torch_fp32",
+                            warmup=1, repeats=2, ceilings=ceilings)
+    assert list(rows) == [v.name for v in variants]
+
+    failed = rows["student_onnx_int8"]
+    assert failed["status"] == "failed"
+    assert failed["reason"] == "RuntimeError: session lost second line of a long message"
+
+    t = rows["teacher_torch_fp32"]
+    assert t["status"] == "ok"
+    lat = t["latency"]
+    assert {"image_b1_median_ms", "image_b1_p90_ms", "image_b2_median_ms", "text_b1_median_ms"} <= set(lat)
+    assert t["throughput_img_s"] == pytest.approx(2 / (lat["image_b2_median_ms"] / 1e3), rel=1e-3)
+    rate = 1000 * 2 / (lat["image_b2_median_ms"] / 1e3) / 1e9
+    assert t["achieved"]["image_b2_gflops_s"] == pytest.approx(rate, abs=0.01)
+    assert t["achieved"]["ceiling"] == "torch_fp32_gflops"
+    # the red image and the blue image are classified right; captions retrieve their images
+    assert t["zeroshot"]["colours"] == {"top1": 1.0, "top5": 1.0}
+    assert t["retrieval"]["pairs"]["i2t_r1"] == 1.0 and t["retrieval"]["pairs"]["t2i_r1"] == 1.0
+    # agreement of an encoder with itself
+    assert t["agreement"]["colours"] == {"image_cosine": pytest.approx(1.0), "top1": 1.0}
+    assert t["agreement"]["retrieval/pairs"]["image_cosine"] == pytest.approx(1.0)
+    assert good.image_calls > 0
+
+    s = rows["student_torch_fp32"]
+    assert s["status"] == "ok" and s["achieved"]["ceiling"] == "torch_fp32_gflops"
+    sets = _eval_sets()["classification"]["colours"]
+    enc = ColourEncoder(noise=0.5)
+    emb = enc.encode_image(sets["images"])
+    expected = zero_shot_accuracy(emb, zero_shot_classifier(enc.encode_text, CLASSES, sets["templates"]),
+                                  sets["labels"])
+    assert s["zeroshot"]["colours"] == pytest.approx(expected, abs=1e-6)
+    ref_emb = ColourEncoder().encode_image(sets["images"])
+    assert s["agreement"]["colours"]["image_cosine"] == pytest.approx(
+        float(F.cosine_similarity(emb, ref_emb).mean()), abs=1e-6)
+    assert s["agreement"]["colours"]["image_cosine"] < 0.99
+
+
+def test_measure_variants_reference_failed_and_bad_reference():
+    rows = measure_variants([Variant("t", "teacher", "torch", "fp32", BrokenEncoder()),
+                             Variant("s", "student", "torch", "fp32", ColourEncoder())],
+                            _eval_sets(), batch_sizes=(1,), threads=1, reference="t", warmup=0, repeats=1)
+    assert rows["t"]["status"] == "failed" and rows["s"]["agreement"]["note"] == "reference variant failed"
+    with pytest.raises(ValueError, match="reference"):
+        measure_variants([Variant("s", "student", "torch", "fp32", ColourEncoder())], {}, threads=1, reference="x")
+    with pytest.raises(ValueError, match="role"):
+        Variant("s", "pupil", "torch", "fp32", ColourEncoder())
+
+
+def test_measure_peak_rss_sees_an_allocation():
+    holder = []
+    m = measure_peak_rss(lambda: holder.append(torch.ones(40 * 1024 * 1024 // 4)))  # 40 MiB, touched
+    assert m["peak_rss_mb"] > 0
+    if m["delta_mb"] is not None:  # Linux: peak reset per call
+        assert m["delta_mb"] >= 35
+
+
+def test_count_params_and_file_size(tmp_path):
+    assert count_params(torch.nn.Linear(4, 3)) == 15
+    w = numpy_helper.from_array(np.ones((256, 256), np.float32), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["A", "W"], ["Y"])], "g",
+                              [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, 256])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 256])], initializer=[w])
+    model = helper.make_model(graph)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    total = (path.stat().st_size + (tmp_path / "m.onnx.data").stat().st_size) / 1e6
+    assert file_size_mb(path) == pytest.approx(total, abs=1e-3)
+    assert (tmp_path / "m.onnx.data").stat().st_size >= 256 * 256 * 4
+    with pytest.raises(FileNotFoundError):
+        file_size_mb(tmp_path / "nope.onnx")
+
+
+def test_matmul_ceiling_keys():
+    c = matmul_ceiling(threads=1, n=64, repeats=2)
+    for key in ("torch_fp32_gflops", "ort_fp32_gflops", "ort_int8_gops", "fp32_gflops", "int8_gops"):
+        assert c[key] > 0
+    assert c["fp32_gflops"] == c["torch_fp32_gflops"] and c["int8_gops"] == c["ort_int8_gops"]
+
+
+def test_environment_fields():
+    env = environment()
+    assert env["torch"] == torch.__version__ and env["logical_cores"] >= 1
+    assert isinstance(env["cpu_flags"], list) and env["cpu"]
