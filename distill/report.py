@@ -1,0 +1,419 @@
+"""Teacher-vs-student report: summary ratios, targets, report.json / report.md / plots.
+
+report.json, schema version 1 (accuracy-type numbers are fractions in [0, 1]; report.md prints
+them as percent with 2 decimals; FLOPs are 2 x MACs per sample; latency in milliseconds)::
+
+    {
+      "schema_version": 1,
+      "experiment": str,
+      "created": ISO-8601 time,
+      "environment": {cpu, cpu_flags, logical_cores, torch_threads, gpu, os, python, torch,
+                      onnxruntime, onnx, open_clip, numpy, ...}          # distill.bench.environment
+      "ceilings": {"torch_fp32_gflops", "ort_int8_gops", ...}            # optional, bench.matmul_ceiling
+      "teacher": {"name": str, "embed_dim": int},
+      "student": {"name": str, "model_cfg": {...open_clip model_cfg...}},
+      "training": {...free-form metrics...},
+      "export": {...free-form: files, parity...},
+      "variants": {
+        name: {                                                          # bench.measure_variants row
+          "status": "ok" | "failed", "reason": str (failed only),
+          "role": "teacher" | "student", "runtime": "torch" | "onnxruntime", "precision": "fp32" | "int8",
+          "params": {"image", "text", "total"}, "flops": {"image", "text"}, "size_mb": float | null,
+          "latency": {"image_b1_median_ms", "image_b1_p90_ms", "image_b32_median_ms", "image_b32_p90_ms",
+                      "text_b1_median_ms", "text_b1_p90_ms"},
+          "throughput_img_s": float,                                      # at the largest batch
+          "achieved": {"image_b1_gflops_s", "image_b1_ceiling_share", ..., "ceiling": key},
+          "zeroshot": {set: {"top1", "top5"}},
+          "retrieval": {set: {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"}},
+          "agreement": {"reference": name, set: {"image_cosine", "top1"}},
+          "memory": {"peak_rss_mb", "delta_mb"}
+        }
+      },
+      "summary": {...summarize(report)...},
+      "targets": {name: {"target": float, "measured": float, "met": bool, "margin_pct": float,
+                         "direction": ">=" | "<="}}
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+SCHEMA_VERSION = 1
+TEACHER_BASELINES = ("teacher_torch_fp32", "teacher_onnx_fp32")
+
+__all__ = ["SCHEMA_VERSION", "new_report", "summarize", "target", "write_report", "render_markdown", "load_report"]
+
+
+def new_report(experiment: str, environment: Mapping[str, Any], teacher: Mapping[str, Any],
+               student: Mapping[str, Any], variants: Mapping[str, Any], **sections: Any) -> dict[str, Any]:
+    """Assemble a schema-1 report dict; ``sections`` may hold training, export, ceilings, targets."""
+    rep = {"schema_version": SCHEMA_VERSION, "experiment": experiment,
+           "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "environment": dict(environment), "teacher": dict(teacher), "student": dict(student),
+           "training": {}, "export": {}, "variants": dict(variants)}
+    rep.update(sections)
+    return rep
+
+
+def _ok(report: Mapping[str, Any]) -> dict[str, dict]:
+    return {k: v for k, v in report.get("variants", {}).items() if v.get("status") == "ok"}
+
+
+def _ratio(a: float | None, b: float | None, digits: int = 3) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return round(a / b, digits)
+
+
+def _reference_teacher(ok: Mapping[str, dict]) -> str | None:
+    for name in TEACHER_BASELINES:
+        if name in ok:
+            return name
+    return next((k for k, v in ok.items() if v.get("role") == "teacher"), None)
+
+
+def summarize(report: Mapping[str, Any]) -> dict[str, Any]:
+    """Ratios between variants of one run:
+
+    - ``speedup_image_b1`` / ``speedup_text_b1``: {student: {teacher baseline: teacher ms / student ms}}
+      against teacher_torch_fp32 and teacher_onnx_fp32 (whichever measured).
+    - ``compression``: {student: {"params", "flops_image", "size"}} = teacher / student; params and
+      FLOPs against the reference teacher, size against the teacher variant of the same runtime and
+      precision class (fp32) when it has files, else the reference teacher.
+    - ``accuracy_retained``: {student: {set: student top1 / teacher top1}};
+      ``r5_retained``: {student: {set: {"i2t", "t2i"}}} the same for R@5.
+    - ``int8_loss_points``: {runtime: {set: (fp32 top1 - int8 top1) * 100}} for the student.
+    """
+    ok = _ok(report)
+    ref = _reference_teacher(ok)
+    students = {k: v for k, v in ok.items() if v.get("role") == "student"}
+    out: dict[str, Any] = {"reference_teacher": ref, "speedup_image_b1": {}, "speedup_text_b1": {},
+                           "compression": {}, "accuracy_retained": {}, "r5_retained": {}, "int8_loss_points": {}}
+    baselines = [t for t in TEACHER_BASELINES if t in ok] or ([ref] if ref else [])
+    for name, s in students.items():
+        lat = s.get("latency", {})
+        out["speedup_image_b1"][name] = {t: _ratio(ok[t]["latency"].get("image_b1_median_ms"),
+                                                   lat.get("image_b1_median_ms")) for t in baselines}
+        out["speedup_text_b1"][name] = {t: _ratio(ok[t]["latency"].get("text_b1_median_ms"),
+                                                  lat.get("text_b1_median_ms")) for t in baselines}
+        if ref is None:
+            continue
+        t = ok[ref]
+        same_rt = next((k for k, v in ok.items() if v.get("role") == "teacher" and v.get("runtime") == s.get("runtime")
+                        and v.get("precision") == "fp32" and v.get("size_mb")), ref)
+        out["compression"][name] = {
+            "params": _ratio(t.get("params", {}).get("total"), s.get("params", {}).get("total")),
+            "flops_image": _ratio(t.get("flops", {}).get("image"), s.get("flops", {}).get("image")),
+            "size": _ratio(ok[same_rt].get("size_mb"), s.get("size_mb")),
+            "size_vs": same_rt,
+        }
+        out["accuracy_retained"][name] = {
+            k: _ratio(v.get("top1"), t.get("zeroshot", {}).get(k, {}).get("top1"))
+            for k, v in s.get("zeroshot", {}).items()}
+        out["r5_retained"][name] = {
+            k: {d: _ratio(v.get(f"{d}_r5"), t.get("retrieval", {}).get(k, {}).get(f"{d}_r5")) for d in ("i2t", "t2i")}
+            for k, v in s.get("retrieval", {}).items()}
+    for runtime in ("onnxruntime", "torch"):
+        fp = next((v for v in students.values() if v["runtime"] == runtime and v["precision"] == "fp32"), None)
+        q = next((v for v in students.values() if v["runtime"] == runtime and v["precision"] == "int8"), None)
+        if fp and q:
+            out["int8_loss_points"][runtime] = {
+                k: round(100 * (fp["zeroshot"][k]["top1"] - q["zeroshot"][k]["top1"]), 2)
+                for k in fp.get("zeroshot", {}) if k in q.get("zeroshot", {})}
+    return out
+
+
+def target(measured: float | None, *, at_least: float | None = None, at_most: float | None = None) -> dict[str, Any]:
+    """One target row: {"target", "direction", "measured", "met", "margin_pct"}; margin_pct is how far
+    past (+) or short of (-) the target the measurement is, in percent of the target."""
+    if (at_least is None) == (at_most is None):
+        raise ValueError("give exactly one of at_least / at_most")
+    goal, direction = (at_least, ">=") if at_least is not None else (at_most, "<=")
+    if measured is None or (isinstance(measured, float) and math.isnan(measured)):
+        return {"target": goal, "direction": direction, "measured": None, "met": False, "margin_pct": None}
+    met = measured >= goal if direction == ">=" else measured <= goal
+    margin = (measured / goal - 1) * 100 if direction == ">=" else (goal / measured - 1) * 100 if measured else None
+    return {"target": goal, "direction": direction, "measured": round(float(measured), 4), "met": bool(met),
+            "margin_pct": None if margin is None else round(margin, 1)}
+
+
+# ----------------------------------------------------------------------------- Markdown
+
+def _fmt(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    if isinstance(x, int) and abs(x) >= 10000:
+        return f"{x:,}"
+    return str(x)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def _sets(ok: Mapping[str, dict], key: str) -> list[str]:
+    seen: list[str] = []
+    for v in ok.values():
+        for s in v.get(key, {}):
+            if s not in seen:
+                seen.append(s)
+    return seen
+
+
+def _variant_rows(variants: Mapping[str, dict]) -> list[tuple[str, Any]]:
+    """(row label, function(variant row) -> cell) for the main table."""
+    ok = {k: v for k, v in variants.items() if v.get("status") == "ok"}
+    bs = sorted({int(k.split("_")[1][1:]) for v in ok.values() for k in v.get("latency", {}) if k.startswith("image_b")})
+    rows: list[tuple[str, Any]] = [
+        ("role / runtime / precision", lambda v: f"{v.get('role')} / {v.get('runtime')} / {v.get('precision')}"),
+        ("params total (M)", lambda v: _fmt(v.get("params", {}).get("total") and v["params"]["total"] / 1e6)),
+        ("params image (M)", lambda v: _fmt(v.get("params", {}).get("image") and v["params"]["image"] / 1e6)),
+        ("image GFLOPs (2 x MACs)", lambda v: _fmt(v.get("flops", {}).get("image") and v["flops"]["image"] / 1e9)),
+        ("text GFLOPs (2 x MACs)", lambda v: _fmt(v.get("flops", {}).get("text") and v["flops"]["text"] / 1e9)),
+        ("file size (MB)", lambda v: _fmt(v.get("size_mb"))),
+    ]
+    for b in bs:
+        rows.append((f"image b{b} median / p90 (ms)", lambda v, b=b: (
+            f"{_fmt(v.get('latency', {}).get(f'image_b{b}_median_ms'))} / "
+            f"{_fmt(v.get('latency', {}).get(f'image_b{b}_p90_ms'))}")))
+    rows += [
+        ("text b1 median / p90 (ms)", lambda v: f"{_fmt(v.get('latency', {}).get('text_b1_median_ms'))} / "
+                                                f"{_fmt(v.get('latency', {}).get('text_b1_p90_ms'))}"),
+        ("throughput (img/s, largest batch)", lambda v: _fmt(v.get("throughput_img_s"), 1)),
+    ]
+    def achieved(v: dict, b: int) -> str:
+        a = v.get("achieved", {})
+        share = a.get(f"image_b{b}_ceiling_share")
+        return _fmt(a.get(f"image_b{b}_gflops_s"), 1) + (f" ({_pct(share)}% of {a.get('ceiling')})" if share else "")
+
+    for b in bs:
+        if any(f"image_b{b}_gflops_s" in v.get("achieved", {}) for v in ok.values()):
+            rows.append((f"achieved image GFLOP/s b{b} (share of ceiling)", lambda v, b=b: achieved(v, b)))
+    for s in _sets(ok, "zeroshot"):
+        rows.append((f"zero-shot {s} top1 / top5 (%)", lambda v, s=s: (
+            f"{_pct(v.get('zeroshot', {}).get(s, {}).get('top1'))} / {_pct(v.get('zeroshot', {}).get(s, {}).get('top5'))}")))
+    for s in _sets(ok, "retrieval"):
+        for d in ("i2t", "t2i"):
+            rows.append((f"{s} {d} R@1 / R@5 / R@10 (%)", lambda v, s=s, d=d: " / ".join(
+                _pct(v.get("retrieval", {}).get(s, {}).get(f"{d}_r{k}")) for k in (1, 5, 10))))
+    agr_sets = [k for v in ok.values() for k in v.get("agreement", {}) if isinstance(v["agreement"][k], dict)]
+    for s in dict.fromkeys(agr_sets):
+        rows.append((f"agreement {s}: image cosine / top1 (%)", lambda v, s=s: (
+            f"{_fmt(v.get('agreement', {}).get(s, {}).get('image_cosine'), 4)} / "
+            f"{_pct(v.get('agreement', {}).get(s, {}).get('top1'))}")))
+    rows.append(("peak RSS rise while measured (MiB)", lambda v: _fmt(v.get("memory", {}).get("delta_mb"), 1)))
+    return rows
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out += _flat(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """report dict (schema 1, with summary) -> report.md text."""
+    variants = report.get("variants", {})
+    names = list(variants)
+    ok_names = [n for n in names if variants[n].get("status") == "ok"]
+    summ = report.get("summary") or summarize(report)
+    lines = [f"# Teacher vs student: {report.get('experiment', '?')}", "",
+             f"Created {report.get('created', '?')}. Teacher: `{report.get('teacher', {}).get('name', '?')}`; "
+             f"student: `{report.get('student', {}).get('name', '?')}`.", "",
+             "Conventions: FLOPs = 2 x MACs, per sample. Accuracy and recall in percent. Latency in ms, "
+             "median and p90 of repeated timed calls after warm-up, same inputs and threads for every variant.", ""]
+    lines += ["## Environment", "", "```"]
+    lines += [f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in report.get("environment", {}).items()]
+    if report.get("ceilings"):
+        lines += [f"ceiling {k}: {v}" for k, v in report["ceilings"].items()]
+    lines += ["```", ""]
+    lines += ["## Variants", ""]
+    if ok_names:
+        rows = [[label] + [fn(variants[n]) for n in ok_names] for label, fn in _variant_rows(variants)]
+        lines += _table(["metric"] + [f"`{n}`" for n in ok_names], rows)
+    failed = [n for n in names if variants[n].get("status") != "ok"]
+    if failed:
+        lines += ["", "Failed variants:", ""] + [f"- `{n}`: {variants[n].get('reason', '?')}" for n in failed]
+    lines += ["", "## Ratios (within this run)", ""]
+    rows = []
+    for s, d in summ.get("speedup_image_b1", {}).items():
+        for t, x in d.items():
+            rows.append([f"`{s}`", f"image speed-up at batch 1 vs `{t}`", f"{_fmt(x)}x"])
+    for s, d in summ.get("speedup_text_b1", {}).items():
+        for t, x in d.items():
+            rows.append([f"`{s}`", f"text speed-up at batch 1 vs `{t}`", f"{_fmt(x)}x"])
+    for s, d in summ.get("compression", {}).items():
+        rows.append([f"`{s}`", f"compression vs `{summ.get('reference_teacher')}`: params / image FLOPs",
+                     f"{_fmt(d.get('params'))}x / {_fmt(d.get('flops_image'))}x"])
+        rows.append([f"`{s}`", f"file size vs `{d.get('size_vs')}`", f"{_fmt(d.get('size'))}x"])
+    for s, d in summ.get("accuracy_retained", {}).items():
+        for k, x in d.items():
+            rows.append([f"`{s}`", f"zero-shot top1 retained on {k} (student / teacher)", _pct(x) + "%"])
+    for s, d in summ.get("r5_retained", {}).items():
+        for k, x in d.items():
+            rows.append([f"`{s}`", f"R@5 retained on {k} (i2t / t2i)", f"{_pct(x.get('i2t'))}% / {_pct(x.get('t2i'))}%"])
+    for rt, d in summ.get("int8_loss_points", {}).items():
+        for k, x in d.items():
+            rows.append([f"student {rt}", f"int8 top1 loss on {k} (fp32 - int8)", f"{_fmt(x)} points"])
+    lines += _table(["variant", "ratio", "value"], rows) if rows else ["(no ratios: a baseline or student is missing)"]
+    lines += ["", "## Targets", ""]
+    targets = report.get("targets", {})
+    if targets:
+        trows = []
+        for name, t in targets.items():
+            margin = t.get("margin_pct")
+            how = "-" if margin is None else (f"{margin:+.1f}% past the target" if t.get("met")
+                                             else f"{margin:+.1f}% short of the target")
+            trows.append([name, f"{t.get('direction', '>=')} {_fmt(t.get('target'))}", _fmt(t.get("measured")),
+                          "met" if t.get("met") else "MISSED", how])
+        lines += _table(["target", "wanted", "measured", "result", "by how much"], trows)
+    else:
+        lines.append("(no targets set)")
+    for section in ("training", "export"):
+        if report.get(section):
+            lines += ["", f"## {section.capitalize()}", ""]
+            lines += _table(["key", "value"], [[k, _fmt(v, 4)] for k, v in _flat(report[section])])
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _accuracy_key(v: Mapping[str, Any]) -> tuple[str, float] | None:
+    """The accuracy a plot shows: top1 of the first zero-shot set, else mean R@1 of the first retrieval set."""
+    for s, m in v.get("zeroshot", {}).items():
+        return f"zero-shot top1 on {s} (%)", 100 * m["top1"]
+    for s, m in v.get("retrieval", {}).items():
+        return f"mean R@1 on {s} (%)", 100 * (m["i2t_r1"] + m["t2i_r1"]) / 2
+    return None
+
+
+def plot_accuracy_vs_latency(variants: Mapping[str, dict], path: str | Path, title: str = "") -> Path:
+    """One point per ok variant: image latency at batch 1 (log x) vs accuracy; Pareto front drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = []
+    for name, v in variants.items():
+        acc = _accuracy_key(v) if v.get("status") == "ok" else None
+        ms = v.get("latency", {}).get("image_b1_median_ms") if acc else None
+        if acc and ms:
+            pts.append((ms, acc[1], name, v.get("role"), acc[0]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for ms, acc, name, role, _ in pts:
+        ax.scatter(ms, acc, marker="s" if role == "teacher" else "o", s=50,
+                   color="tab:red" if role == "teacher" else "tab:blue")
+        ax.annotate(name, (ms, acc), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    front, best = [], -math.inf
+    for ms, acc, *_ in sorted(pts):
+        if acc > best:
+            front.append((ms, acc))
+            best = acc
+    if len(front) > 1:
+        ax.plot(*zip(*front), "--", color="gray", linewidth=1, label="Pareto front")
+        ax.legend(fontsize=7)
+    if pts:
+        ax.set_xscale("log")
+    ax.set_xlabel("image encoder latency, batch 1, median (ms, log)")
+    ax.set_ylabel(pts[0][4] if pts else "accuracy (%)")
+    ax.set_title(title or "accuracy vs latency (red squares: teacher)", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_latency(variants: Mapping[str, dict], path: str | Path, title: str = "") -> Path:
+    """Horizontal bars: image latency at batch 1 (median, p90 whisker) per ok variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(n, v["latency"]["image_b1_median_ms"], v["latency"].get("image_b1_p90_ms"), v.get("role"))
+            for n, v in variants.items() if v.get("status") == "ok" and "image_b1_median_ms" in v.get("latency", {})]
+    fig, ax = plt.subplots(figsize=(7, 0.5 * max(2, len(rows)) + 1))
+    for i, (n, med, p90, role) in enumerate(rows):
+        ax.barh(i, med, color="tab:red" if role == "teacher" else "tab:blue")
+        if p90:
+            ax.plot([med, p90], [i, i], color="black", linewidth=1)
+        ax.text(med, i, f" {med:.1f}", va="center", fontsize=7)
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("image encoder latency, batch 1 (ms; bar = median, line to p90)")
+    ax.set_title(title or "latency per variant", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- files
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write report.json, report.md, accuracy_vs_latency.png and latency.png into ``out_dir``.
+
+    Fills ``report["summary"]`` (summarize) and ``schema_version`` when missing. -> {kind: path}.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report.setdefault("schema_version", SCHEMA_VERSION)
+    report.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    report.setdefault("targets", {})
+    report["summary"] = summarize(report)
+    paths = {"json": out / "report.json", "md": out / "report.md",
+             "accuracy_vs_latency": out / "accuracy_vs_latency.png", "latency": out / "latency.png"}
+    paths["json"].write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    paths["md"].write_text(render_markdown(report))
+    plot_accuracy_vs_latency(report.get("variants", {}), paths["accuracy_vs_latency"], report.get("experiment", ""))
+    plot_latency(report.get("variants", {}), paths["latency"], report.get("experiment", ""))
+    return paths
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    """Read and check a report.json; raises UserError (one line) when missing or malformed."""
+    from distill.errors import UserError
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: no such report; pass the report.json of a finished run")
+    try:
+        rep = json.loads(p.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{p}: not valid JSON ({' '.join(str(err).split())}); re-run the benchmark to rewrite it")
+    if not isinstance(rep, dict) or rep.get("schema_version") != SCHEMA_VERSION:
+        got = rep.get("schema_version") if isinstance(rep, dict) else type(rep).__name__
+        raise UserError(f"{p}: schema_version {got!r}, expected {SCHEMA_VERSION}; this is not a clip-distill "
+                        f"report or was written by another version")
+    if not isinstance(rep.get("variants"), dict):
+        raise UserError(f"{p}: has no 'variants' table; re-run the benchmark to rewrite it")
+    return rep
