@@ -362,7 +362,7 @@ def _one_line(err: BaseException) -> str:
 def measure_variants(variants: Sequence[Variant], eval_sets: Mapping[str, Any], *,
                      batch_sizes: Sequence[int] = (1, 32), threads: int, reference: str,
                      warmup: int = 3, repeats: int = 20, ceilings: Mapping[str, float] | None = None,
-                     seed: int = 0) -> dict[str, dict]:
+                     own_reference: Mapping[str, str] | None = None, seed: int = 0) -> dict[str, dict]:
     """Measure each variant the same way; -> {variant name: report row} (schema in distill/report.py).
 
     eval_sets: {"classification": {name: {"images": (N,3,H,W) [0,1], "labels": (N,), "classnames",
@@ -375,7 +375,9 @@ def measure_variants(variants: Sequence[Variant], eval_sets: Mapping[str, Any], 
     zero-shot top1/top5, retrieval R@1/5/10 both ways, achieved GFLOP/s (and share of ``ceilings``
     from ``matmul_ceiling`` when given), memory. Agreement with the ``reference`` variant: mean
     cosine of image embeddings on the eval images (when the embedding sizes match) and top-1
-    zero-shot agreement. A variant that raises becomes {"status": "failed", "reason": one line};
+    zero-shot agreement. ``own_reference`` maps a variant to a second reference, typically its own
+    fp32 form ({"student_onnx_int8": "student_onnx_fp32"}), reported the same way under
+    "agreement_own": that is the figure that judges a quantisation. A variant that raises becomes {"status": "failed", "reason": one line};
     the others still run.
     """
     names = [v.name for v in variants]
@@ -397,19 +399,26 @@ def measure_variants(variants: Sequence[Variant], eval_sets: Mapping[str, Any], 
         except Exception as err:  # one broken variant must not hide the others
             rows[v.name] = {"status": "failed", "reason": _one_line(err), "role": v.role, "runtime": v.runtime,
                             "precision": v.precision}
-    ref = kept.get(reference)
     for name, row in rows.items():
         if row["status"] != "ok":
             continue
-        if ref is None:
-            row["agreement"] = {"reference": reference, "note": "reference variant failed"}
-            continue
-        agr: dict[str, Any] = {"reference": reference}
-        for set_name, emb in kept[name]["image_emb"].items():
-            ref_emb = ref["image_emb"][set_name]
-            entry = agr.setdefault(set_name, {})
-            entry["image_cosine"] = round(agreement(emb, ref_emb), 6) if emb.shape == ref_emb.shape else None
-            if set_name in kept[name]["logits"]:
-                entry["top1"] = round(top1_agreement(kept[name]["logits"][set_name], ref["logits"][set_name]), 6)
-        row["agreement"] = agr
+        row["agreement"] = _agreement(kept, name, reference)
+        if own_reference and name in own_reference:
+            row["agreement_own"] = _agreement(kept, name, own_reference[name])
     return rows
+
+
+def _agreement(kept: Mapping[str, dict], name: str, reference: str) -> dict[str, Any]:
+    """{"reference": name, set: {"image_cosine", "top1"}} of variant ``name`` against ``reference``."""
+    ref = kept.get(reference)
+    if ref is None:
+        return {"reference": reference, "note": "reference variant failed or is not measured"}
+    agr: dict[str, Any] = {"reference": reference}
+    for set_name, emb in kept[name]["image_emb"].items():
+        ref_emb = ref["image_emb"][set_name]
+        entry = agr.setdefault(set_name, {})
+        # cosine only between embeddings of the same size (none between e.g. a 768-d and a 512-d space)
+        entry["image_cosine"] = round(agreement(emb, ref_emb), 6) if emb.shape == ref_emb.shape else None
+        if set_name in kept[name]["logits"]:
+            entry["top1"] = round(top1_agreement(kept[name]["logits"][set_name], ref["logits"][set_name]), 6)
+    return agr

@@ -26,6 +26,7 @@ them as percent with 2 decimals; FLOPs are 2 x MACs per sample; latency in milli
           "zeroshot": {set: {"top1", "top5"}},
           "retrieval": {set: {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"}},
           "agreement": {"reference": name, set: {"image_cosine", "top1"}},
+          "agreement_own": same, against the variant's own reference (e.g. its fp32 form), optional
           "memory": {"peak_rss_mb", "delta_mb"}
         }
       },
@@ -212,10 +213,17 @@ def _variant_rows(variants: Mapping[str, dict]) -> list[tuple[str, Any]]:
             rows.append((f"{s} {d} R@1 / R@5 / R@10 (%)", lambda v, s=s, d=d: " / ".join(
                 _pct(v.get("retrieval", {}).get(s, {}).get(f"{d}_r{k}")) for k in (1, 5, 10))))
     agr_sets = [k for v in ok.values() for k in v.get("agreement", {}) if isinstance(v["agreement"][k], dict)]
+    ref_name = next((v["agreement"].get("reference") for v in ok.values() if "agreement" in v), None)
     for s in dict.fromkeys(agr_sets):
-        rows.append((f"agreement {s}: image cosine / top1 (%)", lambda v, s=s: (
+        rows.append((f"agreement {s} with `{ref_name}`: image cosine / top1 (%)", lambda v, s=s: (
             f"{_fmt(v.get('agreement', {}).get(s, {}).get('image_cosine'), 4)} / "
             f"{_pct(v.get('agreement', {}).get(s, {}).get('top1'))}")))
+    own_sets = [k for v in ok.values() for k in v.get("agreement_own", {}) if isinstance(v["agreement_own"][k], dict)]
+    for s in dict.fromkeys(own_sets):
+        rows.append((f"agreement {s} with own reference: image cosine / top1 (%)", lambda v, s=s: (
+            "-" if "agreement_own" not in v else
+            f"{_fmt(v['agreement_own'].get(s, {}).get('image_cosine'), 4)} / "
+            f"{_pct(v['agreement_own'].get(s, {}).get('top1'))} (vs `{v['agreement_own'].get('reference')}`)")))
     rows.append(("peak RSS rise while measured (MiB)", lambda v: _fmt(v.get("memory", {}).get("delta_mb"), 1)))
     return rows
 
