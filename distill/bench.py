@@ -8,6 +8,7 @@ Accuracy-type numbers are fractions in [0, 1] (distill/metrics.py); FLOPs are 2 
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import resource
@@ -106,7 +107,7 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 20,
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
-    p90 = times[min(len(times) - 1, max(0, int(round(0.9 * len(times))) - 1))]
+    p90 = times[max(0, math.ceil(0.9 * len(times)) - 1)]  # nearest-rank percentile
     return {"median_ms": round(statistics.median(times), 3), "p90_ms": round(p90, 3),
             "mean_ms": round(statistics.fmean(times), 3), "min_ms": round(times[0], 3), "repeats": repeats}
 

@@ -60,6 +60,15 @@ def test_time_fn_calls_and_structure():
     assert t["min_ms"] <= t["median_ms"] <= t["p90_ms"]
 
 
+def test_time_fn_p90_is_nearest_rank(monkeypatch):
+    import distill.bench as bench
+
+    ticks = iter([0.0, 0.001, 1.0, 1.002, 2.0, 2.003, 3.0, 3.004, 4.0, 4.010])  # 1, 2, 3, 4, 10 ms
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(ticks))
+    t = time_fn(lambda: None, warmup=0, repeats=5, sync=lambda: None)
+    assert (t["median_ms"], t["p90_ms"], t["min_ms"], t["mean_ms"]) == (3.0, 10.0, 1.0, 4.0)
+
+
 def test_measure_variants_isolates_failures_and_computes_metrics():
     good = ColourEncoder()
     variants = [
@@ -157,3 +166,14 @@ def test_environment_fields():
     env = environment()
     assert env["torch"] == torch.__version__ and env["logical_cores"] >= 1
     assert isinstance(env["cpu_flags"], list) and env["cpu"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_time_fn_synchronises_cuda_by_default(monkeypatch):
+    a = torch.randn(256, 256, device="cuda")
+    calls = []
+    real = torch.cuda.synchronize
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *x: (calls.append(1), real(*x)))
+    time_fn(lambda: a @ a, warmup=1, repeats=3)
+    assert len(calls) == 4
