@@ -1,0 +1,123 @@
+"""Small torch.distributed helpers: torchrun setup, rank queries, feature gathering.
+
+Everything here degrades to the single-process case: without an initialised process group
+``rank() == 0``, ``world_size() == 1`` and ``gather_features(x)`` returns ``x``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    """True when a process group is initialised (torchrun, or a test that called init_process_group)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """Global rank; 0 without a process group."""
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    """Number of processes; 1 without a process group."""
+    return dist.get_world_size() if is_dist() else 1
+
+
+def local_rank() -> int:
+    """Rank within the node (torchrun's LOCAL_RANK); 0 when unset."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    """True on rank 0: the process that logs, writes checkpoints and reports."""
+    return rank() == 0
+
+
+def setup_from_env(backend: str | None = None) -> bool:
+    """Initialise the process group from torchrun's env vars (RANK, WORLD_SIZE, MASTER_ADDR/PORT).
+
+    ``backend`` None picks nccl when CUDA is available, else gloo. Returns True when running with
+    more than one process; a no-op (False) when WORLD_SIZE is unset or 1.
+    """
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return False
+    if is_dist():
+        return True
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def cleanup() -> None:
+    """Destroy the process group if one is initialised."""
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if is_dist():
+        dist.barrier()
+
+
+def _collective_device() -> torch.device:
+    # nccl only moves CUDA tensors; gloo only CPU ones.
+    if is_dist() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_flag(flag: bool, src: int = 0) -> bool:
+    """Rank ``src``'s boolean on every rank (e.g. the main process's early-stop decision)."""
+    if not is_dist():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_collective_device())
+    dist.broadcast(t, src=src)
+    return bool(t.item())
+
+
+def gather_features(x: torch.Tensor, with_grad: bool) -> torch.Tensor:
+    """(B, D) on each rank -> (world * B, D), rows ordered by rank; every rank must pass the same B.
+
+    ``with_grad=True`` uses ``torch.distributed.nn.functional.all_gather``, whose backward sums the
+    gradient that every rank's loss sends to this rank's rows (reduce-scatter). ``with_grad=False``
+    returns a detached tensor (for teacher targets).
+    """
+    if not is_dist() or world_size() == 1:
+        return x if with_grad else x.detach()
+    if with_grad:
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(x.contiguous()), dim=0)
+    x = x.detach().contiguous()
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x)
+    return torch.cat(out, dim=0)
+
+
+def all_reduce_grads(params: Iterable[torch.nn.Parameter], average: bool = True) -> None:
+    """Sum (or average) ``.grad`` across ranks, as DDP does for the modules it wraps.
+
+    For trainable modules outside DDP, e.g. the feature projector inside DistillLoss: without this
+    each rank would update its projector with its own gradient and the copies would drift apart.
+    Parameters without a gradient contribute zeros so every rank joins the same collectives.
+    """
+    if not is_dist() or world_size() == 1:
+        return
+    w = world_size()
+    for p in params:
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        if average:
+            p.grad.div_(w)

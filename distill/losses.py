@@ -1,0 +1,205 @@
+"""Distillation losses: named, weighted terms returned as ``{"<name>_loss": tensor}``.
+
+The training loop sums the values whose key ends in ``_loss`` and logs each one (DESIGN
+convention 4). Terms with weight 0 (or absent from ``weights``) are neither computed nor logged.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from distill import distributed as dist_utils
+from distill.errors import UserError
+
+TERMS = ("feature_mse", "contrastive_kd", "clip", "interactive")
+TEMPERATURE_MODES = ("fixed", "teacher", "student", "own")
+_CONTRASTIVE = ("contrastive_kd", "clip", "interactive")
+
+
+class DistillLoss(torch.nn.Module):
+    r"""Weighted sum of CLIP distillation terms.
+
+    Notation: ``s_i, s_t`` student image/text features, ``t_i, t_t`` teacher ones, all (B, D) and
+    L2-normalised here; ``N`` = global batch (B x world size); ``P`` = the projector (identity when
+    student_dim == teacher_dim, else ``Linear(student_dim, teacher_dim, bias=False)`` followed by
+    L2 normalisation); ``rows`` = this rank's B rows; ``cols`` = all N gathered rows;
+    ``alpha_s`` = ``student["logit_scale"]`` (already exp'd, e.g. 1/0.07), ``alpha_t`` =
+    ``teacher["logit_scale"]`` (already exp'd, 100 for OpenAI CLIP).
+
+    Temperature convention for ``contrastive_kd`` (``temperature_mode``), giving the scales
+    ``(a_s, a_t)`` that multiply the student and teacher cosine similarities:
+
+    * ``"fixed"``:   a_s = a_t = 1 / temperature       (TinyCLIP fixes 1/50, i.e. temperature=0.02)
+    * ``"teacher"``: a_s = a_t = alpha_t               (the teacher's own temperature for both)
+    * ``"student"``: a_s = alpha_s, a_t = sg(alpha_s)  (the student's learned temperature; the
+      target distribution does not back-propagate into it)
+    * ``"own"``:     a_s = alpha_s, a_t = alpha_t      (each model its own scale: what open_clip's
+      ``DistillClipLoss`` does)
+
+    Then, with Hinton softening ``T = kd_T``:
+
+    .. math::
+        z^S_{i\to t} = \frac{a_s}{T} s_i[rows] s_t[cols]^\top,\quad
+        z^T_{i\to t} = \frac{a_t}{T} t_i[rows] t_t[cols]^\top \quad (B \times N)
+
+        \mathrm{KL}(z^T, z^S) = \frac{1}{B}\sum_{r}\sum_c p^T_{rc}(\log p^T_{rc} - \log p^S_{rc}),
+        \quad p = \mathrm{softmax}_c(z)
+
+        \text{contrastive\_kd} = T^2 \cdot \tfrac12\,[\mathrm{KL}(z^T_{i\to t}, z^S_{i\to t})
+                                                  + \mathrm{KL}(z^T_{t\to i}, z^S_{t\to i})]
+
+    The other terms (labels ``y`` = the columns holding each row's own pair, ``arange(B) + rank*B``):
+
+    * ``feature_mse`` = ½ [mean((P s_i − t_i)²) + mean((P s_t − t_t)²)], mean over B × D_t elements.
+    * ``clip``        = ½ [CE(alpha_s s_i[rows] s_t[cols]ᵀ, y) + CE(alpha_s s_t[rows] s_i[cols]ᵀ, y)];
+      only when ``has_pairs`` (ground-truth pairs); otherwise not computed and not logged.
+    * ``interactive`` = ½ [CE(alpha_s P s_i[rows] t_t[cols]ᵀ, y) + CE(alpha_s P s_t[rows] t_i[cols]ᵀ, y)]
+      (CLIP-KD's interactive contrastive learning, Yang et al. 2024).
+
+    Each returned value is multiplied by its weight. Teacher tensors are detached targets.
+
+    Several processes: student features are gathered with gradients, teacher features without,
+    and each rank computes the loss of its own rows against all columns (open_clip's
+    ``local_loss=True, gather_with_grad=True``). See ``forward`` for why the gradients then equal
+    the single-process global-batch gradients under DDP's averaging.
+
+    Args:
+        weights: term name -> weight; names from ``TERMS``.
+        temperature: used by ``temperature_mode="fixed"`` only (logits = cos / temperature).
+        temperature_mode: "fixed" | "teacher" | "student" | "own", see above.
+        kd_T: Hinton softening temperature for ``contrastive_kd`` (with the T² factor).
+        student_dim, teacher_dim: embedding sizes; when they differ a projector is created for
+            ``feature_mse`` and ``interactive``. It is a submodule, so ``loss.parameters()`` holds
+            it and the optimizer must include them.
+    """
+
+    def __init__(
+        self,
+        weights: Mapping[str, float] | None = None,
+        temperature: float = 0.01,
+        temperature_mode: str = "fixed",
+        kd_T: float = 1.0,
+        student_dim: int | None = None,
+        teacher_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        weights = dict(weights) if weights is not None else {"feature_mse": 1.0, "contrastive_kd": 1.0}
+        unknown = sorted(set(weights) - set(TERMS))
+        if unknown:
+            raise UserError(f"unknown loss term(s) {unknown} in loss.weights; known terms: {list(TERMS)}")
+        if temperature_mode not in TEMPERATURE_MODES:
+            raise UserError(f"loss.temperature_mode={temperature_mode!r} is unknown; use one of {list(TEMPERATURE_MODES)}")
+        if temperature_mode == "fixed" and not temperature > 0:
+            raise UserError(f"loss.temperature={temperature} must be > 0 (TinyCLIP uses 0.02)")
+        if not kd_T > 0:
+            raise UserError(f"loss.kd_T={kd_T} must be > 0 (1.0 = no softening)")
+        self.weights = {k: float(v) for k, v in weights.items() if float(v) != 0.0}
+        self.temperature = float(temperature)
+        self.temperature_mode = temperature_mode
+        self.kd_T = float(kd_T)
+        self.student_dim, self.teacher_dim = student_dim, teacher_dim
+        needs_proj = any(k in self.weights for k in ("feature_mse", "interactive"))
+        self.projector: torch.nn.Linear | None = None
+        if needs_proj and student_dim is not None and teacher_dim is not None and int(student_dim) != int(teacher_dim):
+            self.projector = torch.nn.Linear(int(student_dim), int(teacher_dim), bias=False)
+
+    def extra_repr(self) -> str:
+        return (f"weights={self.weights}, temperature_mode={self.temperature_mode}, "
+                f"temperature={self.temperature}, kd_T={self.kd_T}")
+
+    def _project(self, x: torch.Tensor, teacher_dim: int) -> torch.Tensor:
+        """(B, Ds) -> (B, Dt) L2-normalised."""
+        if self.projector is not None:
+            return F.normalize(self.projector(x), dim=-1)
+        if x.shape[-1] != teacher_dim:
+            raise UserError(
+                f"student dim {x.shape[-1]} != teacher dim {teacher_dim} and the loss has no projector: "
+                f"build DistillLoss with student_dim={x.shape[-1]}, teacher_dim={teacher_dim}")
+        return x
+
+    def _kd_scales(self, s_scale: torch.Tensor, t_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mode = self.temperature_mode
+        if mode == "fixed":
+            a = torch.tensor(1.0 / self.temperature, device=s_scale.device, dtype=s_scale.dtype)
+            return a, a
+        if mode == "teacher":
+            return t_scale, t_scale
+        if mode == "student":
+            return s_scale, s_scale.detach()
+        return s_scale, t_scale  # own
+
+    def forward(self, student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor | float],
+                has_pairs: bool = True) -> dict[str, torch.Tensor]:
+        """student/teacher: {"image_features": (B, D), "text_features": (B, D), "logit_scale": exp'd scalar}.
+
+        Returns {"<term>_loss": weighted scalar} for every term with non-zero weight (``clip`` only
+        when ``has_pairs``).
+
+        Gradient scaling over W ranks (each with B rows, N = W*B): rank r returns
+        L_r = (1/B) sum_{rows of r} l_row, so mean_r L_r equals the single-process loss L on the
+        global batch. The gather's backward sums into rank r's features the gradient that every
+        rank's L_r' sends them, so rank r's parameter gradient is
+        sum_r' dL_r'/dtheta (through r's features) = W * dL/dtheta (through r's features), plus
+        dL_r/d(logit_scale), which is not gathered. DDP averages over ranks:
+        (1/W) sum_r W dL/dtheta|_r = dL/dtheta, and mean_r dL_r/dscale = dL/dscale, i.e. exactly
+        the global-batch gradient; no rescaling is needed. (Computing the *full* N x N loss on every
+        rank instead, without ``local_loss``, makes each rank's share W times too big relative to
+        this; that is the confusion of open_clip#616.) Per-rank terms (feature_mse) are local means,
+        and DDP's average of them is the global mean since every rank has B rows.
+        The projector lives outside DDP: average its gradients with
+        ``distill.distributed.all_reduce_grads(loss.parameters())`` after backward.
+        """
+        s_img = F.normalize(student["image_features"], dim=-1)  # (B, Ds)
+        s_txt = F.normalize(student["text_features"], dim=-1)  # (B, Ds)
+        s_scale = student["logit_scale"]
+        if not torch.is_tensor(s_scale):
+            s_scale = torch.tensor(float(s_scale), device=s_img.device)
+        s_scale = s_scale.to(s_img.dtype).reshape(())
+        t_img = F.normalize(teacher["image_features"].detach().to(s_img.dtype), dim=-1)  # (B, Dt)
+        t_txt = F.normalize(teacher["text_features"].detach().to(s_img.dtype), dim=-1)  # (B, Dt)
+        t_scale = teacher["logit_scale"]
+        t_scale = (t_scale.detach() if torch.is_tensor(t_scale) else torch.tensor(float(t_scale)))
+        t_scale = t_scale.to(device=s_img.device, dtype=s_img.dtype).reshape(())
+        B, Dt = t_img.shape
+        w = self.weights
+        out: dict[str, torch.Tensor] = {}
+
+        proj_img = proj_txt = None
+        if "feature_mse" in w or "interactive" in w:
+            proj_img, proj_txt = self._project(s_img, Dt), self._project(s_txt, Dt)  # (B, Dt)
+
+        # Gather once, whatever has_pairs says, so every rank joins the same collectives.
+        need_s = "contrastive_kd" in w or "clip" in w
+        need_t = "contrastive_kd" in w or "interactive" in w
+        S_img = dist_utils.gather_features(s_img, with_grad=True) if need_s else None  # (N, Ds)
+        S_txt = dist_utils.gather_features(s_txt, with_grad=True) if need_s else None  # (N, Ds)
+        T_img = dist_utils.gather_features(t_img, with_grad=False) if need_t else None  # (N, Dt)
+        T_txt = dist_utils.gather_features(t_txt, with_grad=False) if need_t else None  # (N, Dt)
+        labels = torch.arange(B, device=s_img.device) + dist_utils.rank() * B  # own pair's column
+
+        if "feature_mse" in w:
+            mse = 0.5 * (F.mse_loss(proj_img, t_img) + F.mse_loss(proj_txt, t_txt))
+            out["feature_mse_loss"] = w["feature_mse"] * mse
+
+        if "contrastive_kd" in w:
+            a_s, a_t = self._kd_scales(s_scale, t_scale)
+            T = self.kd_T
+            kl = 0.0
+            for s_rows, s_cols, t_rows, t_cols in ((s_img, S_txt, t_img, T_txt), (s_txt, S_img, t_txt, T_img)):
+                log_q = F.log_softmax(a_s / T * s_rows @ s_cols.T, dim=-1)  # (B, N) student
+                log_p = F.log_softmax(a_t / T * t_rows @ t_cols.T, dim=-1)  # (B, N) teacher target
+                kl = kl + F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+            out["contrastive_kd_loss"] = w["contrastive_kd"] * (T * T) * 0.5 * kl
+
+        if "clip" in w and bool(has_pairs):
+            ce = F.cross_entropy(s_scale * s_img @ S_txt.T, labels) + F.cross_entropy(s_scale * s_txt @ S_img.T, labels)
+            out["clip_loss"] = w["clip"] * 0.5 * ce
+
+        if "interactive" in w:
+            ce = (F.cross_entropy(s_scale * proj_img @ T_txt.T, labels)
+                  + F.cross_entropy(s_scale * proj_txt @ T_img.T, labels))
+            out["interactive_loss"] = w["interactive"] * 0.5 * ce
+        return out

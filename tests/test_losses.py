@@ -1,0 +1,194 @@
+"""DistillLoss: values pinned against formulas written out by hand on 3x4 tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from distill.errors import UserError
+from distill.losses import DistillLoss
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.pow(2).sum(-1, keepdim=True).sqrt()
+
+
+def _feats(seed: int = 0, B: int = 3, Ds: int = 4, Dt: int = 4, grad: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    s_img = torch.randn(B, Ds, generator=g, dtype=torch.float64)
+    s_txt = torch.randn(B, Ds, generator=g, dtype=torch.float64)
+    t_img = _unit(torch.randn(B, Dt, generator=g, dtype=torch.float64))
+    t_txt = _unit(torch.randn(B, Dt, generator=g, dtype=torch.float64))
+    if grad:
+        s_img.requires_grad_(True)
+        s_txt.requires_grad_(True)
+    s_scale = torch.tensor(14.0, dtype=torch.float64, requires_grad=grad)
+    student = {"image_features": s_img, "text_features": s_txt, "logit_scale": s_scale}
+    teacher = {"image_features": t_img, "text_features": t_txt, "logit_scale": 100.0}
+    return student, teacher
+
+
+def _log_softmax(z: torch.Tensor) -> torch.Tensor:
+    """Written out: z - log(sum(exp(z))) per row, with the max subtracted for stability."""
+    m = z.max(dim=1, keepdim=True).values
+    return z - m - torch.log(torch.exp(z - m).sum(dim=1, keepdim=True))
+
+
+def _kl_rows(zt: torch.Tensor, zs: torch.Tensor) -> torch.Tensor:
+    lp, lq = _log_softmax(zt), _log_softmax(zs)
+    return (lp.exp() * (lp - lq)).sum(dim=1).mean()
+
+
+def _ce_diag(z: torch.Tensor) -> torch.Tensor:
+    lq = _log_softmax(z)
+    return -torch.stack([lq[i, i] for i in range(z.shape[0])]).mean()
+
+
+def _expected_kd(student, teacher, a_s: float, a_t: float, T: float = 1.0) -> torch.Tensor:
+    si, st = _unit(student["image_features"]), _unit(student["text_features"])
+    ti, tt = teacher["image_features"], teacher["text_features"]
+    i2t = _kl_rows(a_t / T * ti @ tt.T, a_s / T * si @ st.T)
+    t2i = _kl_rows(a_t / T * tt @ ti.T, a_s / T * st @ si.T)
+    return T * T * (i2t + t2i) / 2
+
+
+def test_contrastive_kd_fixed_matches_hand_formula():
+    student, teacher = _feats()
+    out = DistillLoss(weights={"contrastive_kd": 1.0}, temperature_mode="fixed", temperature=0.05)(student, teacher)
+    assert set(out) == {"contrastive_kd_loss"}
+    expected = _expected_kd(student, teacher, 20.0, 20.0)
+    assert out["contrastive_kd_loss"].item() == pytest.approx(expected.item(), rel=1e-10)
+    assert expected.item() > 1e-3  # the fixture really differs
+
+
+@pytest.mark.parametrize("mode", ["teacher", "student", "own"])
+def test_temperature_modes_use_documented_scales(mode):
+    student, teacher = _feats(1)
+    a = {"teacher": (100.0, 100.0), "student": (14.0, 14.0), "own": (14.0, 100.0)}[mode]
+    loss = DistillLoss(weights={"contrastive_kd": 2.0}, temperature_mode=mode, temperature=0.05)
+    got = loss(student, teacher)["contrastive_kd_loss"].item()
+    assert got == pytest.approx(2.0 * _expected_kd(student, teacher, *a).item(), rel=1e-10)
+
+
+def test_temperature_modes_differ():
+    student, teacher = _feats(2)
+    vals = {m: DistillLoss(weights={"contrastive_kd": 1.0}, temperature_mode=m, temperature=0.05)(student, teacher)
+            ["contrastive_kd_loss"].item() for m in ("fixed", "teacher", "student", "own")}
+    assert len({round(v, 8) for v in vals.values()}) == 4, vals
+
+
+def test_kd_T_softens_and_multiplies_by_T_squared():
+    student, teacher = _feats(3)
+    got = DistillLoss(weights={"contrastive_kd": 1.0}, temperature_mode="teacher", kd_T=4.0)(student, teacher)
+    expected = _expected_kd(student, teacher, 100.0, 100.0, T=4.0)
+    assert got["contrastive_kd_loss"].item() == pytest.approx(expected.item(), rel=1e-10)
+    plain = _expected_kd(student, teacher, 25.0, 25.0, T=1.0)  # same softmaxes, no T^2
+    assert expected.item() == pytest.approx(16.0 * plain.item(), rel=1e-10)
+
+
+def test_student_mode_target_does_not_train_the_scale_through_the_teacher_side():
+    student, teacher = _feats(4)
+    DistillLoss(weights={"contrastive_kd": 1.0}, temperature_mode="student")(student, teacher)[
+        "contrastive_kd_loss"].backward()
+    g_mode = student["logit_scale"].grad.clone()
+    # Reference: scale enters the student logits only; the teacher side uses a constant 14.
+    s2, t2 = _feats(4)
+    ref = _expected_kd(s2, t2, s2["logit_scale"], 14.0)
+    ref.backward()
+    assert g_mode.item() == pytest.approx(s2["logit_scale"].grad.item(), rel=1e-9)
+
+
+def test_feature_mse_clip_interactive_match_hand_formulas():
+    student, teacher = _feats(5)
+    loss = DistillLoss(weights={"feature_mse": 3.0, "clip": 0.5, "interactive": 2.0, "contrastive_kd": 0.0})
+    out = loss(student, teacher)
+    assert set(out) == {"feature_mse_loss", "clip_loss", "interactive_loss"}
+    si, st = _unit(student["image_features"]), _unit(student["text_features"])
+    ti, tt = teacher["image_features"], teacher["text_features"]
+    a = 14.0
+    mse = ((si - ti) ** 2).sum() / si.numel() / 2 + ((st - tt) ** 2).sum() / st.numel() / 2
+    clip = (_ce_diag(a * si @ st.T) + _ce_diag(a * st @ si.T)) / 2
+    icl = (_ce_diag(a * si @ tt.T) + _ce_diag(a * st @ ti.T)) / 2
+    assert out["feature_mse_loss"].item() == pytest.approx(3.0 * mse.item(), rel=1e-10)
+    assert out["clip_loss"].item() == pytest.approx(0.5 * clip.item(), rel=1e-10)
+    assert out["interactive_loss"].item() == pytest.approx(2.0 * icl.item(), rel=1e-10)
+
+
+def test_projector_when_dims_differ_and_its_output_is_renormalised():
+    torch.manual_seed(0)
+    student, teacher = _feats(6, Ds=3, Dt=4)
+    loss = DistillLoss(weights={"feature_mse": 1.0, "interactive": 1.0}, student_dim=3, teacher_dim=4).double()
+    assert isinstance(loss.projector, torch.nn.Linear) and loss.projector.bias is None
+    assert [tuple(p.shape) for p in loss.parameters()] == [(4, 3)]
+    out = loss(student, teacher)
+    W = loss.projector.weight.detach()
+    pi = _unit(_unit(student["image_features"]) @ W.T)
+    pt = _unit(_unit(student["text_features"]) @ W.T)
+    ti, tt = teacher["image_features"], teacher["text_features"]
+    mse = (((pi - ti) ** 2).mean() + ((pt - tt) ** 2).mean()) / 2
+    icl = (_ce_diag(14.0 * pi @ tt.T) + _ce_diag(14.0 * pt @ ti.T)) / 2
+    assert out["feature_mse_loss"].item() == pytest.approx(mse.item(), rel=1e-10)
+    assert out["interactive_loss"].item() == pytest.approx(icl.item(), rel=1e-10)
+    # no projector for terms that do not need one, nor when the dims agree
+    assert DistillLoss(weights={"contrastive_kd": 1.0}, student_dim=3, teacher_dim=4).projector is None
+    assert DistillLoss(weights={"feature_mse": 1.0}, student_dim=4, teacher_dim=4).projector is None
+    with pytest.raises(UserError, match="student_dim=3, teacher_dim=4"):
+        DistillLoss(weights={"feature_mse": 1.0})(student, teacher)
+
+
+def test_gradients_reach_student_and_projector_never_teacher():
+    student, teacher = _feats(7, Ds=3, Dt=4)
+    teacher["image_features"].requires_grad_(True)
+    teacher["text_features"].requires_grad_(True)
+    t_scale = torch.tensor(100.0, dtype=torch.float64, requires_grad=True)
+    teacher["logit_scale"] = t_scale
+    loss = DistillLoss(weights={"feature_mse": 1.0, "contrastive_kd": 1.0, "clip": 1.0, "interactive": 1.0},
+                       temperature_mode="own", student_dim=3, teacher_dim=4).double()
+    total = sum(v for k, v in loss(student, teacher).items() if k.endswith("_loss"))
+    total.backward()
+    for t in (student["image_features"], student["text_features"], student["logit_scale"], loss.projector.weight):
+        assert t.grad is not None and t.grad.abs().sum() > 0
+    for t in (teacher["image_features"], teacher["text_features"], t_scale):
+        assert t.grad is None
+
+
+def test_zero_when_student_equals_teacher():
+    student, teacher = _feats(8, grad=False)
+    same = {"image_features": teacher["image_features"].clone(), "text_features": teacher["text_features"].clone(),
+            "logit_scale": torch.tensor(100.0, dtype=torch.float64)}
+    for mode in ("fixed", "teacher", "student", "own"):
+        out = DistillLoss(weights={"feature_mse": 1.0, "contrastive_kd": 1.0}, temperature_mode=mode)(same, teacher)
+        assert abs(out["feature_mse_loss"].item()) < 1e-6
+        assert abs(out["contrastive_kd_loss"].item()) < 1e-6
+    # and clearly non-zero otherwise
+    out = DistillLoss(weights={"feature_mse": 1.0, "contrastive_kd": 1.0})(student, teacher)
+    assert out["feature_mse_loss"].item() > 1e-3 and out["contrastive_kd_loss"].item() > 1e-3
+
+
+def test_zero_weight_absent_and_has_pairs_false_drops_clip():
+    student, teacher = _feats(9)
+    loss = DistillLoss(weights={"feature_mse": 0.0, "contrastive_kd": 1.0, "clip": 1.0})
+    assert set(loss(student, teacher)) == {"contrastive_kd_loss", "clip_loss"}
+    assert set(loss(student, teacher, has_pairs=False)) == {"contrastive_kd_loss"}
+    assert set(DistillLoss()(student, teacher)) == {"feature_mse_loss", "contrastive_kd_loss"}
+
+
+def test_float32_student_with_float_teacher_scale():
+    student, teacher = _feats(10, grad=False)
+    s32 = {k: (v.float() if torch.is_tensor(v) else v) for k, v in student.items()}
+    t32 = {k: (v.float() if torch.is_tensor(v) else v) for k, v in teacher.items()}
+    out = DistillLoss(weights={"contrastive_kd": 1.0}, temperature_mode="teacher")(s32, t32)
+    assert out["contrastive_kd_loss"].dtype == torch.float32
+    assert math.isclose(out["contrastive_kd_loss"].item(), _expected_kd(student, teacher, 100.0, 100.0).item(),
+                        rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("kw,msg", [({"weights": {"mse": 1.0}}, "unknown loss term"),
+                                    ({"temperature_mode": "hinton"}, "temperature_mode"),
+                                    ({"temperature": 0.0}, "temperature"),
+                                    ({"kd_T": 0.0}, "kd_T")])
+def test_config_errors_are_user_errors(kw, msg):
+    with pytest.raises(UserError, match=msg):
+        DistillLoss(**kw)
