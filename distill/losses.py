@@ -113,7 +113,8 @@ class DistillLoss(torch.nn.Module):
     def _project(self, x: torch.Tensor, teacher_dim: int) -> torch.Tensor:
         """(B, Ds) -> (B, Dt) L2-normalised."""
         if self.projector is not None:
-            return F.normalize(self.projector(x), dim=-1)
+            w = self.projector.weight
+            return F.normalize(self.projector(x.to(w.dtype)).to(x.dtype), dim=-1)
         if x.shape[-1] != teacher_dim:
             raise UserError(
                 f"student dim {x.shape[-1]} != teacher dim {teacher_dim} and the loss has no projector: "
@@ -152,8 +153,19 @@ class DistillLoss(torch.nn.Module):
         The projector lives outside DDP: average its gradients with
         ``distill.distributed.all_reduce_grads(loss.parameters())`` after backward.
         """
-        s_img = F.normalize(student["image_features"], dim=-1)  # (B, Ds)
-        s_txt = F.normalize(student["text_features"], dim=-1)  # (B, Ds)
+        dev = student["image_features"].device
+        # The terms run in at least fp32 even inside the loop's bf16/fp16 autocast: bf16 keeps 8
+        # mantissa bits, so a logit of 100 * cos carries an error of up to ~0.25. Measured on an
+        # H100 (benchmarks/results/losses_gpu.md) the loss values moved by up to 2e-3 in bf16,
+        # while fp32 cost +5 ms at a 4096 x 4096 batch and nothing measurable at 1024.
+        with torch.autocast(device_type=dev.type, enabled=False):
+            return self._forward(student, teacher, has_pairs)
+
+    def _forward(self, student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor | float],
+                 has_pairs: bool) -> dict[str, torch.Tensor]:
+        dtype = torch.promote_types(student["image_features"].dtype, torch.float32)
+        s_img = F.normalize(student["image_features"].to(dtype), dim=-1)  # (B, Ds)
+        s_txt = F.normalize(student["text_features"].to(dtype), dim=-1)  # (B, Ds)
         s_scale = student["logit_scale"]
         if not torch.is_tensor(s_scale):
             s_scale = torch.tensor(float(s_scale), device=s_img.device)

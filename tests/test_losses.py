@@ -192,3 +192,24 @@ def test_float32_student_with_float_teacher_scale():
 def test_config_errors_are_user_errors(kw, msg):
     with pytest.raises(UserError, match=msg):
         DistillLoss(**kw)
+
+
+def test_autocast_does_not_lower_the_loss_to_bf16():
+    g = torch.Generator().manual_seed(11)
+    B, D = 16, 32
+    f = [_unit(torch.randn(B, D, generator=g)) for _ in range(2)]
+    noisy = [_unit(x + 0.05 * torch.randn(B, D, generator=g)) for x in f]
+    student = {"image_features": noisy[0], "text_features": noisy[1], "logit_scale": torch.tensor(100.0)}
+    teacher = {"image_features": f[0], "text_features": f[1], "logit_scale": 100.0}
+    loss = DistillLoss(weights={"feature_mse": 1.0, "contrastive_kd": 1.0, "clip": 1.0, "interactive": 1.0},
+                       temperature_mode="teacher")
+    ref = loss(student, teacher)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss(student, teacher)
+        # what a bf16 matmul would have given for the KD term: clearly off at scale 100
+        lowered = (100.0 * student["image_features"] @ student["text_features"].T).float()
+    exact = 100.0 * student["image_features"] @ student["text_features"].T
+    assert (lowered - exact).abs().max() > 1e-2  # the hazard is real on this machine
+    for k, v in ref.items():
+        assert got[k].dtype == torch.float32
+        assert got[k].item() == pytest.approx(v.item(), rel=1e-6, abs=1e-7), k
