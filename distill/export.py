@@ -1,0 +1,355 @@
+"""Export a student for shipping: open_clip local-dir checkpoint, self-checked ONNX, edge bundle.
+
+- ``save_open_clip_dir``: open_clip_config.json + open_clip_model.safetensors, loadable with
+  ``open_clip.create_model_and_transforms('local-dir:' + dir)`` bit-exactly.
+- ``export_onnx``: image_encoder.onnx ("pixels" (B,3,S,S) normalised -> "embedding" (B,D)) and
+  text_encoder.onnx ("tokens" (B,L) int64 -> "embedding" (B,D)), both L2-normalised, dynamic
+  batch. Each file checks itself (onnx.checker, then onnxruntime vs PyTorch on fresh random
+  inputs at batch 1 and 3, timm utils/onnx.py style) and raises ExportCheckError on failure.
+- ``write_bundle``: the folder ``distill.edge`` loads on a device without PyTorch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+from distill.errors import ExportCheckError, UserError
+
+log = logging.getLogger(__name__)
+
+BUNDLE_FORMAT_VERSION = 1
+_TWO_GB = 2 ** 31 - 2 ** 24  # protobuf's 2 GiB limit, with headroom for the graph itself
+
+
+def default_preprocess(size: int, mean: Sequence[float] = OPENAI_DATASET_MEAN,
+                       std: Sequence[float] = OPENAI_DATASET_STD) -> dict[str, Any]:
+    """The project's eval preprocessing as an open_clip preprocess_cfg dict (also the bundle's preprocess.json)."""
+    return {"size": int(size), "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+            "interpolation": "bicubic", "resize_mode": "shortest"}
+
+
+def _plain(obj: Any) -> Any:
+    """OmegaConf containers / tuples -> JSON-able dicts and lists."""
+    if hasattr(obj, "items"):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) or type(obj).__name__ == "ListConfig":
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------------------- open_clip folder
+
+def save_open_clip_dir(model: torch.nn.Module, model_cfg: Mapping[str, Any], out_dir: str | Path,
+                       preprocess_cfg: Mapping[str, Any] | None = None) -> Path:
+    """Write open_clip_config.json ({"model_cfg", "preprocess_cfg"}) and open_clip_model.safetensors.
+
+    ``open_clip.create_model_and_transforms('local-dir:' + str(out_dir))`` rebuilds the model from
+    model_cfg and loads these weights (open_clip factory.py, local-dir schema).
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = _plain(model_cfg)
+    size = cfg["vision_cfg"].get("image_size", 224)
+    pre = dict(default_preprocess(size if isinstance(size, int) else size[0]))
+    pre.update(_plain(preprocess_cfg or {}))
+    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": pre}, indent=2))
+    # clone: safetensors refuses tensors that share storage; the reload is strict, so keep every key
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "open_clip_model.safetensors"), metadata={"format": "pt", "producer": "clip-distill"})
+    return out
+
+
+# ---------------------------------------------------------------------------- ONNX towers
+
+class ImageTower(torch.nn.Module):
+    """(B, 3, S, S) normalised pixels -> (B, D) L2-normalised image embedding."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.encode_image(pixels), dim=-1)
+
+
+class TextTower(torch.nn.Module):
+    """(B, L) int64 token ids -> (B, D) L2-normalised text embedding."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.encode_text(tokens), dim=-1)
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def _rename_output(graph: Any, name: str) -> None:
+    """Name the graph's single output ``name`` (onnx_ir graph of a dynamo ONNXProgram).
+
+    Done here rather than with ``output_names=``: in torch 2.14 that rename collides with the
+    value aten.embedding produces (also called "embedding") in the text tower and leaves two
+    values with one name, which onnx.checker rejects (not SSA).
+    """
+    for node in graph:
+        for v in node.outputs:
+            if v.name == name:
+                v.name = f"{name}_internal"
+    (out,) = graph.outputs
+    out.name = name
+
+
+def _export_one(tower: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str, opset: int,
+                exporter: str) -> str:
+    """Export one tower; returns the exporter used ("dynamo" or "legacy")."""
+    external = _param_bytes(tower) >= _TWO_GB  # embed the weights whenever protobuf allows it
+    if exporter in ("auto", "dynamo"):
+        try:
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            # example batch 2: export specialises a dimension whose example size is 1
+            with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(tower, (example,), None, dynamo=True, opset_version=opset,
+                                            input_names=[input_name], dynamic_shapes={input_name: {0: batch}},
+                                            verbose=False)
+                _rename_output(program.model.graph, "embedding")
+                program.save(str(path), external_data=external)
+            return "dynamo"
+        except Exception as e:  # noqa: BLE001 - any exporter failure: fall back, then the check decides
+            if exporter == "dynamo":
+                raise ExportCheckError(f"{path.name}: dynamo ONNX export failed ({type(e).__name__}: "
+                                       f"{str(e).splitlines()[0][:160] if str(e) else ''}); try exporter='legacy'") from e
+            log.warning("dynamo export of %s failed (%s: %s); falling back to the legacy exporter", path.name,
+                        type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+    # Legacy TorchScript exporter: fails on nn.MultiheadAttention's fused fast path
+    # (aten::_native_multi_head_attention) under no_grad unless the fast path is disabled.
+    prev = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(tower, (example,), str(path), dynamo=False, opset_version=min(opset, 20),
+                              input_names=[input_name], output_names=["embedding"],
+                              dynamic_axes={input_name: {0: "batch"}, "embedding": {0: "batch"}})
+    finally:
+        torch.backends.mha.set_fastpath_enabled(prev)
+    return "legacy"
+
+
+def _onnx_opset(path: Path) -> int:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return int(next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")))
+
+
+def random_inputs(kind: str, batch: int, *, image_size: int = 224, context_length: int = 77,
+                  vocab_size: int = 49408, seed: int = 0) -> np.ndarray:
+    """Fresh check inputs: "image" -> (B,3,S,S) float32 N(0,1); "text" -> (B,L) int64 sot, ids, eot, zeros."""
+    rng = np.random.default_rng(seed)
+    if kind == "image":
+        return rng.standard_normal((batch, 3, image_size, image_size), dtype=np.float32)
+    tokens = np.zeros((batch, context_length), dtype=np.int64)
+    sot, eot = vocab_size - 2, vocab_size - 1
+    for i in range(batch):
+        n = int(rng.integers(1, context_length - 1))  # eot position varies: argmax pooling is exercised
+        tokens[i, 0] = sot
+        tokens[i, 1:n] = rng.integers(1, sot, n - 1)
+        tokens[i, n] = eot
+    return tokens
+
+
+def check_onnx_file(path: str | Path, reference: Callable[[torch.Tensor], torch.Tensor], kind: str, *,
+                    image_size: int = 224, context_length: int = 77, vocab_size: int = 49408,
+                    parity_tol: float = 0.9999, batches: Sequence[int] = (1, 3), seed: int = 1234,
+                    exporter: str = "dynamo") -> dict[str, float]:
+    """onnx.checker, then onnxruntime vs ``reference`` (the PyTorch tower) on fresh random inputs.
+
+    Returns {"min_cosine", "max_abs_err"} over all rows of all batches; raises ExportCheckError
+    (one line: file, what was measured, what to try) when a check fails.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    path = Path(path)
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except Exception as e:  # noqa: BLE001
+        raise ExportCheckError(f"{path.name}: onnx.checker failed ({str(e).splitlines()[0][:160]}); "
+                               f"re-export with the other exporter (exporter='legacy') or opset 18") from None
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    min_cos, max_err = 1.0, 0.0
+    for k, b in enumerate(batches):
+        x = random_inputs(kind, b, image_size=image_size, context_length=context_length, vocab_size=vocab_size,
+                          seed=seed + k)
+        try:
+            got = sess.run(None, {name: x})[0]
+        except Exception as e:  # noqa: BLE001 - e.g. a batch dimension fixed at export
+            raise ExportCheckError(f"{path.name}: onnxruntime failed at batch {b} ({str(e).splitlines()[0][:160]}); "
+                                   f"the batch axis may be static: re-export with exporter='legacy'") from None
+        with torch.no_grad():
+            ref = reference(torch.from_numpy(x)).float().numpy()
+        if got.shape != ref.shape:
+            raise ExportCheckError(f"{path.name}: output shape {got.shape} != PyTorch {ref.shape} at batch {b}; "
+                                   f"re-export with exporter='legacy'")
+        cos = (got * ref).sum(-1) / np.maximum(np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1), 1e-12)
+        min_cos = min(min_cos, float(cos.min()))
+        max_err = max(max_err, float(np.abs(got - ref).max()))
+    if not min_cos >= parity_tol:
+        other = "legacy" if exporter == "dynamo" else "dynamo"
+        raise ExportCheckError(f"{path.name}: onnxruntime vs PyTorch min cosine {min_cos:.6f} < {parity_tol} "
+                               f"(max abs err {max_err:.2e}, batches {list(batches)}, {exporter} exporter); "
+                               f"try exporter='{other}' or another opset, or check the model for ops ORT lacks")
+    return {"min_cosine": min_cos, "max_abs_err": max_err}
+
+
+def export_onnx(model: torch.nn.Module, out_dir: str | Path, *, image_size: int, context_length: int,
+                opset: int = 20, parity_tol: float = 0.9999, exporter: str = "auto",
+                towers: Sequence[str] = ("image", "text")) -> dict[str, dict[str, Any]]:
+    """Export both towers to ONNX with a dynamic batch axis and check each file against PyTorch.
+
+    image_encoder.onnx: "pixels" (B, 3, S, S) float32 normalised -> "embedding" (B, D), L2-normalised.
+    text_encoder.onnx: "tokens" (B, L) int64 -> "embedding" (B, D), L2-normalised.
+    exporter: "auto" (dynamo, legacy if dynamo raises), "dynamo" or "legacy".
+    Returns {"image": {"path", "opset", "exporter", "min_cosine", "max_abs_err"}, "text": {...}}.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.cpu().eval()
+    vocab = int(getattr(model, "vocab_size", 0) or model.token_embedding.num_embeddings)
+    specs = {
+        "image": (ImageTower(model).eval(), "pixels", torch.from_numpy(random_inputs("image", 2, image_size=image_size))),
+        "text": (TextTower(model).eval(), "tokens",
+                 torch.from_numpy(random_inputs("text", 2, context_length=context_length, vocab_size=vocab))),
+    }
+    info: dict[str, dict[str, Any]] = {}
+    for kind in towers:
+        tower, input_name, example = specs[kind]
+        path = out / f"{kind}_encoder.onnx"
+        used = _export_one(tower, example, path, input_name, opset, exporter)
+        parity = check_onnx_file(path, tower, kind, image_size=image_size, context_length=context_length,
+                                 vocab_size=vocab, parity_tol=parity_tol, exporter=used)
+        info[kind] = {"path": str(path), "opset": _onnx_opset(path), "exporter": used,
+                      "min_cosine": round(parity["min_cosine"], 8), "max_abs_err": float(f"{parity['max_abs_err']:.3e}")}
+        log.info("exported %s (%s, opset %d): min cosine %.7f, max abs err %.2e", path.name, used,
+                 info[kind]["opset"], parity["min_cosine"], parity["max_abs_err"])
+    return info
+
+
+# ---------------------------------------------------------------------------- edge bundle
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def onnx_io(path: str | Path) -> dict[str, Any]:
+    """Input/output names and shapes of an ONNX file (symbolic dims as strings)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+
+    def dims(v):
+        return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in v.type.tensor_type.shape.dim]
+
+    return {"inputs": {v.name: dims(v) for v in m.graph.input if v.name not in inits},
+            "outputs": {v.name: dims(v) for v in m.graph.output},
+            "external_data": sorted({e.value for i in m.graph.initializer for e in i.external_data if e.key == "location"})}
+
+
+def _copy_onnx(src: str | Path, dst: Path) -> list[Path]:
+    """Copy an ONNX file and any external-data files it names (same relative location)."""
+    src = Path(src)
+    shutil.copyfile(src, dst)
+    copied = [dst]
+    for loc in onnx_io(src)["external_data"]:
+        shutil.copyfile(src.parent / loc, dst.parent / loc)
+        copied.append(dst.parent / loc)
+    return copied
+
+
+def write_bundle(out_dir: str | Path, *, image_onnx: str | Path, image_int8_onnx: str | Path | None = None,
+                 text_onnx: str | Path | None = None, class_embeddings: np.ndarray, labels: Sequence[str],
+                 preprocess: Mapping[str, Any], context_length: int, logit_scale: float = 100.0,
+                 extra: Mapping[str, Any] | None = None) -> Path:
+    """Write the edge bundle folder that ``distill.edge.load_bundle`` reads.
+
+    class_embeddings: (C, D) float32, one L2-normalised row per label (normalised here if not).
+    Layout: image_encoder.onnx, [image_encoder.int8.onnx], [text_encoder.onnx], tokenizer/,
+    class_embeddings.npy, labels.json, preprocess.json, bundle.json (format version, embed_dim,
+    files with sha256, producer versions).
+    """
+    from distill.tokenizer_np import NumpyTokenizer
+
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    emb = np.asarray(class_embeddings, dtype=np.float32)
+    if emb.ndim != 2 or emb.shape[0] != len(labels):
+        raise UserError(f"class_embeddings shape {emb.shape} does not match {len(labels)} labels; pass (C, D)")
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+    files: list[Path] = []
+    dims: dict[str, int] = {}
+    for role, src in (("image_encoder.onnx", image_onnx), ("image_encoder.int8.onnx", image_int8_onnx),
+                      ("text_encoder.onnx", text_onnx)):
+        if src is None:
+            continue
+        files += _copy_onnx(src, out / role)
+        (d,) = onnx_io(out / role)["outputs"].values()
+        dims[role] = int(d[-1])
+    if len(set(dims.values()) | {emb.shape[1]}) != 1:
+        raise UserError(f"embedding sizes disagree: class_embeddings D={emb.shape[1]}, ONNX {dims}; "
+                        f"rebuild class embeddings with the exported student's text tower")
+    np.save(out / "class_embeddings.npy", emb)
+    (out / "labels.json").write_text(json.dumps(list(labels), indent=1, ensure_ascii=False))
+    pre = {**default_preprocess(int(preprocess["size"])), **_plain(preprocess)}
+    (out / "preprocess.json").write_text(json.dumps(pre, indent=1))
+    NumpyTokenizer(context_length=context_length).save(out / "tokenizer")
+    files += [out / "class_embeddings.npy", out / "labels.json", out / "preprocess.json",
+              out / "tokenizer" / "bpe_simple_vocab_16e6.txt.gz", out / "tokenizer" / "tokenizer.json"]
+    import open_clip
+    import onnxruntime
+
+    import distill
+
+    meta = {
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "embed_dim": int(emb.shape[1]),
+        "num_classes": int(emb.shape[0]),
+        "context_length": int(context_length),
+        "logit_scale": float(logit_scale),
+        "files": {p.relative_to(out).as_posix(): sha256_file(p) for p in files},
+        "producer": {"clip_distill": distill.__version__, "torch": torch.__version__,
+                     "open_clip": open_clip.__version__, "onnxruntime": onnxruntime.__version__},
+        "rebuild": "python -m distill +experiment=... (export.bundle=true) or distill.export.write_bundle",
+        "extra": _plain(dict(extra or {})),
+    }
+    (out / "bundle.json").write_text(json.dumps(meta, indent=1))
+    return out
