@@ -1,0 +1,153 @@
+"""int8 variants: ORT dynamic and static (QDQ) quantisation of ONNX files, and torch dynamic int8.
+
+The int8 ONNX route is export fp32 -> quantise the file with onnxruntime.quantization: a
+torch.ao-quantised model cannot be exported by either exporter (pytorch/pytorch#123555).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DYNAMIC_MODES = ("s8_per_channel_reduce_range", "u8u8", "s8")
+# Default chosen by measurement (benchmarks/results/int8_modes.md, w384/d6 p32 224 px image tower,
+# 32 Tux Paint images, AVX2 CPU without VNNI, 2 threads): plain "s8" saturates the u8 x s8 16-bit
+# accumulation of AVX2 (VPMADDUBSW) and loses most cosine to fp32; "s8_per_channel_reduce_range"
+# (7-bit weights avoid the overflow; per-channel scales win the bit back) and "u8u8" both stay close
+# to fp32. Of those two, per-channel reduce-range had the higher cosine to fp32 at a latency
+# within a few percent, so it is the default. This is provisional: the final choice is by zero-shot
+# top-1 of a trained student, which the lead measures.
+DEFAULT_DYNAMIC_MODE = "s8_per_channel_reduce_range"
+
+
+def _pre_process(src: Path, dst: Path) -> None:
+    """ORT's recommended pre-processing (shape inference, graph optimisation) before quantising.
+
+    skip_symbolic_shape=True: the symbolic shape inference fails on the dynamic batch axis.
+    """
+    from onnxruntime.quantization import quant_pre_process
+
+    quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+
+
+def quantize_dynamic_onnx(src: str | Path, dst: str | Path, mode: str = DEFAULT_DYNAMIC_MODE) -> Path:
+    """ORT dynamic int8 (weights int8 offline, activations quantised per call) of an ONNX file.
+
+    mode: "s8_per_channel_reduce_range" (QInt8 weights, per-channel, reduce_range: safe on AVX2
+    without VNNI), "u8u8" (QUInt8 weights) or "s8" (plain QInt8; saturates on AVX2 without VNNI).
+    Input/output names and shapes are unchanged: (B, ...) -> (B, D).
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if mode not in DYNAMIC_MODES:
+        from distill.errors import UserError
+
+        raise UserError(f"unknown int8 mode {mode!r}; use one of {', '.join(DYNAMIC_MODES)}")
+    kw = {
+        "s8_per_channel_reduce_range": dict(weight_type=QuantType.QInt8, per_channel=True, reduce_range=True),
+        "u8u8": dict(weight_type=QuantType.QUInt8, per_channel=False, reduce_range=False),
+        "s8": dict(weight_type=QuantType.QInt8, per_channel=False, reduce_range=False),
+    }[mode]
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        _pre_process(src, pre)
+        quantize_dynamic(str(pre), str(dst), **kw)
+    return dst
+
+
+class _ArrayReader:
+    """onnxruntime CalibrationDataReader over an iterable of input batches."""
+
+    def __init__(self, batches: Iterable[np.ndarray], input_name: str) -> None:
+        self._it: Iterator[np.ndarray] = iter(batches)
+        self.input_name = input_name
+        self.count = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        x = next(self._it, None)
+        if x is None:
+            return None
+        self.count += 1
+        return {self.input_name: np.ascontiguousarray(x)}
+
+    def rewind(self) -> None:  # a one-pass reader: ORT's calibrators read each batch once
+        pass
+
+
+def quantize_static_onnx(src: str | Path, dst: str | Path, calibration: Iterable[np.ndarray],
+                         input_name: str = "pixels", method: str = "minmax",
+                         op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv"),
+                         per_channel: bool = True, reduce_range: bool = True) -> Path:
+    """ORT static int8 in QDQ format, activation ranges calibrated on ``calibration`` batches.
+
+    calibration: arrays shaped like the model input, e.g. (B, 3, S, S) float32 normalised pixels
+    (drawn by the pipeline from the configured data). method: "minmax" | "percentile" | "entropy".
+    Activations are uint8, weights int8 per-channel with reduce_range (the U8S8 pairing ORT
+    recommends on x86; reduce_range keeps AVX2 without VNNI from saturating). Only MatMul, Gemm
+    and Conv are quantised by default: LayerNorm/Softmax/GELU stay fp32, where int8 costs accuracy
+    for little speed.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    if method not in methods:
+        from distill.errors import UserError
+
+        raise UserError(f"unknown calibration method {method!r}; use one of {', '.join(methods)}")
+    it = iter(calibration)
+    first = next(it, None)
+    if first is None:
+        from distill.errors import UserError
+
+        raise UserError("static int8 got no calibration batches; set export.int8.calibration_images > 0")
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    reader = _ArrayReader(itertools.chain([first], it), input_name)
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        _pre_process(src, pre)
+        quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(op_types),
+                        per_channel=per_channel, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=methods[method],
+                        extra_options={"CalibTensorRangeSymmetric": False})
+    log.info("static QDQ int8 of %s calibrated on %d batches (%s)", src.name, reader.count, method)
+    return dst
+
+
+def torch_dynamic_int8(model):
+    """torch dynamic int8 of every nn.Linear (a copy; PyTorch deployment only, not exportable to ONNX).
+
+    open_clip's attention keeps fp32: nn.MultiheadAttention's in-projection is a raw parameter,
+    and its out_proj is a NonDynamicallyQuantizableLinear, which quantize_dynamic skips by design
+    (the fused attention reads ``out_proj.weight`` as a tensor, which a quantised Linear lacks).
+    So only the MLPs, and the projections that are nn.Linear, are int8.
+
+    torch.ao.quantization is deprecated in favour of torchao (not installed here); its
+    DeprecationWarning and the quantised-tensor deprecation UserWarning are silenced in this call
+    only, so the rest of the program still sees other warnings.
+    """
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated.*")
+        warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
+        warnings.filterwarnings("ignore", message=r".*torch\.quantize_per_tensor.*deprecated.*")
+        q = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=False)
+    # open_clip's text tower asks resblocks[0].mlp.c_fc.weight.dtype for its cast dtype; on a
+    # quantised Linear ``weight`` is a method, so encode_text would raise. open_clip reads
+    # ``int8_original_dtype`` first (its hook for int8 Linears): activations here stay fp32.
+    for mod in q.modules():
+        if type(mod).__module__.startswith("torch.ao.nn.quantized.dynamic"):
+            mod.int8_original_dtype = torch.float32
+    return q.eval()
