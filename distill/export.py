@@ -283,6 +283,22 @@ def onnx_io(path: str | Path) -> dict[str, Any]:
             "external_data": sorted({e.value for i in m.graph.initializer for e in i.external_data if e.key == "location"})}
 
 
+def onnx_output_dim(path: str | Path) -> int:
+    """D of an encoder file's (B, D) output: from the graph when static, else by running batch 1 (legacy
+    exports can leave D symbolic)."""
+    io_ = onnx_io(path)
+    (d,) = io_["outputs"].values()
+    if isinstance(d[-1], int) and d[-1] > 0:
+        return int(d[-1])
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    shape = [1] + [int(x) for x in inp.shape[1:]]
+    dtype = np.int64 if "int64" in inp.type else np.float32
+    return int(sess.run(None, {inp.name: np.zeros(shape, dtype)})[0].shape[-1])
+
+
 def _copy_onnx(src: str | Path, dst: Path) -> list[Path]:
     """Copy an ONNX file and any external-data files it names (same relative location)."""
     src = Path(src)
@@ -322,8 +338,7 @@ def write_bundle(out_dir: str | Path, *, image_onnx: str | Path, image_int8_onnx
         if src is None:
             continue
         files += _copy_onnx(src, out / role)
-        (d,) = onnx_io(out / role)["outputs"].values()
-        dims[role] = int(d[-1])
+        dims[role] = onnx_output_dim(out / role)
     if len(set(dims.values()) | {emb.shape[1]}) != 1:
         raise UserError(f"embedding sizes disagree: class_embeddings D={emb.shape[1]}, ONNX {dims}; "
                         f"rebuild class embeddings with the exported student's text tower")

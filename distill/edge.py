@@ -1,0 +1,332 @@
+"""Torch-free inference on an exported bundle: onnxruntime + numpy + Pillow only.
+
+This module must never import torch (directly or through another module): it is what runs on the
+device. ``tests/test_edge.py`` checks that in a fresh interpreter.
+
+Bundle (a folder written by ``distill.export.write_bundle``):
+    image_encoder.onnx          "pixels" (B,3,S,S) float32 normalised -> "embedding" (B,D)
+    image_encoder.int8.onnx     optional ORT dynamic int8 of the above
+    text_encoder.onnx           optional "tokens" (B,L) int64 -> "embedding" (B,D)
+    tokenizer/                  bpe_simple_vocab_16e6.txt.gz + tokenizer.json (context_length)
+    class_embeddings.npy        (C,D) float32, L2-normalised rows (zero-shot classifier)
+    labels.json                 C label strings
+    preprocess.json             size, mean, std, interpolation, resize_mode
+    bundle.json                 format_version, embed_dim, files {relative path: sha256}, producer
+
+Preprocessing (the project's convention, the same as open_clip's eval transform): PIL -> RGB ->
+resize the shortest side to S (PIL bicubic) -> centre crop S x S -> /255 -> (x - mean) / std.
+torchvision's Resize/CenterCrop on PIL images call the same PIL resize, so torch and edge match.
+
+Classification scores are CLIP's: softmax over ``logit_scale * cosine`` (logit_scale from
+bundle.json, 100 by default) across all labels; the raw cosine is reported next to each score.
+
+CLI (exit codes: 0 all good, 1 some images could not be read (one stderr line each; the rest are
+still processed), 2 bad bundle or usage (one stderr line)):
+    python -m distill.edge classify --bundle DIR [--precision auto|int8|fp32] [--top-k 5] [--json] IMAGE...
+    python -m distill.edge embed --bundle DIR (--images IMG... | --texts TEXT...) -o out.npy
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from distill.errors import UserError
+
+SUPPORTED_FORMAT_VERSIONS = (1,)
+REBUILD_HINT = ("rebuild the bundle (re-run the export stage: python -m distill ... export.bundle=true, "
+                "or distill.export.write_bundle) or copy the whole folder again")
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+             "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+
+
+class BundleError(UserError):
+    """The bundle folder is missing, incomplete, modified or inconsistent. One line; exit code 2."""
+
+
+def _sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def preprocess_image(img: Image.Image, spec: dict[str, Any]) -> np.ndarray:
+    """PIL image -> (3, S, S) float32, normalised with spec's mean/std (open_clip eval transform, numpy)."""
+    size = int(spec["size"] if not isinstance(spec["size"], (list, tuple)) else spec["size"][0])
+    resample = _RESAMPLE[spec.get("interpolation", "bicubic")]
+    mode = spec.get("resize_mode", "shortest")
+    img = img.convert("RGB")
+    w, h = img.size
+    if mode == "shortest":
+        # torchvision Resize(int): the short side becomes S, the long side int(S * long / short)
+        if w <= h:
+            new_w, new_h = size, int(size * h / w)
+        else:
+            new_w, new_h = int(size * w / h), size
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), resample)
+        # torchvision CenterCrop: offsets rounded half to even, as in int(round(x))
+        left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+        img = img.crop((left, top, left + size, top + size))
+    elif mode == "squash":
+        img = img.resize((size, size), resample)
+    else:
+        raise BundleError(f"preprocess.json resize_mode {mode!r} is not supported (use shortest or squash); "
+                          + REBUILD_HINT)
+    x = np.asarray(img, dtype=np.float32) / 255.0  # (S, S, 3)
+    mean = np.asarray(spec["mean"], dtype=np.float32)
+    std = np.asarray(spec["std"], dtype=np.float32)
+    return np.ascontiguousarray(((x - mean) / std).transpose(2, 0, 1))  # (3, S, S)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def _one_line(err: BaseException) -> str:
+    msg = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {msg[0] if msg else ''}".strip()
+
+
+@dataclass
+class Bundle:
+    """A verified bundle with ONNX Runtime sessions (text session and tokenizer built on first use)."""
+
+    path: Path
+    meta: dict[str, Any]
+    precision: str
+    preprocess: dict[str, Any]
+    labels: list[str]
+    class_embeddings: np.ndarray  # (C, D)
+    image_session: Any
+    threads: int | None = None
+    providers: Sequence[str] | None = None
+    _text: Any = field(default=None, repr=False)
+    _tokenizer: Any = field(default=None, repr=False)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.meta["embed_dim"])
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.meta.get("logit_scale", 100.0))
+
+    def load_image(self, path: str | Path) -> np.ndarray:
+        """One image file -> (3, S, S) float32 normalised. Raises on unreadable files."""
+        with Image.open(path) as img:
+            img.load()  # decode now, so a truncated file fails here and not later
+            return preprocess_image(img, self.preprocess)
+
+    def _embed_images(self, paths: Sequence[str | Path], batch_size: int = 16
+                      ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+        rows: list[np.ndarray] = []
+        ok: list[int] = []
+        errors: list[tuple[str, str]] = []
+        pending: list[np.ndarray] = []
+
+        def flush() -> None:
+            if pending:
+                out = self.image_session.run(None, {"pixels": np.stack(pending)})[0]  # (b, D)
+                rows.append(_unit(out))
+                pending.clear()
+
+        for i, p in enumerate(paths):
+            try:
+                pending.append(self.load_image(p))
+            except Exception as e:  # noqa: BLE001 - any decode failure is reported for that file only
+                errors.append((str(p), _one_line(e)))
+                continue
+            ok.append(i)
+            if len(pending) == batch_size:
+                flush()
+        flush()
+        emb = np.concatenate(rows) if rows else np.zeros((0, self.embed_dim), np.float32)
+        return emb, ok, errors
+
+    def embed_images(self, paths: Sequence[str | Path], batch_size: int = 16
+                     ) -> tuple[np.ndarray, list[tuple[str, str]]]:
+        """Image files -> ((N_ok, D) float32 L2-normalised, in input order of the readable files,
+        [(path, reason), ...] for the files that could not be read)."""
+        emb, _, errors = self._embed_images(paths, batch_size)
+        return emb, errors
+
+    def _text_parts(self):
+        if self._text is None:
+            if "text_encoder.onnx" not in self.meta["files"]:
+                raise BundleError(f"{self.path}: bundle has no text_encoder.onnx; rebuild it with text_onnx=")
+            from distill.tokenizer_np import NumpyTokenizer
+
+            self._text = _session(self.path / "text_encoder.onnx", self.threads, self.providers)
+            self._tokenizer = NumpyTokenizer.from_dir(self.path / "tokenizer")
+        return self._text, self._tokenizer
+
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """B strings -> (B, D) float32 L2-normalised (fp32 text encoder)."""
+        sess, tok = self._text_parts()
+        out = [sess.run(None, {"tokens": tok(list(texts[i:i + batch_size]))})[0]
+               for i in range(0, len(texts), batch_size)]
+        return _unit(np.concatenate(out)) if out else np.zeros((0, self.embed_dim), np.float32)
+
+    def classify(self, paths: Sequence[str | Path], top_k: int = 5, batch_size: int = 16) -> list[dict[str, Any]]:
+        """Zero-shot top-k per image, one result per input path, in order.
+
+        Each result: {"image", "top_k": [{"label", "score", "cosine"}, ...]} where score is the
+        softmax over logit_scale * cosine across all labels; or {"image", "error"} if unreadable.
+        """
+        emb, ok, errors = self._embed_images(paths, batch_size)
+        cos = emb @ self.class_embeddings.T  # (N_ok, C)
+        logits = self.logit_scale * cos
+        prob = np.exp(logits - logits.max(-1, keepdims=True))
+        prob /= prob.sum(-1, keepdims=True)
+        k = max(1, min(int(top_k), len(self.labels)))
+        results: list[dict[str, Any]] = [{"image": str(p)} for p in paths]
+        for row, i in enumerate(ok):
+            order = np.argsort(-prob[row], kind="stable")[:k]
+            results[i]["top_k"] = [{"label": self.labels[j], "score": float(prob[row, j]), "cosine": float(cos[row, j])}
+                                   for j in order]
+        err = dict(errors)
+        for r in results:
+            if "top_k" not in r:
+                r["error"] = err.get(r["image"], "unreadable")
+        return results
+
+
+def _session(path: Path, threads: int | None, providers: Sequence[str] | None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    try:
+        return ort.InferenceSession(str(path), so, providers=list(providers or ["CPUExecutionProvider"]))
+    except Exception as e:  # noqa: BLE001
+        raise BundleError(f"{path.name}: onnxruntime cannot load it ({_one_line(e)[:160]}); {REBUILD_HINT}") from None
+
+
+def load_bundle(path: str | Path, precision: str = "auto", *, threads: int | None = None,
+                providers: Sequence[str] | None = None, verify: bool = True) -> Bundle:
+    """Open and verify a bundle: every file listed in bundle.json exists and matches its sha256, and
+    the embedding sizes (bundle.json, class_embeddings.npy, ONNX outputs) agree.
+
+    precision: "int8" (image_encoder.int8.onnx), "fp32" (image_encoder.onnx) or "auto" (int8 when
+    the bundle has it). Raises BundleError (one line naming the file and how to rebuild) otherwise.
+    """
+    root = Path(path)
+    meta_path = root / "bundle.json"
+    if not meta_path.is_file():
+        raise BundleError(f"{meta_path}: not found, {root} is not a bundle; " + REBUILD_HINT)
+    try:
+        meta = json.loads(meta_path.read_text())
+        files: dict[str, str] = meta["files"]
+        embed_dim = int(meta["embed_dim"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise BundleError(f"{meta_path}: unreadable ({_one_line(e)}); " + REBUILD_HINT) from None
+    if meta.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
+        raise BundleError(f"{meta_path}: format_version {meta.get('format_version')!r} is not supported by this "
+                          f"runtime (supports {SUPPORTED_FORMAT_VERSIONS}); update distill or " + REBUILD_HINT)
+    for required in ("image_encoder.onnx", "class_embeddings.npy", "labels.json", "preprocess.json"):
+        if required not in files:
+            raise BundleError(f"bundle.json lists no {required}; " + REBUILD_HINT)
+    for rel, digest in files.items():
+        f = root / rel
+        if not f.is_file():
+            raise BundleError(f"{f}: missing from the bundle; " + REBUILD_HINT)
+        if verify and _sha256(f) != digest:
+            raise BundleError(f"{f}: sha256 does not match bundle.json (modified or partly copied); " + REBUILD_HINT)
+    if precision == "auto":
+        precision = "int8" if "image_encoder.int8.onnx" in files else "fp32"
+    if precision not in ("int8", "fp32"):
+        raise BundleError(f"unknown precision {precision!r}; use int8 or fp32")
+    image_file = "image_encoder.int8.onnx" if precision == "int8" else "image_encoder.onnx"
+    if image_file not in files:
+        raise BundleError(f"{root}: bundle has no {image_file}; use --precision fp32 or rebuild with int8 enabled")
+    emb = np.load(root / "class_embeddings.npy").astype(np.float32)
+    labels = json.loads((root / "labels.json").read_text())
+    pre = json.loads((root / "preprocess.json").read_text())
+    if emb.ndim != 2 or emb.shape[1] != embed_dim or emb.shape[0] != len(labels):
+        raise BundleError(f"class_embeddings.npy shape {emb.shape} disagrees with embed_dim {embed_dim} and "
+                          f"{len(labels)} labels; " + REBUILD_HINT)
+    sess = _session(root / image_file, threads, providers)
+    out_dim = sess.get_outputs()[0].shape[-1]
+    if isinstance(out_dim, int) and out_dim != embed_dim:
+        raise BundleError(f"{image_file}: output size {out_dim} != embed_dim {embed_dim}; " + REBUILD_HINT)
+    if sess.get_inputs()[0].name != "pixels":
+        raise BundleError(f"{image_file}: input is {sess.get_inputs()[0].name!r}, expected 'pixels'; " + REBUILD_HINT)
+    return Bundle(path=root, meta=meta, precision=precision, preprocess=pre, labels=list(labels),
+                  class_embeddings=_unit(emb), image_session=sess, threads=threads, providers=providers)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m distill.edge", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("classify", help="zero-shot top-k labels per image (softmax over logit_scale * cosine)")
+    c.add_argument("--bundle", required=True)
+    c.add_argument("--precision", default="auto", choices=["auto", "int8", "fp32"])
+    c.add_argument("--top-k", type=int, default=5)
+    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--json", action="store_true", help="one JSON object per image (JSON Lines)")
+    c.add_argument("images", nargs="+")
+    e = sub.add_parser("embed", help="L2-normalised embeddings to a .npy file (readable inputs only, in order)")
+    e.add_argument("--bundle", required=True)
+    e.add_argument("--precision", default="auto", choices=["auto", "int8", "fp32"])
+    e.add_argument("--threads", type=int, default=None)
+    g = e.add_mutually_exclusive_group(required=True)
+    g.add_argument("--images", nargs="+")
+    g.add_argument("--texts", nargs="+")
+    e.add_argument("-o", "--output", required=True)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry; returns the exit code (0 ok, 1 some images unreadable, 2 bad bundle/usage)."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse prints its own one-line usage error
+        return 2 if e.code else 0
+    try:
+        bundle = load_bundle(args.bundle, args.precision, threads=args.threads)
+        failed = 0
+        if args.cmd == "classify":
+            for r in bundle.classify(args.images, top_k=args.top_k):
+                if "error" in r:
+                    failed += 1
+                    print(f"error: {r['image']}: {r['error']}", file=sys.stderr)
+                elif args.json:
+                    print(json.dumps(r, ensure_ascii=False))
+                else:
+                    print(f"{r['image']}: " + ", ".join(f"{t['label']} {t['score']:.4f}" for t in r["top_k"]))
+        else:
+            if args.images:
+                emb, errors = bundle.embed_images(args.images)
+                for p, why in errors:
+                    print(f"error: {p}: {why}", file=sys.stderr)
+                failed = len(errors)
+                bad = {p for p, _ in errors}
+                rows = [p for p in args.images if p not in bad]
+            else:
+                emb, rows = bundle.embed_texts(args.texts), list(args.texts)
+            np.save(args.output, emb)
+            Path(str(args.output) + ".json").write_text(json.dumps({"rows": rows}, ensure_ascii=False))
+            print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {args.output} (row order in {args.output}.json)")
+        return 1 if failed else 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
