@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up clip-distill on a fresh Debian machine: the Debian data packages, a venv, PyTorch and
+# the package with its test extra. Safe to rerun. Usage: bash tools/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+# Real offline data sets (DESIGN.md, Offline facts): Fashion-MNIST and Tux Paint stamps.
+need_apt=""
+dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || need_apt="$need_apt dataset-fashion-mnist"
+dpkg -s tuxpaint-stamps-default >/dev/null 2>&1 || need_apt="$need_apt tuxpaint-stamps-default"
+if [ -n "$need_apt" ]; then
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $need_apt
+fi
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# PyTorch first, at a version this machine serves from local disk (other versions download GBs).
+if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
+  case "$(uname -m)" in
+    aarch64) .venv/bin/python -m pip install -q torch==2.9.1 torchvision==0.24.1 ;;
+    *)       .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 ;;
+  esac
+fi
+.venv/bin/python -m pip install -q -e ".[dev]"
+echo "setup done: .venv ready"
