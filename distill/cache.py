@@ -1,0 +1,189 @@
+"""Teacher-embedding cache: the frozen teacher's outputs computed once and memory-mapped.
+
+Layout of one cache entry, ``<root>/<fingerprint>/``:
+    manifest.json    teacher / data / view fingerprints, sizes, dtype, skip counts, timing
+    image_emb.npy    (N * K, D) float16: one row per (image, view) item of the TrainSet
+    text_emb.npy     (T, D) float16: one row per unique text of the TrainSet
+    valid.npy        (N * K,) bool: False where the image could not be read
+
+The fingerprint hashes the teacher's fingerprint and the TrainSet's (every item key, the view
+spec with its seed and count, and the texts), so any change to them builds a new entry; an
+entry is never reused for inputs it was not built from. A build happens in
+``<fingerprint>.partial/``; finished chunks are recorded in ``progress.json`` after their rows
+are flushed, so an interrupted build resumes where it stopped, and the folder is renamed into
+place only when complete (an atomic rename on one file system).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from distill.data import TrainSet, collate
+from distill.teachers.base import Teacher
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+
+
+@dataclass
+class TeacherCache:
+    """Loaded cache entry. ``image_emb``/``text_emb`` are read-only memory maps (float16)."""
+
+    path: Path
+    image_emb: np.ndarray  # (N*K, D)
+    text_emb: np.ndarray  # (T, D)
+    valid: np.ndarray  # (N*K,) bool
+    manifest: dict[str, Any]
+
+    def image_targets(self, index: torch.Tensor) -> torch.Tensor:
+        """(B,) item indices -> (B, D) float32 teacher image embeddings."""
+        return torch.from_numpy(np.asarray(self.image_emb[index.numpy()], dtype=np.float32))
+
+    def text_targets(self, text_index: torch.Tensor) -> torch.Tensor:
+        """(B,) text indices -> (B, D) float32 teacher text embeddings."""
+        return torch.from_numpy(np.asarray(self.text_emb[text_index.numpy()], dtype=np.float32))
+
+
+def cache_fingerprint(teacher: Teacher, dataset: TrainSet) -> str:
+    h = hashlib.sha256(f"v{CACHE_FORMAT}|{teacher.fingerprint}|{dataset.fingerprint()}".encode())
+    return h.hexdigest()[:20]
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def load_cache(path: Path) -> TeacherCache:
+    manifest = json.loads((path / "manifest.json").read_text())
+    return TeacherCache(
+        path=path,
+        image_emb=np.load(path / "image_emb.npy", mmap_mode="r"),
+        text_emb=np.load(path / "text_emb.npy", mmap_mode="r"),
+        valid=np.load(path / "valid.npy"),
+        manifest=manifest,
+    )
+
+
+def build_or_load(
+    teacher: Teacher,
+    dataset: TrainSet,
+    root: str | os.PathLike,
+    *,
+    chunk_size: int = 256,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    _stop_after_chunks: int | None = None,
+) -> TeacherCache:
+    """Return the cache entry for (teacher, dataset), building or finishing it if needed.
+
+    ``_stop_after_chunks`` simulates an interruption (tests): the build stops after that many
+    new chunks, leaving a resumable ``.partial`` folder, and raises KeyboardInterrupt.
+    """
+    fp = cache_fingerprint(teacher, dataset)
+    root = Path(root)
+    final = root / fp
+    if (final / "manifest.json").exists():
+        cache = load_cache(final)
+        if cache.manifest.get("fingerprint") != fp or cache.image_emb.shape[0] != len(dataset):
+            raise RuntimeError(f"cache entry {final} does not match its fingerprint; delete it and rerun")
+        log.info("teacher cache hit: %s", final)
+        return cache
+
+    part = root / f"{fp}.partial"
+    part.mkdir(parents=True, exist_ok=True)
+    n, t, d = len(dataset), len(dataset.texts), teacher.embed_dim
+    n_chunks = (n + chunk_size - 1) // chunk_size
+    progress_file = part / "progress.json"
+    state = json.loads(progress_file.read_text()) if progress_file.exists() else {}
+    if state.get("fingerprint") != fp:
+        state = {"fingerprint": fp, "done_chunks": [], "text_done": False, "skipped": {}, "seconds": 0.0}
+        for f in part.iterdir():
+            f.unlink()
+    mode = "r+" if (part / "image_emb.npy").exists() else "w+"
+    img = np.lib.format.open_memmap(part / "image_emb.npy", mode=mode, dtype=np.float16, shape=(n, d))
+    valid = np.lib.format.open_memmap(part / "valid.npy", mode=mode, dtype=np.bool_, shape=(n,))
+    t0 = time.perf_counter()
+
+    if not state["text_done"]:
+        txt = np.lib.format.open_memmap(part / "text_emb.npy", mode="w+", dtype=np.float16, shape=(t, d))
+        for s in range(0, t, batch_size):
+            txt[s:s + batch_size] = teacher.encode_text(dataset.texts[s:s + batch_size]).cpu().numpy()
+        txt.flush()
+        del txt
+        state["text_done"] = True
+        _write_json_atomic(progress_file, state)
+
+    done = set(state["done_chunks"])
+    todo = [c for c in range(n_chunks) if c not in done]
+    bar = tqdm(total=n, initial=n - sum(min(chunk_size, n - c * chunk_size) for c in todo),
+               desc=f"teacher cache {fp[:8]}", unit="img", disable=not progress)
+    new_chunks = 0
+    for c in todo:
+        lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
+        loader = DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=batch_size,
+                            num_workers=num_workers, collate_fn=collate)
+        valid[lo:hi] = True
+        for batch in loader:
+            for j in batch["skipped"]:
+                valid[j] = False
+                state["skipped"][str(j)] = dataset.key(j)
+            if len(batch["index"]):
+                emb = teacher.encode_image(batch["image"].to(device)).cpu().numpy()  # (B, D)
+                img[batch["index"].numpy()] = emb
+            bar.update(len(batch["index"]) + len(batch["skipped"]))
+        img.flush()
+        valid.flush()
+        state["done_chunks"].append(c)
+        state["seconds"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _write_json_atomic(progress_file, state)
+        new_chunks += 1
+        if _stop_after_chunks is not None and new_chunks >= _stop_after_chunks and len(state["done_chunks"]) < n_chunks:
+            bar.close()
+            raise KeyboardInterrupt(f"cache build interrupted after {new_chunks} chunks (test hook)")
+    bar.close()
+    del img, valid
+    if state["skipped"]:
+        first = list(state["skipped"].values())[:5]
+        log.warning("teacher cache: skipped %d unreadable images, first: %s", len(state["skipped"]), first)
+    manifest = {
+        "format": CACHE_FORMAT,
+        "fingerprint": fp,
+        "teacher_fingerprint": teacher.fingerprint,
+        "data_fingerprint": dataset.fingerprint(),
+        "views": dataset.spec.describe(),
+        "items": n,
+        "texts": t,
+        "embed_dim": d,
+        "logit_scale": float(teacher.logit_scale),
+        "dtype": "float16",
+        "skipped": len(state["skipped"]),
+        "skipped_first": list(state["skipped"].values())[:5],
+        "build_seconds": round(state["seconds"], 2),
+    }
+    _write_json_atomic(part / "manifest.json", manifest)
+    progress_file.unlink()
+    if final.exists():  # a concurrent builder finished first; ours is identical by construction
+        shutil.rmtree(part)
+    else:
+        os.replace(part, final)
+    log.info("teacher cache built: %s (%d items, %.1fs)", final, n, manifest["build_seconds"])
+    return load_cache(final)

@@ -1,0 +1,294 @@
+"""Training and evaluation data: seeded image views, the text corpus, and eval-set tensors.
+
+Images travel as float RGB in [0, 1], shape (3, S, S), un-normalised: the teacher and the
+student each normalise their own way, so both see exactly the same view.
+
+Views. A training item is (image i, view v). View v of image i is produced from a seed derived
+from (base seed, the image's stable key, v): with ``augment`` on it is a RandomResizedCrop +
+horizontal flip drawn from that seed; with it off it is the eval transform (resize the short
+side, centre crop). The teacher cache stores one embedding per (i, v), and the student later
+regenerates the identical view from the same seed.
+
+Texts. Each item carries a text: its own caption when the source has captions (a real pair),
+otherwise a text drawn deterministically from the corpus (ImageNet class names with templates,
+plus whatever the config adds). The contrastive-distribution loss needs B images and B texts
+from the teacher's space, not pairs; the ground-truth CLIP loss needs pairs and is only computed
+for batches that are all pairs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from distill.errors import UserError
+from distill.imageio import SkipLog, try_open
+from distill.sources import ImageSource
+
+log = logging.getLogger(__name__)
+
+
+def _stable_int(*parts: object) -> int:
+    h = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little")
+
+
+def eval_view(img: Image.Image, size: int) -> torch.Tensor:
+    """PIL RGB -> (3, size, size) float in [0, 1]: bicubic short-side resize, centre crop.
+
+    The same steps as open_clip's eval preprocessing and as distill.edge's numpy version
+    (both call PIL's bicubic resize), minus the mean/std normalisation.
+    """
+    img = TF.resize(img, size, interpolation=InterpolationMode.BICUBIC)
+    img = TF.center_crop(img, [size, size])
+    return TF.to_tensor(img)
+
+
+def augmented_view(img: Image.Image, size: int, seed: int, scale: tuple[float, float] = (0.6, 1.0),
+                   ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True) -> torch.Tensor:
+    """A RandomResizedCrop (+ flip) fully determined by ``seed`` -> (3, size, size) in [0, 1].
+
+    torchvision's RandomResizedCrop draws from the global torch RNG, which workers and resumes
+    would perturb; this follows its algorithm with a private ``random.Random(seed)``.
+    """
+    rng = random.Random(seed)
+    w, h = img.size
+    area = w * h
+    top, left, ch, cw = 0, 0, h, w
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        log_r = (torch.log(torch.tensor(ratio[0])).item(), torch.log(torch.tensor(ratio[1])).item())
+        ar = float(torch.exp(torch.tensor(rng.uniform(*log_r))))
+        cw_, ch_ = int(round((target * ar) ** 0.5)), int(round((target / ar) ** 0.5))
+        if 0 < cw_ <= w and 0 < ch_ <= h:
+            top, left, ch, cw = rng.randint(0, h - ch_), rng.randint(0, w - cw_), ch_, cw_
+            break
+    img = TF.resized_crop(img, top, left, ch, cw, [size, size], interpolation=InterpolationMode.BICUBIC)
+    if hflip and rng.random() < 0.5:
+        img = TF.hflip(img)
+    return TF.to_tensor(img)
+
+
+def build_corpus(
+    templates: Sequence[str] = ("a photo of a {}.",),
+    imagenet_classes: bool = True,
+    extra: Sequence[str] = (),
+    exclude: Iterable[str] = (),
+) -> list[str]:
+    """Unique texts for unpaired images: ImageNet class names x templates, plus ``extra``.
+
+    Texts equal (case-insensitively, ignoring a final '.') to one in ``exclude`` are dropped, so
+    evaluation prompts never appear verbatim in training.
+    """
+
+    def norm(t: str) -> str:
+        return t.strip().lower().rstrip(".").strip()
+
+    banned = {norm(t) for t in exclude}
+    texts: list[str] = []
+    if imagenet_classes:
+        from timm.data import ImageNetInfo
+
+        names = [ImageNetInfo().index_to_description(i).split(",")[0].strip() for i in range(1000)]
+        texts += [t.format(n) for t in templates for n in names]
+    texts += list(extra)
+    seen: set[str] = set()
+    out = []
+    for t in texts:
+        k = norm(t)
+        if k and k not in banned and k not in seen:
+            seen.add(k)
+            out.append(t)
+    return out
+
+
+@dataclass
+class ViewSpec:
+    size: int
+    views: int = 1  # K stored views per image
+    augment: bool = False
+    scale: tuple[float, float] = (0.6, 1.0)
+    seed: int = 0
+
+    def describe(self) -> str:
+        return f"size={self.size};views={self.views};augment={self.augment};scale={tuple(self.scale)};seed={self.seed}"
+
+
+class TrainSet(Dataset):
+    """(image, view) items over the concatenation of several ImageSources, with a text each.
+
+    Item j is image j // K, view j % K. ``__getitem__`` returns a dict:
+    ``index`` (int), ``image`` ((3, S, S) float [0, 1] or None when unreadable), ``text_index``
+    (int into ``self.texts``), ``paired`` (bool).
+    """
+
+    def __init__(self, sources: Sequence[ImageSource], spec: ViewSpec, corpus: Sequence[str] = ()) -> None:
+        if not sources:
+            raise UserError("no training data: set data.train.sources to at least one source")
+        self.sources = list(sources)
+        self.spec = spec
+        self.index: list[tuple[int, int]] = [(s, i) for s, src in enumerate(self.sources) for i in range(len(src))]
+        if not self.index:
+            raise UserError("the training sources are empty: check data.train.sources (paths, splits, limits)")
+        captions: list[str] = []
+        self._caption_of: list[int] = []
+        cap_pos: dict[str, int] = {}
+        for s, i in self.index:
+            caps = self.sources[s].captions
+            if caps is None:
+                self._caption_of.append(-1)
+                continue
+            c = caps[i]
+            if c not in cap_pos:
+                cap_pos[c] = len(captions)
+                captions.append(c)
+            self._caption_of.append(cap_pos[c])
+        self.corpus = [t for t in corpus if t not in cap_pos]
+        self.texts: list[str] = captions + self.corpus
+        if any(c < 0 for c in self._caption_of) and not self.corpus:
+            raise UserError("some training images have no caption and the text corpus is empty: "
+                            "set data.train.corpus (e.g. imagenet_classes: true)")
+        self.skips = SkipLog()
+
+    def __len__(self) -> int:
+        return len(self.index) * self.spec.views
+
+    def key(self, j: int) -> str:
+        s, i = self.index[j // self.spec.views]
+        return self.sources[s].key(i)
+
+    def view_seed(self, j: int) -> int:
+        return _stable_int(self.spec.seed, self.key(j), j % self.spec.views)
+
+    def text_index(self, j: int) -> int:
+        c = self._caption_of[j // self.spec.views]
+        if c >= 0:
+            return c
+        n_caps = len(self.texts) - len(self.corpus)
+        return n_caps + self.view_seed(j) % len(self.corpus)
+
+    def paired(self, j: int) -> bool:
+        return self._caption_of[j // self.spec.views] >= 0
+
+    def fingerprint(self) -> str:
+        """Hash of every item key, the view spec and the texts: what the teacher cache depends on."""
+        h = hashlib.sha256()
+        h.update(self.spec.describe().encode())
+        for src in self.sources:
+            h.update(getattr(src, "name", type(src).__name__).encode())
+        for j in range(len(self.index)):
+            h.update(self.sources[self.index[j][0]].key(self.index[j][1]).encode())
+        for t in self.texts:
+            h.update(t.encode() + b"\x00")
+        return h.hexdigest()[:16]
+
+    def load_view(self, j: int) -> torch.Tensor | None:
+        s, i = self.index[j // self.spec.views]
+        img = try_open(self.sources[s], i, self.skips)
+        if img is None:
+            return None
+        if self.spec.augment:
+            return augmented_view(img, self.spec.size, self.view_seed(j), scale=tuple(self.spec.scale))
+        return eval_view(img, self.spec.size)
+
+    def __getitem__(self, j: int) -> dict[str, Any]:
+        return {"index": j, "image": self.load_view(j), "text_index": self.text_index(j), "paired": self.paired(j)}
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack readable items; unreadable ones are dropped and their indices reported in ``skipped``."""
+    ok = [it for it in items if it["image"] is not None]
+    return {
+        "index": torch.tensor([it["index"] for it in ok], dtype=torch.long),
+        "image": torch.stack([it["image"] for it in ok]) if ok else torch.empty(0),
+        "text_index": torch.tensor([it["text_index"] for it in ok], dtype=torch.long),
+        "paired": all(it["paired"] for it in ok) and bool(ok),
+        "skipped": [it["index"] for it in items if it["image"] is None],
+    }
+
+
+class ResumableSampler(Sampler[int]):
+    """An endless stream of indices: epoch e is a permutation seeded by (seed, e).
+
+    Position ``start`` counts samples of the *global* stream, so a resumed run continues at the
+    exact sample it stopped at. With ``world_size`` > 1 each global batch of
+    ``batch_size * world_size`` indices is split into contiguous per-rank chunks, so the ranks
+    together see exactly the batch one process would see.
+    """
+
+    def __init__(self, n: int, seed: int = 0, start: int = 0, batch_size: int = 1,
+                 rank: int = 0, world_size: int = 1, valid: Sequence[bool] | None = None) -> None:
+        self.order = [i for i in range(n) if valid is None or valid[i]]
+        if not self.order:
+            raise UserError("no readable training images: every image failed to load (see the skip log)")
+        self.seed, self.start, self.bs, self.rank, self.world = seed, start, batch_size, rank, world_size
+
+    def global_stream(self, start: int) -> Iterator[int]:
+        n = len(self.order)
+        epoch, offset = divmod(start, n)
+        while True:
+            g = torch.Generator().manual_seed(_stable_int(self.seed, epoch) % (2**63))
+            perm = torch.randperm(n, generator=g).tolist()
+            for p in perm[offset:]:
+                yield self.order[p]
+            epoch, offset = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[int]:
+        gb = self.bs * self.world
+        stream = self.global_stream(self.start)
+        while True:
+            chunk = [next(stream) for _ in range(gb)]
+            yield from chunk[self.rank * self.bs:(self.rank + 1) * self.bs]
+
+
+@dataclass
+class EvalSet:
+    """An evaluation set held in memory: (N, 3, S, S) [0, 1] images and labels or captions."""
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor | None = None
+    classnames: list[str] | None = None
+    templates: list[str] | None = None
+    captions: list[str] | None = None
+    skipped: int = 0
+    keys: list[str] = field(default_factory=list)
+
+
+def load_eval_set(name: str, source: ImageSource, size: int, templates: Sequence[str] | None = None) -> EvalSet:
+    """Materialise a (small) evaluation set at ``size`` px with the eval transform."""
+    skips = SkipLog()
+    imgs, labels, caps, keys = [], [], [], []
+    for i in range(len(source)):
+        img = try_open(source, i, skips)
+        if img is None:
+            continue
+        imgs.append(eval_view(img, size))
+        keys.append(source.key(i))
+        if source.labels is not None:
+            labels.append(int(source.labels[i]))
+        if source.captions is not None:
+            caps.append(source.captions[i])
+    if not imgs:
+        raise UserError(f"evaluation set {name} has no readable image ({skips.summary()})")
+    if skips.count:
+        log.warning("eval set %s: %s", name, skips.summary())
+    return EvalSet(
+        name=name,
+        images=torch.stack(imgs),
+        labels=torch.tensor(labels) if source.labels is not None else None,
+        classnames=list(source.classnames) if source.classnames is not None else None,
+        templates=list(templates) if templates else None,
+        captions=caps if source.captions is not None else None,
+        skipped=skips.count,
+        keys=keys,
+    )
