@@ -33,13 +33,15 @@ class OnnxTeacher:
         providers: onnxruntime execution providers (default CPU).
         threads: intra-op threads of each session (default: ORT's choice).
         precision: with a bundle, "fp32" or "int8" image encoder.
+        device: "cuda..." picks onnxruntime's CUDA provider when this onnxruntime has it (the
+            pipeline passes its device to every teacher); otherwise the CPU provider.
     """
 
     def __init__(self, bundle: str | Path | None = None, image_onnx: str | Path | None = None,
                  text_onnx: str | Path | None = None, tokenizer_dir: str | Path | None = None,
                  preprocess: dict[str, Any] | None = None, logit_scale: float = 100.0,
                  providers: Sequence[str] | None = None, threads: int | None = None,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", device: str | None = None) -> None:
         import onnxruntime as ort
 
         from distill.export import default_preprocess, onnx_io, onnx_output_dim
@@ -66,6 +68,9 @@ class OnnxTeacher:
         so.log_severity_level = 3
         if threads:
             so.intra_op_num_threads = int(threads)
+        if providers is None and device is not None and str(device).startswith("cuda") \
+                and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         prov = list(providers or ["CPUExecutionProvider"])
         self._img = ort.InferenceSession(str(self.image_onnx), so, providers=prov)
         self._txt = ort.InferenceSession(str(self.text_onnx), so, providers=prov)
