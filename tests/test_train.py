@@ -1,0 +1,147 @@
+import json
+import math
+
+import open_clip
+import pytest
+import torch
+
+from distill.cache import build_or_load
+from distill.data import TrainSet, ViewSpec
+from distill.train import TrainingDiverged, cosine_schedule, param_groups, train
+from tests.conftest import TINY_TEACHER_CFG, ArraySource
+
+STUDENT_CFG = dict(embed_dim=32, vision_cfg=dict(width=32, layers=1, head_width=16, patch_size=8, image_size=32),
+                   text_cfg=dict(width=32, layers=1, heads=2, context_length=16, vocab_size=49408))
+
+
+def _student(seed=0):
+    torch.manual_seed(seed)
+    return open_clip.model.CLIP(**STUDENT_CFG)
+
+
+def _loss():
+    from distill.losses import DistillLoss
+
+    return DistillLoss(weights={"feature_mse": 1.0, "contrastive_kd": 1.0}, temperature_mode="fixed",
+                       temperature=0.05, student_dim=32, teacher_dim=32)
+
+
+def _cfg(**kw):
+    cfg = dict(steps=6, batch_size=4, optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3,
+                                                 "weight_decay": 0.1},
+               scheduler={"_target_": "distill.train.cosine_schedule", "_partial_": True, "warmup_steps": 2},
+               num_workers=0, seed=0, log_every=1, eval_every=0, ckpt_every=0, resume="never",
+               tensorboard=False, progress=False)
+    cfg.update(kw)
+    return cfg
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_teacher):
+    ds = TrainSet([ArraySource(12)], ViewSpec(size=32, views=2, augment=True))
+    cache = build_or_load(tiny_teacher, ds, tmp_path / "cache", progress=False)
+    tok = open_clip.SimpleTokenizer(context_length=16)
+    return ds, cache, tok
+
+
+def test_training_reduces_loss_and_logs(tmp_path, setup):
+    ds, cache, tok = setup
+    out = train(student=_student(), loss_fn=_loss(), dataset=ds, tokenizer=tok, cfg=_cfg(steps=30), out_dir=tmp_path,
+                device=torch.device("cpu"), cache=cache)
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 30 and {"feature_mse_loss", "contrastive_kd_loss", "lr", "images_per_s"} <= set(lines[0])
+    first = sum(l["loss"] for l in lines[:5]) / 5
+    last = sum(l["loss"] for l in lines[-5:]) / 5
+    assert last < 0.8 * first
+    assert out["steps"] == 30 and out["target_source"] == "cache" and out["images_seen"] == 120
+
+
+def test_resume_reaches_the_same_weights(tmp_path, setup):
+    ds, cache, tok = setup
+    full = _student()
+    train(student=full, loss_fn=_loss(), dataset=ds, tokenizer=tok, cfg=_cfg(), out_dir=tmp_path / "a",
+          device=torch.device("cpu"), cache=cache)
+    part = _student()
+    train(student=part, loss_fn=_loss(), dataset=ds, tokenizer=tok, cfg=_cfg(ckpt_every=1, stop_after_steps=3),
+          out_dir=tmp_path / "b", device=torch.device("cpu"), cache=cache)
+    assert json.loads((tmp_path / "b/checkpoints/latest.json").read_text())["step"] == 3
+    resumed = _student(seed=123)  # a fresh process would start from different random weights
+    res = train(student=resumed, loss_fn=_loss(), dataset=ds, tokenizer=tok, cfg=_cfg(ckpt_every=1, resume="auto"),
+                out_dir=tmp_path / "b", device=torch.device("cpu"), cache=cache)
+    assert res["resumed_from_step"] == 3 and res["steps"] == 6
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_online_teacher_trains_like_the_cache(tmp_path, setup, tiny_teacher):
+    ds, cache, tok = setup
+    a, b = _student(), _student()
+    # SGD, not Adam: Adam's normalised step turns a 1e-4 target difference into a full lr-sized
+    # update on near-zero gradients, so only SGD can show "same targets -> same training".
+    sgd = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05}
+    train(student=a, loss_fn=_loss(), dataset=ds, tokenizer=tok, cfg=_cfg(steps=3, optimizer=sgd),
+          out_dir=tmp_path / "a", device=torch.device("cpu"), cache=cache)
+    r = train(student=b, loss_fn=_loss(), dataset=ds, tokenizer=tok, cfg=_cfg(steps=3, optimizer=sgd),
+              out_dir=tmp_path / "b", device=torch.device("cpu"), teacher=tiny_teacher)
+    assert r["target_source"] == "online"
+    la = [json.loads(l)["loss"] for l in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(l)["loss"] for l in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
+    assert la == pytest.approx(lb, rel=2e-3)  # targets differ only by the cache's fp16 rounding
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(x, y, atol=1e-4), k
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, setup):
+    ds, cache, tok = setup
+
+    class Exploding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.calls = _loss(), 0
+
+        def forward(self, s, t, has_pairs=True):
+            self.calls += 1
+            out = self.inner(s, t, has_pairs=has_pairs)
+            if self.calls == 4:
+                out["feature_mse_loss"] = out["feature_mse_loss"] * float("nan")
+            return out
+
+    with pytest.raises(TrainingDiverged, match=r"at step 4;.*step_0000002"):
+        train(student=_student(), loss_fn=Exploding(), dataset=ds, tokenizer=tok, cfg=_cfg(ckpt_every=2),
+              out_dir=tmp_path, device=torch.device("cpu"), cache=cache)
+    assert json.loads((tmp_path / "checkpoints/latest.json").read_text())["step"] == 2
+
+
+def test_logit_scale_is_clamped_at_100(tmp_path, setup):
+    ds, cache, tok = setup
+    s = _student()
+    with torch.no_grad():
+        s.logit_scale.fill_(math.log(500))
+    train(student=s, loss_fn=_loss(), dataset=ds, tokenizer=tok, cfg=_cfg(steps=1), out_dir=tmp_path,
+          device=torch.device("cpu"), cache=cache)
+    assert s.logit_scale.exp().item() <= 100.0 + 1e-3
+
+
+def test_early_stopping_restores_best(tmp_path, setup):
+    ds, cache, tok = setup
+    scores = iter([0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
+    out = train(student=_student(), loss_fn=_loss(), dataset=ds, tokenizer=tok,
+                cfg=_cfg(steps=6, eval_every=1, early_stop={"metric": "acc", "patience": 2, "mode": "max"}),
+                out_dir=tmp_path, device=torch.device("cpu"), cache=cache, evaluate=lambda m: {"acc": next(scores)})
+    assert out["early_stopped"] and out["steps"] == 3 and out["best_step"] == 1
+
+
+def test_param_groups_and_schedule():
+    s = _student()
+    decay, no_decay = param_groups([s], 0.1)
+    names = {id(p): n for n, p in s.named_parameters()}
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert any(names[id(p)] == "logit_scale" for p in no_decay["params"]) and no_decay["weight_decay"] == 0
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = cosine_schedule(opt, total_steps=10, warmup_steps=2)
+    lrs = []
+    for _ in range(10):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0) and lrs[-1] < 0.05
