@@ -1,0 +1,61 @@
+"""`python -m distill +experiment=NAME`: compose the Hydra config and call pipeline.run.
+
+This file only composes (DESIGN convention 3). A UserError becomes one line on stderr and exit
+code 2; Hydra's own errors (unknown experiment or key) are printed by Hydra and exit 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+
+def config_dir() -> str:
+    """The packaged configs (distill/conf, shipped in the wheel) or the repository's conf/."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "conf", here.parent / "conf"):
+        if (cand / "config.yaml").exists():
+            return str(cand)
+    raise SystemExit("error: clip-distill configs not found (distill/conf or ./conf); reinstall the package")
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    from distill.errors import UserError
+    from distill.pipeline import run
+
+    try:
+        run(cfg)
+    except Exception as e:
+        user = _user_error(e, UserError)
+        if user is None:
+            raise
+        print(f"error: {user}", file=sys.stderr)
+        sys.exit(user.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume (teacher cache and checkpoints are kept)",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+def _user_error(e: BaseException | None, kind: type) -> BaseException | None:
+    """The UserError behind ``e``: Hydra's instantiate wraps errors raised by a ``_target_``
+    (InstantiationException), and the user must see our one line, not Hydra's wrapper."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, kind):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,435 @@
+"""`run(cfg) -> dict`: the only place that knows the order of the stages.
+
+    teacher -> data -> teacher cache -> student -> train -> export -> bench -> report
+
+Each stage is a plain function of plain inputs, so tests can call any stage alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from distill.data import EvalSet, TrainSet, ViewSpec, build_corpus, load_eval_set
+from distill.encoders import ClipEncoder
+from distill.errors import UserError
+
+log = logging.getLogger("distill")
+
+
+# ----------------------------------------------------------------------------------------- setup
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present (the local rank's GPU under torchrun), else CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name} but CUDA is not available: use device=auto or device=cpu")
+    return dev
+
+
+def resolve_out_dir(cfg: DictConfig, out_dir: str | os.PathLike | None) -> Path:
+    if out_dir is None:
+        out_dir = cfg.get("out_dir")
+    if out_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        out_dir = HydraConfig.get().runtime.output_dir
+    path = Path(out_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _setup_logging(out_dir: Path) -> None:
+    """INFO to ``run.log`` in the run folder, unless Hydra already logs into that folder."""
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    # the torch exporter's IR passes log every deduplicated initializer at INFO: hundreds of lines
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch._dynamo", "torch.export"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    target = (out_dir / "run.log").resolve()
+    if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename).resolve().parent == target.parent
+           for h in root.handlers):
+        return
+    fh = logging.FileHandler(target)
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(fh)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------- stages
+def build_teacher(cfg: DictConfig, device: torch.device) -> Any:
+    """Instantiate the configured teacher (its ``_target_``) on ``device``."""
+    return instantiate(cfg, device=str(device), _convert_="all")
+
+
+def eval_prompts(data_cfg: DictConfig, classnames: dict[str, list[str]]) -> list[str]:
+    """Every zero-shot prompt the evaluation will use (kept out of the training corpus)."""
+    out = []
+    for item in data_cfg.eval.get("classification", []) or []:
+        for t in item.get("templates") or ["a photo of a {}."]:
+            out += [t.format(c) for c in classnames.get(item.name, [])]
+    return out
+
+
+def build_data(cfg: DictConfig) -> tuple[TrainSet, dict[str, dict[str, EvalSet]], dict[str, Any]]:
+    """Training set (sources + corpus + view spec) and in-memory evaluation sets."""
+    size = int(cfg.image_size)
+    eval_sets: dict[str, dict[str, EvalSet]] = {"classification": {}, "retrieval": {}}
+    classnames: dict[str, list[str]] = {}
+    for kind in ("classification", "retrieval"):
+        for item in cfg.eval.get(kind, []) or []:
+            src = instantiate(item.source, _convert_="all")
+            es = load_eval_set(item.name, src, size, templates=item.get("templates"))
+            if kind == "classification":
+                if es.labels is None or not es.classnames:
+                    raise UserError(f"classification eval set {item.name} has no labels/classnames: "
+                                    f"move it to data.eval.retrieval")
+                classnames[item.name] = es.classnames
+            elif not es.captions:
+                raise UserError(f"retrieval eval set {item.name} has no captions: move it to data.eval.classification")
+            eval_sets[kind][item.name] = es
+    tc = cfg.train
+    sources = [instantiate(s, _convert_="all") for s in tc.sources]
+    corpus_cfg = OmegaConf.to_container(tc.get("corpus") or {}, resolve=True)
+    excluded = eval_prompts(cfg, classnames)
+    corpus = build_corpus(**corpus_cfg, exclude=excluded) if corpus_cfg else []
+    spec = ViewSpec(size=size, views=int(tc.get("views", 1)), augment=bool(tc.get("augment", False)),
+                    scale=tuple(tc.get("scale", (0.6, 1.0))), seed=int(tc.get("seed", 0)))
+    trainset = TrainSet(sources, spec, corpus)
+    info = {
+        "train_images": len(trainset.index),
+        "train_items": len(trainset),
+        "train_texts": len(trainset.texts),
+        "corpus_texts": len(trainset.corpus),
+        "eval_prompts_excluded_from_corpus": len(excluded),
+        "sources": [getattr(s, "name", type(s).__name__) for s in sources],
+        "eval_sets": {k: {n: len(e.images) for n, e in v.items()} for k, v in eval_sets.items()},
+        "eval_skipped": {n: e.skipped for v in eval_sets.values() for n, e in v.items()},
+    }
+    return trainset, eval_sets, info
+
+
+def build_student_stage(cfg: DictConfig, teacher: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The narrow student (open_clip CLIP) and its open_clip model_cfg; optional inheritance."""
+    from distill import students
+
+    teacher_model = getattr(teacher, "model", None)
+    kwargs: dict[str, Any] = {"embed_dim": int(cfg.get("embed_dim") or teacher.embed_dim)}
+    if cfg.builder.text.get("mode") == "teacher":
+        kwargs["teacher_model"] = teacher_model
+    model, model_cfg = instantiate(cfg.builder, **kwargs, _convert_="all")
+    if cfg.get("init", "random") == "inherit":
+        if teacher_model is None:
+            raise UserError("student.init=inherit needs an open_clip teacher: use student.init=random")
+        report = students.inherit_from_teacher(model, teacher_model)
+        log.info("inherited %d tensors from the teacher", sum(v != "random" for v in report.values()))
+    return model, model_cfg
+
+
+def student_tokenizer(model_cfg: dict[str, Any]):
+    import open_clip
+
+    return open_clip.SimpleTokenizer(context_length=int(model_cfg["text_cfg"].get("context_length", 77)))
+
+
+def make_evaluator(eval_sets: dict[str, dict[str, EvalSet]], tokenizer, image_size: int, device: torch.device):
+    """A callback for the training loop: zero-shot top-1/5 and retrieval recall of the student."""
+    from distill import metrics
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        enc = ClipEncoder(model, tokenizer, image_size, device=device)
+        return evaluate_encoder(enc, eval_sets, metrics)
+
+    return evaluate
+
+
+def evaluate_encoder(enc: Any, eval_sets: dict[str, dict[str, EvalSet]], metrics: Any = None,
+                     batch_size: int = 64) -> dict[str, float]:
+    """Flat metrics dict, e.g. {"fashion-mnist/test/top1": 0.31, "tuxpaint/val/i2t_r5": 0.4}."""
+    if metrics is None:
+        from distill import metrics
+    out: dict[str, float] = {}
+    for name, es in eval_sets["classification"].items():
+        emb = torch.cat([enc.encode_image(es.images[i:i + batch_size]) for i in range(0, len(es.images), batch_size)])
+        clf = metrics.zero_shot_classifier(enc.encode_text, es.classnames, es.templates or ["a photo of a {}."])
+        for k, v in metrics.zero_shot_accuracy(emb, clf, es.labels).items():
+            out[f"{name}/{k}"] = v
+    for name, es in eval_sets["retrieval"].items():
+        img = torch.cat([enc.encode_image(es.images[i:i + batch_size]) for i in range(0, len(es.images), batch_size)])
+        txt = torch.cat([enc.encode_text(es.captions[i:i + batch_size]) for i in range(0, len(es.captions), batch_size)])
+        for k, v in metrics.retrieval_recall(img, txt).items():
+            out[f"{name}/{k}"] = v
+    return out
+
+
+def export_stage(cfg: DictConfig, student: torch.nn.Module, model_cfg: dict[str, Any], out_dir: Path,
+                 eval_sets: dict[str, dict[str, EvalSet]], trainset: TrainSet, tokenizer) -> dict[str, Any]:
+    """open_clip folder, ONNX fp32 (+ parity), ONNX int8, torch int8, and the edge bundle."""
+    from distill import export, quantize
+    from distill.encoders import normalize_images
+
+    student = student.cpu().eval()
+    size = int(model_cfg["vision_cfg"]["image_size"])
+    ctx = int(model_cfg["text_cfg"].get("context_length", 77))
+    exp_dir = out_dir / "export"
+    info: dict[str, Any] = {}
+    if cfg.open_clip:
+        info["open_clip_dir"] = str(export.save_open_clip_dir(student, model_cfg, exp_dir / "open_clip"))
+    if cfg.onnx:
+        onnx_dir = exp_dir / "onnx"
+        info["onnx"] = export.export_onnx(student, onnx_dir, image_size=size, context_length=ctx,
+                                          opset=int(cfg.opset), parity_tol=float(cfg.parity_min_cosine))
+        if cfg.int8.dynamic:
+            mode = cfg.int8.mode
+            kw = {} if mode == "default" else {"mode": mode}
+            info["onnx_int8"] = {
+                t: str(quantize.quantize_dynamic_onnx(info["onnx"][t]["path"], onnx_dir / f"{t}_encoder.int8.onnx", **kw))
+                for t in ("image", "text")
+            }
+        if cfg.int8.static:
+            n = int(cfg.int8.calibration_images)
+            idx = list(range(0, len(trainset), max(1, len(trainset) // n)))[:n]
+            views = [v for v in (trainset.load_view(j) for j in idx) if v is not None]
+            calib = [normalize_images(v[None]).numpy() for v in views]
+            info["onnx_image_static_int8"] = str(quantize.quantize_static_onnx(
+                info["onnx"]["image"]["path"], onnx_dir / "image_encoder.static_int8.onnx", calib))
+        if cfg.bundle and eval_sets["classification"]:
+            name, es = next(iter(eval_sets["classification"].items()))
+            from distill import metrics
+
+            enc = ClipEncoder(student, tokenizer, size)
+            clf = metrics.zero_shot_classifier(enc.encode_text, es.classnames, es.templates or ["a photo of a {}."])
+            info["bundle"] = str(export.write_bundle(
+                exp_dir / "bundle", image_onnx=info["onnx"]["image"]["path"],
+                image_int8_onnx=(info.get("onnx_int8") or {}).get("image"), text_onnx=info["onnx"]["text"]["path"],
+                class_embeddings=clf.cpu().numpy().astype(np.float32), labels=list(es.classnames),
+                preprocess=export.default_preprocess(size), context_length=ctx,
+                extra={"classification_set": name}))
+    return info
+
+
+def bench_stage(cfg: DictConfig, teacher: Any, student: torch.nn.Module, model_cfg: dict[str, Any],
+                export_info: dict[str, Any], eval_sets: dict[str, dict[str, EvalSet]], tokenizer,
+                out_dir: Path) -> dict[str, Any]:
+    """Measure every variant the same way (distill.bench.measure_variants)."""
+    from distill import bench, flops, quantize
+
+    size = int(model_cfg["vision_cfg"]["image_size"])
+    threads = int(cfg.threads)
+    torch.set_num_threads(threads)
+    student = student.cpu().eval()
+    s_params = {"image": bench.count_params(student.visual),
+                "total": bench.count_params(student)}
+    s_params["text"] = s_params["total"] - s_params["image"]
+    s_flops = flops.clip_flops(model_cfg)
+    variants: list[bench.Variant] = []
+
+    def add(name: str, role: str, runtime: str, precision: str, make_encoder, params, fl, files) -> None:
+        if name not in cfg.variants:
+            return
+        try:
+            enc = make_encoder()
+        except Exception as e:  # a variant that cannot be built is reported failed; the rest still run
+            log.warning("variant %s failed to build: %s", name, e)
+            enc = _Unbuildable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        variants.append(bench.Variant(name=name, role=role, runtime=runtime, precision=precision, encoder=enc,
+                                      params=params, flops=fl, files=files))
+
+    t_params, t_flops, t_files = teacher_stats(teacher)
+    add("teacher_torch_fp32", "teacher", "torch", "fp32", lambda: teacher, t_params, t_flops, t_files)
+    if cfg.get("teacher_onnx", True):
+        def teacher_onnx():
+            if not hasattr(teacher, "export_onnx"):
+                raise RuntimeError(f"{type(teacher).__name__} has no ONNX export")
+            return teacher.export_onnx(str(out_dir / "export" / "teacher_onnx"), threads=threads)
+        add("teacher_onnx_fp32", "teacher", "onnxruntime", "fp32", teacher_onnx, t_params, t_flops, [])
+    add("student_torch_fp32", "student", "torch", "fp32", lambda: ClipEncoder(student, tokenizer, size),
+        s_params, s_flops, [str(Path(export_info.get("open_clip_dir", ".")) / "open_clip_model.safetensors")])
+    add("student_torch_int8", "student", "torch", "int8",
+        lambda: ClipEncoder(quantize.torch_dynamic_int8(copy.deepcopy(student)), tokenizer, size),
+        s_params, s_flops, [])
+    from distill.teachers.onnx_teacher import OnnxTeacher
+
+    onnx = export_info.get("onnx") or {}
+    pre = None
+    if onnx:
+        from distill.export import default_preprocess
+
+        pre = default_preprocess(size)
+        tok_dir = Path(export_info["bundle"]) / "tokenizer" if export_info.get("bundle") else None
+        files = [onnx["image"]["path"], onnx["text"]["path"]]
+        add("student_onnx_fp32", "student", "onnxruntime", "fp32",
+            lambda: OnnxTeacher(image_onnx=files[0], text_onnx=files[1], tokenizer_dir=tok_dir, preprocess=pre,
+                                threads=threads), s_params, s_flops, files)
+        q = export_info.get("onnx_int8") or {}
+        if q:
+            qfiles = [q["image"], q["text"]]
+            add("student_onnx_int8", "student", "onnxruntime", "int8",
+                lambda: OnnxTeacher(image_onnx=qfiles[0], text_onnx=qfiles[1], tokenizer_dir=tok_dir,
+                                    preprocess=pre, threads=threads), s_params, s_flops, qfiles)
+    sets = {
+        "classification": {n: {"images": e.images, "labels": e.labels, "classnames": e.classnames,
+                               "templates": e.templates or ["a photo of a {}."]}
+                           for n, e in eval_sets["classification"].items()},
+        "retrieval": {n: {"images": e.images, "captions": e.captions} for n, e in eval_sets["retrieval"].items()},
+    }
+    ceilings = bench.matmul_ceiling(threads) if cfg.get("ceilings", True) else None
+    rows = bench.measure_variants(
+        variants, sets, batch_sizes=tuple(cfg.batch_sizes), threads=threads, reference="teacher_torch_fp32",
+        warmup=int(cfg.warmup), repeats=int(cfg.repeats), ceilings=ceilings,
+        own_reference={"student_torch_int8": "student_torch_fp32", "student_onnx_int8": "student_onnx_fp32",
+                       "student_onnx_fp32": "student_torch_fp32", "teacher_onnx_fp32": "teacher_torch_fp32"})
+    return {"variants": rows, "ceilings": ceilings}
+
+
+class _Unbuildable:
+    """Stands in for a variant whose encoder could not be built, so the bench reports it failed."""
+
+    image_size = 0
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(self.reason)
+
+    encode_text = encode_image
+
+
+def teacher_stats(teacher: Any) -> tuple[dict[str, int], dict[str, int], list[str]]:
+    """Params and FLOPs of a teacher: open_clip analytically; others through their own ``stats()``."""
+    from distill import bench, flops
+
+    if hasattr(teacher, "stats"):
+        s = teacher.stats()
+        return s["params"], s["flops"], s.get("files", [])
+    model = getattr(teacher, "model", None)
+    if model is None or getattr(teacher, "model_cfg", None) is None:
+        return {}, {}, []
+    p = {"image": bench.count_params(model.visual), "total": bench.count_params(model)}
+    p["text"] = p["total"] - p["image"]
+    return p, flops.clip_flops(teacher.model_cfg), []
+
+
+# ------------------------------------------------------------------------------------------ run
+def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run every stage in order; write report.json / report.md into the run folder; return the report."""
+    from distill import distributed as dist_utils
+    from distill import report as report_mod
+    from distill.bench import environment
+    from distill.cache import build_or_load
+    from distill.train import train
+
+    out = resolve_out_dir(cfg, out_dir)
+    _setup_logging(out)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    distributed = dist_utils.setup_from_env()
+    device = pick_device(cfg.device)
+    if distributed and device.type == "cuda":
+        torch.cuda.set_device(device)
+    main_proc = dist_utils.rank() == 0
+    seed_everything(int(cfg.seed))
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    log.info("stage teacher: %s", cfg.teacher.get("_target_"))
+    teacher = build_teacher(cfg.teacher, device)
+    log.info("stage data")
+    trainset, eval_sets, data_info = build_data(cfg.data)
+    cache = None
+    if cfg.cache.enabled:
+        log.info("stage cache: %d items", len(trainset))
+        if main_proc:
+            cache = build_or_load(teacher, trainset, cfg.cache.dir, chunk_size=int(cfg.cache.chunk_size),
+                                  batch_size=int(cfg.cache.batch_size), num_workers=int(cfg.cache.num_workers),
+                                  device=device)
+        dist_utils.barrier()
+        if not main_proc:
+            cache = build_or_load(teacher, trainset, cfg.cache.dir, progress=False, device=device)
+    log.info("stage student")
+    student, model_cfg = build_student_stage(cfg.student, teacher)
+    tokenizer = student_tokenizer(model_cfg)
+    t_dim = teacher.embed_dim
+    s_dim = int(model_cfg["embed_dim"])
+    loss_fn = instantiate(cfg.loss, student_dim=s_dim, teacher_dim=t_dim, _convert_="all")
+    log.info("stage train")
+    image_size = int(model_cfg["vision_cfg"]["image_size"])
+    evaluator = make_evaluator(eval_sets, tokenizer, image_size, device)
+    train_metrics = train(student=student, loss_fn=loss_fn, dataset=trainset, tokenizer=tokenizer,
+                          cfg=OmegaConf.to_container(cfg.train, resolve=True), out_dir=out, device=device,
+                          teacher=teacher if cache is None else None, cache=cache, evaluate=evaluator,
+                          image_size=image_size)
+    train_metrics["data"] = data_info
+    if cache is not None:
+        train_metrics["cache"] = {"path": str(cache.path), "build_seconds": cache.manifest.get("build_seconds"),
+                                  "skipped": cache.manifest.get("skipped")}
+    if not main_proc:
+        dist_utils.cleanup()
+        return {"train": train_metrics}
+    dist_utils.cleanup()
+
+    log.info("stage export")
+    export_info = export_stage(cfg.export, student, model_cfg, out, eval_sets, trainset, tokenizer)
+    log.info("stage bench")
+    measured = bench_stage(cfg.bench, teacher, student, model_cfg, export_info, eval_sets, tokenizer, out)
+    report = report_mod.new_report(
+        cfg.experiment_name, environment(),
+        teacher={"name": getattr(teacher, "name", cfg.teacher.get("_target_")), "embed_dim": t_dim,
+                 "fingerprint": teacher.fingerprint},
+        student={"name": cfg.student.name, "model_cfg": model_cfg},
+        variants=measured["variants"], training=train_metrics, export=export_info, ceilings=measured["ceilings"],
+        command="python -m distill " + " ".join(_overrides()))
+    report["summary"] = report_mod.summarize(report)
+    report["targets"] = evaluate_targets(report, _plain(cfg.bench.get("targets")))
+    report_mod.write_report(report, out)
+    log.info("report written to %s", out / "report.md")
+    print(f"report: {out / 'report.md'}")
+    return report
+
+
+def evaluate_targets(report: dict[str, Any], targets: dict[str, Any]) -> dict[str, Any]:
+    """Targets from conf (bench.targets): {summary key: {at_least: x} | {at_most: x}} -> met/missed.
+
+    The keys name entries of ``report["summary"]`` (nested keys joined by '.'); a target whose
+    figure is missing is reported as not met, never silently dropped.
+    """
+    from distill import report as report_mod
+
+    out = {}
+    for key, spec in targets.items():
+        val: Any = report["summary"]
+        for part in key.split("."):
+            val = val.get(part) if isinstance(val, dict) else None
+        out[key] = report_mod.target(val if isinstance(val, (int, float)) else None, **spec)
+    return out
+
+
+def _plain(node: Any) -> dict[str, Any]:
+    """A config node (or None) as a plain dict."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node or {})
+
+
+def _overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except Exception:  # called without Hydra (tests): no command line to record
+        return []

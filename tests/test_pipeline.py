@@ -1,0 +1,76 @@
+"""`run(cfg)` for +experiment=smoke end to end, and the command line's error behaviour."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from hydra import compose, initialize_config_dir
+
+from tests.conftest import REPO
+
+
+def _smoke_cfg(tmp_path, *extra):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=["+experiment=smoke", f"out_dir={tmp_path / 'run'}",
+                                                        f"cache.dir={tmp_path / 'cache'}", *extra])
+
+
+def test_smoke_run_writes_report_and_loadable_onnx(tmp_path):
+    from distill.pipeline import run
+
+    report = run(_smoke_cfg(tmp_path))
+    out = tmp_path / "run"
+    data = json.loads((out / "report.json").read_text())
+    assert data["schema_version"] >= 1 and data["experiment"] == "smoke"
+    for key in ("environment", "teacher", "student", "training", "export", "variants", "summary"):
+        assert key in data, key
+    assert (out / "report.md").read_text().count("|") > 10
+    v = data["variants"]
+    for name in ("teacher_torch_fp32", "student_torch_fp32", "student_onnx_fp32", "student_onnx_int8"):
+        assert v[name]["status"] == "ok", (name, v[name])
+        assert v[name]["latency"]["image_b1_median_ms"] > 0
+        assert "fashion-mnist/test" in v[name]["zeroshot"] and "tuxpaint/val" in v[name]["retrieval"]
+    assert v["student_torch_fp32"]["params"]["total"] < v["teacher_torch_fp32"]["params"]["total"]
+    assert data["training"]["steps"] == 8 and np.isfinite(data["training"]["final_loss"])
+    for f in ("image", "text"):
+        path = data["export"]["onnx"][f]["path"]
+        assert data["export"]["onnx"][f]["min_cosine"] >= 0.9999
+        ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(data["export"]["onnx_int8"][f], providers=["CPUExecutionProvider"])
+    assert report["variants"].keys() == v.keys()
+
+
+def _cli(args, tmp_path, env_extra=None):
+    env = {**os.environ, "DISTILL_CACHE_DIR": str(tmp_path / "cache"), **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "distill", *args, f"hydra.run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+
+
+def test_cli_unknown_experiment_reaches_the_user(tmp_path):
+    r = _cli(["+experiment=does_not_exist"], tmp_path)
+    assert r.returncode != 0
+    assert "does_not_exist" in r.stderr
+
+
+def test_cli_missing_data_file_is_one_line_exit_2(tmp_path):
+    r = _cli(["+experiment=smoke", "data=csv", f"data.train_file={tmp_path}/nope.tsv",
+              f"data.val_file={tmp_path}/nope.tsv"], tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "nope.tsv" in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_missing_data_package_names_the_install_command(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "dpkg").write_text("#!/bin/sh\necho \"dpkg-query: package '$2' is not installed\" >&2\nexit 1\n")
+    (fake / "dpkg").chmod(0o755)
+    r = _cli(["+experiment=smoke"], tmp_path, {"PATH": f"{fake}:{os.environ['PATH']}"})
+    assert r.returncode == 2, r.stderr
+    assert "apt-get install" in r.stderr and "Traceback" not in r.stderr
