@@ -83,8 +83,12 @@ def build_corpus(
     imagenet_classes: bool = True,
     extra: Sequence[str] = (),
     exclude: Iterable[str] = (),
+    words: dict[str, Any] | None = None,
 ) -> list[str]:
-    """Unique texts for unpaired images: ImageNet class names x templates, plus ``extra``.
+    """Unique texts for unpaired images: ImageNet class names x templates, plus ``extra``, plus
+    (optionally) English words from a dictionary, ``words = {"templates": [...], "limit": N,
+    "seed": s}``: each word in one template picked by a stable hash, so the text student sees a
+    broad vocabulary rather than only the 1000 ImageNet names.
 
     Texts equal (case-insensitively, ignoring a final '.') to one in ``exclude`` are dropped, so
     evaluation prompts never appear verbatim in training.
@@ -101,6 +105,12 @@ def build_corpus(
         names = [ImageNetInfo().index_to_description(i).split(",")[0].strip() for i in range(1000)]
         texts += [t.format(n) for t in templates for n in names]
     texts += list(extra)
+    if words:
+        from distill.datasets import english_words
+
+        wt = list(words.get("templates") or ["{}"])
+        for w in english_words(limit=words.get("limit"), seed=int(words.get("seed", 0))):
+            texts.append(wt[_stable_int("word", w) % len(wt)].format(w))
     seen: set[str] = set()
     out = []
     for t in texts:
@@ -176,6 +186,10 @@ class TrainSet(Dataset):
         n_caps = len(self.texts) - len(self.corpus)
         return n_caps + self.view_seed(j) % len(self.corpus)
 
+    def corpus_span(self) -> tuple[int, int]:
+        """[start, end) of the corpus texts inside ``texts`` (captions come first)."""
+        return len(self.texts) - len(self.corpus), len(self.texts)
+
     def paired(self, j: int) -> bool:
         return self._caption_of[j // self.spec.views] >= 0
 
@@ -212,6 +226,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "image": torch.stack([it["image"] for it in ok]) if ok else torch.empty(0),
         "text_index": torch.tensor([it["text_index"] for it in ok], dtype=torch.long),
         "paired": all(it["paired"] for it in ok) and bool(ok),
+        "pair_mask": torch.tensor([bool(it["paired"]) for it in ok], dtype=torch.bool),
         "skipped": [it["index"] for it in items if it["image"] is None],
     }
 

@@ -41,6 +41,14 @@ class TrainingDiverged(UserError):
     """The loss became NaN or Inf; the message names the step and the last good checkpoint."""
 
 
+def _draw_seed(*parts: int) -> int:
+    """A generator seed from (seed, step, micro-batch, rank): reproducible across resumes."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) + 0x9E3779B9)) * 1099511628211) % (2**63)
+    return h
+
+
 def param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on norms, biases, embeddings-as-vectors and the logit scale
     (open_clip's rule: ndim < 2, or 'bn'/'ln'/'bias'/'logit_scale' in the name)."""
@@ -209,6 +217,10 @@ def train(
 
     valid = cache.valid if cache is not None else None
     per_step = bs * accum * world  # samples of the global stream one optimizer step consumes
+    seed = int(cfg.get("seed", 0))
+    resample = bool(cfg.get("resample_corpus_texts", True))
+    extra_texts = int(cfg.get("extra_texts", 0) or 0)
+    extra_weight = float(cfg.get("extra_texts_weight", 1.0))
     sampler = ResumableSampler(len(dataset), seed=int(cfg.get("seed", 0)), start=start_step * per_step,
                                batch_size=bs, rank=rank, world_size=world, valid=valid)
     loader = DataLoader(dataset, batch_size=bs, sampler=sampler, collate_fn=collate, drop_last=True,
@@ -248,18 +260,34 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         terms: dict[str, float] = {}
         t_step = time.perf_counter()
-        for _ in range(accum):
+        for micro in range(accum):
             t0 = time.perf_counter()
             batch = next(batches)
             skipped += len(batch["skipped"])
             if not len(batch["index"]):
                 continue
             images = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S) in [0, 1]
-            texts = [dataset.texts[k] for k in batch["text_index"].tolist()]
+            text_index = batch["text_index"]
+            lo, hi = dataset.corpus_span()
+            draw = torch.Generator().manual_seed(_draw_seed(seed, step, micro, rank))
+            if resample and hi > lo and not batch["paired"]:
+                # An image without a caption gets a fresh corpus text at every visit (seeded by
+                # step, so a resumed run draws the same): over a run the text side sees the
+                # whole corpus, not one fixed text per image view.
+                unp = ~batch["pair_mask"]
+                text_index = text_index.clone()
+                text_index[unp] = torch.randint(lo, hi, (int(unp.sum()),), generator=draw)
+            if extra_texts and hi > lo:
+                # Text-only rows for the feature term: the text tower is cheap next to the image
+                # tower, so it can see many more texts per step than there are images.
+                extra_index = torch.randint(lo, hi, (extra_texts,), generator=draw)
+                text_index = torch.cat([text_index, extra_index])
+            n_img = len(batch["index"])
+            texts = [dataset.texts[k] for k in text_index.tolist()]
             t1 = time.perf_counter()
             if cache is not None:
                 t_img = cache.image_targets(batch["index"]).to(device)  # (B, D)
-                t_txt = cache.text_targets(batch["text_index"]).to(device)  # (B, D)
+                t_txt = cache.text_targets(text_index).to(device)  # (B + extra, D)
             else:
                 t_img = teacher.encode_image(images).to(device)
                 t_txt = teacher.encode_text(texts).to(device)
@@ -269,8 +297,13 @@ def train(
             with autocast():
                 out = model(image=normalize_images(resize_to(images, image_size)), text=tokens)
                 out = {k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()}
-                losses = loss_fn(out, {"image_features": t_img, "text_features": t_txt, "logit_scale": teacher_scale},
-                                 has_pairs=batch["paired"])
+                s_txt_all = out["text_features"]
+                out["text_features"] = s_txt_all[:n_img]
+                losses = loss_fn(out, {"image_features": t_img, "text_features": t_txt[:n_img],
+                                       "logit_scale": teacher_scale}, has_pairs=batch["paired"])
+                if extra_texts:
+                    s_ex = loss_fn._project(s_txt_all[n_img:], t_txt.shape[-1])
+                    losses["extra_text_mse_loss"] = extra_weight * ((s_ex - t_txt[n_img:]) ** 2).mean()
             total = sum(v for k, v in losses.items() if k.endswith("_loss"))
             if not torch.isfinite(total):
                 last_ckpt = find_checkpoint("auto", ckpt_root)

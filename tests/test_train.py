@@ -145,3 +145,34 @@ def test_param_groups_and_schedule():
         opt.step()
         sched.step()
     assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0) and lrs[-1] < 0.05
+
+
+def test_uncaptioned_images_draw_fresh_corpus_texts_and_extra_texts_resume_exactly(tmp_path, tiny_teacher):
+    corpus = [f"a photo of word {k}" for k in range(40)]
+    ds = TrainSet([ArraySource(12, captions=False)], ViewSpec(size=32, views=1), corpus=corpus)
+    cache = build_or_load(tiny_teacher, ds, tmp_path / "cache", progress=False)
+    tok = open_clip.SimpleTokenizer(context_length=16)
+    kw = dict(extra_texts=6, extra_texts_weight=2.0)
+    full = _student()
+    train(student=full, loss_fn=_loss(), dataset=ds, tokenizer=tok, cfg=_cfg(**kw), out_dir=tmp_path / "a",
+          device=torch.device("cpu"), cache=cache)
+    lines = [json.loads(l) for l in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
+    assert all(l["extra_text_mse_loss"] > 0 for l in lines)
+    part = _student()
+    train(student=part, loss_fn=_loss(), dataset=ds, tokenizer=tok, cfg=_cfg(ckpt_every=1, stop_after_steps=2, **kw),
+          out_dir=tmp_path / "b", device=torch.device("cpu"), cache=cache)
+    resumed = _student(seed=7)
+    train(student=resumed, loss_fn=_loss(), dataset=ds, tokenizer=tok, cfg=_cfg(ckpt_every=1, resume="auto", **kw),
+          out_dir=tmp_path / "b", device=torch.device("cpu"), cache=cache)
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_corpus_draws_cover_the_corpus():
+    from distill.train import _draw_seed
+
+    seen = set()
+    for step in range(50):
+        g = torch.Generator().manual_seed(_draw_seed(0, step, 0, 0))
+        seen |= set(torch.randint(0, 40, (8,), generator=g).tolist())
+    assert len(seen) == 40  # a fixed text per image would cover at most the 12 images' texts
