@@ -29,6 +29,18 @@ DYNAMIC_MODES = ("s8_per_channel_reduce_range", "u8u8", "s8")
 DEFAULT_DYNAMIC_MODE = "u8u8"
 
 
+class _QuietRoot:
+    """onnxruntime's quantizer logs every skipped MatMul through the *root* logger at INFO, which
+    buries the run log; hold the root logger at WARNING while it runs."""
+
+    def __enter__(self) -> None:
+        self.level = logging.getLogger().level
+        logging.getLogger().setLevel(max(self.level, logging.WARNING))
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger().setLevel(self.level)
+
+
 def _pre_process(src: Path, dst: Path) -> None:
     """ORT's recommended pre-processing (shape inference, graph optimisation) before quantising.
 
@@ -36,7 +48,8 @@ def _pre_process(src: Path, dst: Path) -> None:
     """
     from onnxruntime.quantization import quant_pre_process
 
-    quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    with _QuietRoot():
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
 
 
 def quantize_dynamic_onnx(src: str | Path, dst: str | Path, mode: str = DEFAULT_DYNAMIC_MODE) -> Path:
@@ -62,7 +75,8 @@ def quantize_dynamic_onnx(src: str | Path, dst: str | Path, mode: str = DEFAULT_
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         pre = Path(tmp) / "pre.onnx"
         _pre_process(src, pre)
-        quantize_dynamic(str(pre), str(dst), **kw)
+        with _QuietRoot():
+            quantize_dynamic(str(pre), str(dst), **kw)
     return dst
 
 
@@ -118,10 +132,11 @@ def quantize_static_onnx(src: str | Path, dst: str | Path, calibration: Iterable
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         pre = Path(tmp) / "pre.onnx"
         _pre_process(src, pre)
-        quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(op_types),
-                        per_channel=per_channel, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=methods[method],
-                        extra_options={"CalibTensorRangeSymmetric": False})
+        with _QuietRoot():
+            quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(op_types), per_channel=per_channel, reduce_range=reduce_range,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=methods[method], extra_options={"CalibTensorRangeSymmetric": False})
     log.info("static QDQ int8 of %s calibrated on %d batches (%s)", src.name, reader.count, method)
     return dst
 
