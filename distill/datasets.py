@@ -364,3 +364,21 @@ def tuxpaint(split: str = "all", limit: int | None = None, val_fraction: float =
     if limit is not None:
         pairs = pairs[:limit]
     return FileListSource(f"tuxpaint/{split}", [p[0] for p in pairs], captions=[p[2] for p in pairs])
+
+
+def english_words(min_len: int = 3, limit: int | None = None, seed: int = 0) -> list[str]:
+    """Lower-case English words from Debian's ``wamerican`` word list (about 64k of 3+ letters):
+    a generic vocabulary for the student's text tower, chosen without looking at any eval set.
+    ``limit`` keeps a fixed pseudo-random subset (stable hash order)."""
+    files = package_files("wamerican")
+    path = next((f for f in files if f.endswith("/dict/american-english")), None)
+    if path is None or not os.path.exists(path):
+        raise MissingDataError("wamerican is installed but its word list is missing: run "
+                               "`sudo apt-get install --reinstall wamerican`")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        words = sorted({w.strip() for w in f if w.strip().isalpha() and w.strip().islower()
+                        and w.strip().isascii() and len(w.strip()) >= min_len})
+    if limit is not None and limit < len(words):
+        words = sorted(words, key=lambda w: _stable_fraction(f"{seed}:{w}"))[:limit]
+    return words
+

@@ -8,10 +8,12 @@ PY=${PYTHON:-python3}
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
-# Real offline data sets (DESIGN.md, Offline facts): Fashion-MNIST and Tux Paint stamps.
+# Real offline data sets (DESIGN.md, Offline facts): Fashion-MNIST, Tux Paint stamps, and an English
+# word list (wamerican) for the text corpus of the offline experiment.
 need_apt=""
 dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || need_apt="$need_apt dataset-fashion-mnist"
 dpkg -s tuxpaint-stamps-default >/dev/null 2>&1 || need_apt="$need_apt tuxpaint-stamps-default"
+dpkg -s wamerican >/dev/null 2>&1 || need_apt="$need_apt wamerican"
 if [ -n "$need_apt" ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $need_apt
