@@ -254,6 +254,13 @@ class ConSETeacher:
             out[torch.tensor(idx, device=self.device)] = F.normalize(pooled, dim=-1)
         return out
 
+    def export_onnx(self, out_dir: str | Path, threads: int | None = None, **kwargs: Any) -> Any:
+        """Export to ONNX (image_encoder.onnx with the whole ConSE image path, text_encoder.onnx, the
+        fast tokenizer) and return the onnxruntime ``ConSEOnnx`` over them; see distill/teachers/conse_onnx.py."""
+        from distill.teachers.conse_onnx import export_conse_onnx
+
+        return export_conse_onnx(self, out_dir, threads=threads, **kwargs)
+
     # ------------------------------------------------------------------ size and cost
 
     def stats(self) -> dict[str, Any]:
