@@ -249,6 +249,7 @@ def bench_stage(cfg: DictConfig, teacher: Any, student: torch.nn.Module, model_c
         except Exception as e:  # a variant that cannot be built is reported failed; the rest still run
             log.warning("variant %s failed to build: %s", name, e)
             enc = _Unbuildable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        files = list(getattr(enc, "files", None) or files)  # an encoder built here knows its files
         variants.append(bench.Variant(name=name, role=role, runtime=runtime, precision=precision, encoder=enc,
                                       params=params, flops=fl, files=files))
 

