@@ -138,7 +138,10 @@ def target(measured: float | None, *, at_least: float | None = None, at_most: fl
     if measured is None or (isinstance(measured, float) and math.isnan(measured)):
         return {"target": goal, "direction": direction, "measured": None, "met": False, "margin_pct": None}
     met = measured >= goal if direction == ">=" else measured <= goal
-    margin = (measured / goal - 1) * 100 if direction == ">=" else (goal / measured - 1) * 100 if measured else None
+    # signed distance to the goal in percent of |goal|: linear, so it stays meaningful when the
+    # measurement is zero or negative (an int8 "loss" of -0.6 points is 220% inside a 0.5 cap)
+    diff = measured - goal if direction == ">=" else goal - measured
+    margin = diff / abs(goal) * 100 if goal else None
     return {"target": goal, "direction": direction, "measured": round(float(measured), 4), "met": bool(met),
             "margin_pct": None if margin is None else round(margin, 1)}
 

@@ -71,6 +71,10 @@ def test_target_rows():
     t = target(5.0, at_least=6)
     assert not t["met"] and t["margin_pct"] == pytest.approx(-16.7)
     assert target(8.0, at_most=10)["met"] and not target(None, at_least=1)["met"]
+    assert target(8.0, at_most=10)["margin_pct"] == 20.0
+    neg = target(-0.6, at_most=0.5)  # int8 better than fp32: well inside the cap, never "-183%"
+    assert neg["met"] and neg["margin_pct"] == 220.0
+    assert target(0.6, at_most=0.5)["margin_pct"] == -20.0
     with pytest.raises(ValueError):
         target(1.0)
 
