@@ -246,12 +246,17 @@ class _ArrayImages:
     """An ImageSource over a uint8 (N, H, W) grey array with labels."""
 
     def __init__(self, name: str, images: np.ndarray, labels: np.ndarray, classnames: Sequence[str],
-                 index: np.ndarray, invert: bool) -> None:
+                 index: np.ndarray, invert: bool, caption_templates: Sequence[str] | None = None) -> None:
         self.name = name + ("/inverted" if invert else "")
         self._images, self._index, self._invert = images, index, invert
         self.labels = [int(labels[j]) for j in index]
         self.classnames = list(classnames)
         self.captions = None
+        if caption_templates:  # like a class folder: each image captioned from its label
+            t = list(caption_templates)
+            self.name += "/captioned"
+            self.captions = [t[int(_stable_fraction(f"{self.name}/{j}") * len(t))].format(self.classnames[c].lower())
+                             for j, c in zip(index, self.labels)]
 
     def __len__(self) -> int:
         return len(self._index)
@@ -287,13 +292,15 @@ def _fashion_arrays(part: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fashion_mnist(split: str = "test", limit: int | None = None, per_class: int | None = None,
-                  invert: bool = False) -> _ArrayImages:
+                  invert: bool = False, caption_templates: Sequence[str] | None = None) -> _ArrayImages:
     """Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (70k 28x28 grey images, 10 classes).
 
     Splits (fixed): ``train`` = the first 55,000 images of the training file, ``val`` = its last
     5,000, ``test`` = the 10,000 test images. ``per_class`` keeps the first N of each class (in
     file order), then ``limit`` the first N overall. ``invert`` makes the images dark-on-white,
-    like product photos (the originals are light-on-black).
+    like product photos (the originals are light-on-black). ``caption_templates`` captions each
+    image from its label (one template per image by a stable hash), as a class folder does: for
+    training splits only, with templates the evaluation does not use.
     """
     if split not in ("train", "val", "test"):
         raise UserError(f"fashion_mnist split {split!r} unknown: use train, val or test")
@@ -311,7 +318,8 @@ def fashion_mnist(split: str = "test", limit: int | None = None, per_class: int 
         index = np.asarray(keep)
     if limit is not None:
         index = index[:limit]
-    return _ArrayImages(f"fashion-mnist/{split}", images, labels, FASHION_MNIST_CLASSES, index, invert)
+    return _ArrayImages(f"fashion-mnist/{split}", images, labels, FASHION_MNIST_CLASSES, index, invert,
+                        caption_templates)
 
 
 TUXPAINT_EXCLUDE = ("symbols",)  # letters, digits, money, chess pieces: not photos with captions
