@@ -74,3 +74,38 @@ def test_cli_missing_data_package_names_the_install_command(tmp_path):
     r = _cli(["+experiment=smoke"], tmp_path, {"PATH": f"{fake}:{os.environ['PATH']}"})
     assert r.returncode == 2, r.stderr
     assert "apt-get install" in r.stderr and "Traceback" not in r.stderr
+
+
+VITB32_MECHANICS = [
+    "teacher.pretrained=null", "data=smoke", "data.train.corpus.imagenet_classes=false",
+    "+data.train.corpus.extra=[a photo of a shoe.,a photo of a dog.,a photo of a shirt.,a photo of a bag.]",
+    "train=smoke", "train.steps=2", "train.batch_size=4", "bench=quick",
+    "bench.variants=[teacher_torch_fp32,student_torch_fp32,student_onnx_fp32,student_onnx_int8]",
+]
+
+
+@pytest.mark.slow
+def test_vitb32_to_vits_mechanics_at_full_size(tmp_path):
+    """The design card's experiment with a random ViT-B-32 teacher: full-size towers, 2 steps."""
+    from distill.pipeline import run
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["+experiment=vitb32_to_vits", f"out_dir={tmp_path / 'run'}",
+                                                        f"cache.dir={tmp_path / 'cache'}", *VITB32_MECHANICS])
+    report = run(cfg)
+    v = report["variants"]
+    assert v["teacher_torch_fp32"]["params"]["image"] > 80e6  # ViT-B/32 vision tower
+    assert abs(v["teacher_torch_fp32"]["flops"]["image"] / 8.82e9 - 1) < 0.01
+    s = report["student"]["model_cfg"]
+    assert (s["vision_cfg"]["width"], s["vision_cfg"]["layers"], s["vision_cfg"]["patch_size"],
+            s["vision_cfg"]["image_size"]) == (384, 6, 32, 224)
+    assert report["training"]["steps"] == 2
+    assert v["student_onnx_int8"]["status"] == "ok"
+
+
+def test_vitb32_without_weights_offline_is_one_line_exit_2(tmp_path):
+    r = _cli(["+experiment=vitb32_to_vits"], tmp_path, {"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2, r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "teacher.pretrained=/path/to/" in lines[0]
+    assert "Traceback" not in r.stderr
