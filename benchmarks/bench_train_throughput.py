@@ -1,0 +1,128 @@
+"""Training-step throughput with a cached vs an online teacher.
+
+ViT-B/32 open_clip teacher (random init: throughput does not depend on the weights) ->
+ViT w384/d6/h6/p32 224 px student with a distilled text tower (width 256, depth 4), trained on
+real Tux Paint images. Measures images/s, the step-time split (data / teacher / student fwd+bwd
+/ optimizer), peak memory, and on CUDA the share of the GPU's dense bf16 peak used.
+
+    .venv/bin/python benchmarks/bench_train_throughput.py --device cpu --steps 6 --batch-size 32
+    .venv/bin/python benchmarks/bench_train_throughput.py --device cuda --steps 60 --batch-size 256
+
+Appends a Markdown section to benchmarks/results/train_throughput.md (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distill import bench, datasets, flops  # noqa: E402
+from distill.cache import build_or_load  # noqa: E402
+from distill.data import TrainSet, ViewSpec, build_corpus  # noqa: E402
+from distill.losses import DistillLoss  # noqa: E402
+from distill.students import build_student  # noqa: E402
+from distill.teachers.open_clip_teacher import OpenClipTeacher  # noqa: E402
+from distill.train import train  # noqa: E402
+
+# Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets.
+BF16_PEAK_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H200": 989.4, "A100": 312.0}
+
+
+def gpu_peak(name: str) -> float | None:
+    for k, v in BF16_PEAK_TFLOPS.items():
+        if k.lower() in name.lower():
+            return v
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_throughput.md"))
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    if dev.type == "cpu":
+        torch.set_num_threads(2)
+
+    teacher = OpenClipTeacher("ViT-B-32", pretrained=None, device=dev)
+    src = datasets.tuxpaint("train")
+    n = min(args.images, len(src))
+    ds = TrainSet([src], ViewSpec(size=224, views=max(1, args.images // len(src)), augment=True),
+                  corpus=build_corpus(templates=["a photo of a {}."]))
+    vision = dict(width=384, layers=6, heads=6, patch_size=32, image_size=224)
+    text = dict(mode="distilled", width=256, layers=4, heads=4, context_length=77)
+    s_flops = flops.clip_flops(build_student(512, vision, text)[1])
+    t_flops = flops.clip_flops(teacher.model_cfg)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        cache = build_or_load(teacher, ds, Path(tmp) / "cache", batch_size=64, device=dev, num_workers=args.workers)
+        cache_s = time.perf_counter() - t0
+        for mode in ("cache", "online"):
+            torch.manual_seed(0)
+            student, _ = build_student(512, vision, text)
+            loss = DistillLoss(weights={"feature_mse": 1.0, "contrastive_kd": 1.0}, temperature_mode="fixed",
+                               temperature=0.02, student_dim=512, teacher_dim=512)
+            cfg = dict(steps=args.steps, batch_size=args.batch_size, num_workers=args.workers, seed=0,
+                       optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-4},
+                       scheduler={"_target_": "distill.train.cosine_schedule", "_partial_": True, "warmup_steps": 1},
+                       log_every=1, eval_every=0, ckpt_every=0, resume="never", tensorboard=False, progress=True,
+                       compile=args.compile)
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            # one warm-up step is excluded: run steps+1, then time from the per-step split
+            res = train(student=student, loss_fn=loss, dataset=ds, tokenizer=__import__("open_clip").SimpleTokenizer(),
+                        cfg=cfg, out_dir=Path(tmp) / mode, device=dev, cache=cache if mode == "cache" else None,
+                        teacher=teacher if mode == "online" else None, image_size=224)
+            lines = [json.loads(l) for l in (Path(tmp) / mode / "metrics.jsonl").read_text().splitlines()]
+            ips = sorted(l["images_per_s"] for l in lines[1:]) or [res["images_per_s"]]
+            med = ips[len(ips) // 2]
+            per_img = 3 * (s_flops["image"] + s_flops["text"]) + (
+                (t_flops["image"] + t_flops["text"]) if mode == "online" else 0)
+            row = {"images_per_s_median": round(med, 1), "step_time_split_ms": res["step_time_split_ms"],
+                   "achieved_tflops": round(med * per_img / 1e12, 2)}
+            if dev.type == "cuda":
+                row["peak_memory_gb"] = res.get("peak_memory_gb")
+                peak = gpu_peak(torch.cuda.get_device_name(dev))
+                if peak:
+                    row["share_of_bf16_peak_pct"] = round(100 * row["achieved_tflops"] / peak, 1)
+            rows[mode] = row
+    speedup = rows["cache"]["images_per_s_median"] / rows["online"]["images_per_s_median"]
+    env = bench.environment()
+    md = [f"\n## Training throughput, {args.device}, batch {args.batch_size}, {args.steps} steps "
+          f"({time.strftime('%Y-%m-%d')})\n",
+          f"Command: `python benchmarks/bench_train_throughput.py {' '.join(sys.argv[1:])}`\n",
+          f"Environment: `{json.dumps(env)}`\n",
+          f"Cache build: {n} images x views = {len(ds)} items in {cache_s:.1f} s.\n",
+          "| targets | images/s (median step) | step split ms (data/teacher/student/optim) | achieved TFLOP/s | peak mem GB | % bf16 peak |",
+          "|---|---|---|---|---|---|"]
+    for mode, r in rows.items():
+        sp = r["step_time_split_ms"]
+        md.append(f"| {mode} | {r['images_per_s_median']} | {sp['data']}/{sp['teacher']}/{sp['student']}/{sp['optim']} "
+                  f"| {r['achieved_tflops']} | {r.get('peak_memory_gb', '-')} | {r.get('share_of_bf16_peak_pct', '-')} |")
+    md.append(f"\nCached / online speed-up: **{speedup:.2f}x** (target >= 2.5x: "
+              f"{'met' if speedup >= 2.5 else f'missed by {2.5 - speedup:.2f}x'}).\n"
+              f"FLOPs per trained image: student fwd+bwd = 3 x forward "
+              f"({3 * (s_flops['image'] + s_flops['text']) / 1e9:.2f} GFLOPs), teacher forward "
+              f"{(t_flops['image'] + t_flops['text']) / 1e9:.2f} GFLOPs (FLOPs = 2 x MACs).\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
