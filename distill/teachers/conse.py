@@ -126,6 +126,25 @@ def _load_minilm() -> tuple[torch.nn.Module, Any, int]:
     return model, tokenizer, max_len
 
 
+def resize_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 3, H, W) float [0, 1] -> (B, 3, S, S) on x's device, un-normalised: bicubic antialiased
+    short-side resize to S (long side truncated like torchvision's resize), then centre crop with
+    torchvision's rounding. Shared by the torch teacher and its ONNX export (conse_onnx)."""
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"encode_image expects (B, 3, H, W) RGB, got {tuple(x.shape)}")
+    s = int(size)
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    if (h, w) != (s, s):
+        if min(h, w) != s:
+            scale = s / min(h, w)
+            nh, nw = (s, max(s, int(w * scale))) if h <= w else (max(s, int(h * scale)), s)
+            x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
+            h, w = nh, nw
+        top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
+        x = x[..., top:top + s, left:left + s]
+    return x
+
+
 class ConSETeacher:
     """EfficientNet-Lite (ImageNet-1k) + all-MiniLM-L6-v2 as a frozen 384-d dual encoder.
 
@@ -206,20 +225,7 @@ class ConSETeacher:
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) [0, 1] -> (B, 3, S, S) normalised: bicubic antialiased short-side resize to S,
         centre crop (torchvision's rounding), (x - 0.498) / 0.502."""
-        x = images.to(self.device, torch.float32)
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"encode_image expects (B, 3, H, W) RGB, got {tuple(x.shape)}")
-        s = self.image_size
-        h, w = int(x.shape[-2]), int(x.shape[-1])
-        if (h, w) != (s, s):
-            if min(h, w) != s:
-                scale = s / min(h, w)
-                # long side truncated like torchvision's resize
-                nh, nw = (s, max(s, int(w * scale))) if h <= w else (max(s, int(h * scale)), s)
-                x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
-                h, w = nh, nw
-            top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
-            x = x[..., top:top + s, left:left + s]
+        x = resize_crop(images.to(self.device, torch.float32), self.image_size)
         return ((x - MEAN) / STD).contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()

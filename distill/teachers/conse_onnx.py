@@ -89,22 +89,11 @@ class MiniLMTextGraph(torch.nn.Module):
 # ---------------------------------------------------------------------------- helpers
 
 def resize_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, 3, H, W) [0, 1] -> (B, 3, S, S) float32 on CPU, un-normalised: ConSETeacher.preprocess's
-    bicubic antialiased short-side resize (long side truncated like torchvision) and centre crop."""
-    x = images.detach().to("cpu", torch.float32)
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"encode_image expects (B, 3, H, W) RGB, got {tuple(x.shape)}")
-    s = int(size)
-    h, w = int(x.shape[-2]), int(x.shape[-1])
-    if (h, w) != (s, s):
-        if min(h, w) != s:
-            scale = s / min(h, w)
-            nh, nw = (s, max(s, int(w * scale))) if h <= w else (max(s, int(h * scale)), s)
-            x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
-            h, w = nh, nw
-        top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
-        x = x[..., top:top + s, left:left + s]
-    return x
+    """(B, 3, H, W) [0, 1] -> (B, 3, S, S) float32 on CPU, un-normalised: the torch teacher's own
+    resize and centre crop (distill.teachers.conse.resize_crop), so both see identical pixels."""
+    from distill.teachers.conse import resize_crop as _resize_crop
+
+    return _resize_crop(images.detach().to("cpu", torch.float32), size)
 
 
 def _sha256(path: Path) -> str:
