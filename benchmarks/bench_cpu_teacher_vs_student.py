@@ -17,7 +17,6 @@ teacher torch eager fp32 and >= 6x faster than teacher ONNX fp32.
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
 import shlex
 import sys
@@ -44,10 +43,6 @@ TEACHER = "ViT-B-32"
 STUDENT_CFG = dict(embed_dim=512,
                    vision_cfg=dict(width=384, layers=6, head_width=64, patch_size=32, image_size=224),
                    text_cfg=dict(width=256, layers=4, heads=4, context_length=77, vocab_size=49408))
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                  "Ankle boot"]
-TUX = Path("/usr/share/tuxpaint/stamps")
 
 
 # ----------------------------------------------------------------------------- encoders
@@ -158,46 +153,31 @@ def tower_params(model) -> dict[str, int]:
 
 # ----------------------------------------------------------------------------- eval data
 
-def _idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def fashion_mnist(per_class: int, size: int) -> dict | None:
-    if not (FMNIST / "t10k-images-idx3-ubyte.gz").is_file():
+    """The first ``per_class`` test images of each class, dark-on-white like photos (the project's
+    own loader: found via dpkg, not a hard-coded path); None without the Debian package."""
+    from distill import datasets
+    from distill.data import load_eval_set
+    from distill.errors import MissingDataError
+
+    try:
+        es = load_eval_set("fashion_mnist", datasets.fashion_mnist("test", per_class=per_class, invert=True), size)
+    except MissingDataError:
         return None
-    images, labels = _idx(FMNIST / "t10k-images-idx3-ubyte.gz"), _idx(FMNIST / "t10k-labels-idx1-ubyte.gz")
-    pick = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(10)])
-    x = 1.0 - torch.from_numpy(images[pick].astype(np.float32) / 255.0)  # dark-on-white like photos
-    x = F.interpolate(x[:, None], size=(size, size), mode="bilinear").clamp(0, 1).repeat(1, 3, 1, 1)
-    return {"images": x, "labels": torch.from_numpy(labels[pick].astype(np.int64)), "classnames": FMNIST_CLASSES,
-            "templates": ["a photo of a {}."]}
+    return {"images": es.images, "labels": es.labels, "classnames": es.classnames, "templates": ["a photo of a {}."]}
 
 
 def tux_pairs(n: int, size: int) -> dict | None:
-    from PIL import Image
+    """The first ``n`` Tux Paint image-caption pairs (RGBA onto white); None without the package."""
+    from distill import datasets
+    from distill.data import load_eval_set
+    from distill.errors import MissingDataError
 
-    if not TUX.is_dir():
+    try:
+        es = load_eval_set("tuxpaint", datasets.tuxpaint("all", limit=n), size)
+    except MissingDataError:
         return None
-    imgs, caps = [], []
-    for txt in sorted(TUX.rglob("*.txt")):
-        png = txt.with_suffix(".png")
-        if not png.is_file() or any(p in str(txt) for p in ("/letters/", "/symbols/")):
-            continue
-        cap = txt.read_text(errors="ignore").splitlines()[0].strip()
-        if not cap:
-            continue
-        im = Image.open(png).convert("RGBA")
-        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(bg, im).convert("RGB").resize((size, size), Image.BICUBIC)
-        imgs.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
-        caps.append(cap)
-        if len(imgs) == n:
-            break
-    return {"images": torch.stack(imgs), "captions": caps} if imgs else None
+    return {"images": es.images, "captions": es.captions}
 
 
 # ----------------------------------------------------------------------------- main
