@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from distill import distributed as dist_utils
 from distill.cache import TeacherCache
-from distill.data import ResumableSampler, TrainSet, collate
+from distill.data import ResumableSampler, TrainSet, _stable_int, collate
 from distill.encoders import normalize_images, resize_to
 from distill.errors import UserError
 
@@ -39,14 +39,6 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(UserError):
     """The loss became NaN or Inf; the message names the step and the last good checkpoint."""
-
-
-def _draw_seed(*parts: int) -> int:
-    """A generator seed from (seed, step, micro-batch, rank): reproducible across resumes."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (int(p) + 0x9E3779B9)) * 1099511628211) % (2**63)
-    return h
 
 
 def param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict[str, Any]]:
@@ -269,7 +261,7 @@ def train(
             images = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S) in [0, 1]
             text_index = batch["text_index"]
             lo, hi = dataset.corpus_span()
-            draw = torch.Generator().manual_seed(_draw_seed(seed, step, micro, rank))
+            draw = torch.Generator().manual_seed(_stable_int("draw", seed, step, micro, rank))
             if resample and hi > lo and not batch["paired"]:
                 # An image without a caption gets a fresh corpus text at every visit (seeded by
                 # step, so a resumed run draws the same): over a run the text side sees the

@@ -169,10 +169,10 @@ def test_uncaptioned_images_draw_fresh_corpus_texts_and_extra_texts_resume_exact
 
 
 def test_corpus_draws_cover_the_corpus():
-    from distill.train import _draw_seed
+    from distill.data import _stable_int
 
     seen = set()
     for step in range(50):
-        g = torch.Generator().manual_seed(_draw_seed(0, step, 0, 0))
+        g = torch.Generator().manual_seed(_stable_int("draw", 0, step, 0, 0))
         seen |= set(torch.randint(0, 40, (8,), generator=g).tolist())
     assert len(seen) == 40  # a fixed text per image would cover at most the 12 images' texts
