@@ -107,7 +107,7 @@ def build_data(cfg: DictConfig) -> tuple[TrainSet, dict[str, dict[str, EvalSet]]
             eval_sets[kind][item.name] = es
     tc = cfg.train
     sources = [instantiate(s, _convert_="all") for s in tc.sources]
-    corpus_cfg = OmegaConf.to_container(tc.get("corpus") or {}, resolve=True)
+    corpus_cfg = _plain(tc.get("corpus"))
     excluded = eval_prompts(cfg, classnames)
     corpus = build_corpus(**corpus_cfg, exclude=excluded) if corpus_cfg else []
     spec = ViewSpec(size=size, views=int(tc.get("views", 1)), augment=bool(tc.get("augment", False)),
