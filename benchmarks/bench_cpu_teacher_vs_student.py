@@ -187,7 +187,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=30, help="timed calls per shape, over all rounds")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (every variant once a round)")
     ap.add_argument("--eval-per-class", type=int, default=10, help="Fashion-MNIST test images per class")
     ap.add_argument("--eval-pairs", type=int, default=100, help="Tux Paint image-caption pairs")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/cpu_teacher_vs_student.md"))
@@ -261,16 +262,19 @@ def main(argv=None) -> int:
     print(f"[{time.time() - t_start:.0f}s] ceilings {ceilings}", flush=True)
     rows = measure_variants(variants, eval_sets, batch_sizes=tuple(args.batch_sizes), threads=th,
                             reference="teacher_torch_fp32", warmup=args.warmup, repeats=args.repeats,
-                            ceilings=ceilings, own_reference={"student_torch_int8": "student_torch_fp32",
-                                                              "student_onnx_fp32": "student_torch_fp32",
-                                                              "student_onnx_int8": "student_onnx_fp32",
-                                                              "teacher_onnx_fp32": "teacher_torch_fp32"})
+                            rounds=args.rounds, ceilings=ceilings,
+                            own_reference={"student_torch_int8": "student_torch_fp32",
+                                           "student_onnx_fp32": "student_torch_fp32",
+                                           "student_onnx_int8": "student_onnx_fp32",
+                                           "teacher_onnx_fp32": "teacher_torch_fp32"})
     print(f"[{time.time() - t_start:.0f}s] measured", flush=True)
 
     rep = new_report("bench_cpu_teacher_vs_student", environment(), {"name": f"{TEACHER} (random weights)",
                                                                      "embed_dim": 512},
                      {"name": "ViT w384/d6/h6/p32, text w256/d4 (random weights)", "model_cfg": s_cfg},
-                     rows, export=export_info, ceilings=ceilings)
+                     rows, export=export_info, ceilings=ceilings,
+                     timing={"threads": th, "batch_sizes": list(args.batch_sizes), "warmup": args.warmup,
+                             "repeats": args.repeats, "rounds": args.rounds})
     summ = summarize(rep)
     sp1 = summ["speedup_image_b1"].get("student_onnx_int8", {})
     rep["targets"] = {

@@ -86,13 +86,13 @@ def _auto_sync() -> None:
         torch.cuda.synchronize()
 
 
-def time_fn(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 20,
-            sync: Callable[[], None] | None = None) -> dict[str, float]:
-    """Call ``fn`` ``warmup`` times untimed, then ``repeats`` times timed with perf_counter.
+def time_samples(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 20,
+                 sync: Callable[[], None] | None = None) -> list[float]:
+    """Call ``fn`` ``warmup`` times untimed, then ``repeats`` times timed with perf_counter; -> the
+    timed calls in ms, in call order.
 
     ``sync`` runs before each clock read (default: ``torch.cuda.synchronize`` when CUDA is in use)
-    so that asynchronous GPU work is inside the interval. Returns
-    {"median_ms", "p90_ms", "mean_ms", "min_ms", "repeats"} rounded to 3 decimals.
+    so that asynchronous GPU work is inside the interval.
     """
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
@@ -106,10 +106,23 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 20,
         fn()
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
+    return times
+
+
+def summarise_times(times: Sequence[float]) -> dict[str, float]:
+    """{"median_ms", "p90_ms" (nearest rank), "mean_ms", "min_ms", "repeats"} of timed calls in ms."""
+    if not times:
+        raise ValueError("no timed calls to summarise")
+    times = sorted(times)
     p90 = times[max(0, math.ceil(0.9 * len(times)) - 1)]  # nearest-rank percentile
     return {"median_ms": round(statistics.median(times), 3), "p90_ms": round(p90, 3),
-            "mean_ms": round(statistics.fmean(times), 3), "min_ms": round(times[0], 3), "repeats": repeats}
+            "mean_ms": round(statistics.fmean(times), 3), "min_ms": round(times[0], 3), "repeats": len(times)}
+
+
+def time_fn(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 20,
+            sync: Callable[[], None] | None = None) -> dict[str, float]:
+    """``summarise_times(time_samples(...))``: warm-up, then ``repeats`` timed calls, summarised."""
+    return summarise_times(time_samples(fn, warmup=warmup, repeats=repeats, sync=sync))
 
 
 def peak_rss_mb() -> float:
@@ -308,9 +321,21 @@ def _round(d: Mapping[str, float], digits: int = 6) -> dict[str, float]:
     return {k: round(float(v), digits) for k, v in d.items()}
 
 
-def _measure_one(v: Variant, eval_sets: Mapping[str, Any], batch_sizes: Sequence[int], timing_images: dict,
-                 text: list[str], warmup: int, repeats: int, ceilings: Mapping[str, float] | None) -> tuple[dict, dict]:
-    """-> (row for the report, embeddings/logits kept for agreement)."""
+def _timed_calls(enc: Any, batch_sizes: Sequence[int], timing_images: dict,
+                 text: list[str]) -> dict[str, Callable[[], Any]]:
+    """The calls a variant is timed on: {"image_b{B}": encode a batch of B, "text_b1": one caption}."""
+    calls: dict[str, Callable[[], Any]] = {}
+    for b in batch_sizes:
+        x = timing_images[(b, int(enc.image_size))]
+        calls[f"image_b{b}"] = lambda x=x: enc.encode_image(x)
+    calls["text_b1"] = lambda: enc.encode_text(text)
+    return calls
+
+
+def _accuracy_and_memory(v: Variant, eval_sets: Mapping[str, Any], calls: Mapping[str, Callable[[], Any]]
+                         ) -> tuple[dict, dict]:
+    """-> (row without timing, embeddings/logits kept for agreement). Peak memory covers the eval
+    and one call of every timed shape (the largest batch is usually the peak)."""
     enc = v.encoder
     row: dict[str, Any] = {"status": "ok", "role": v.role, "runtime": v.runtime, "precision": v.precision,
                            "params": dict(v.params), "flops": dict(v.flops),
@@ -318,26 +343,8 @@ def _measure_one(v: Variant, eval_sets: Mapping[str, Any], batch_sizes: Sequence
     kept: dict[str, dict[str, torch.Tensor]] = {"image_emb": {}, "logits": {}}
 
     def body() -> None:
-        lat: dict[str, float] = {}
-        for b in batch_sizes:
-            x = timing_images[(b, int(enc.image_size))]
-            t = time_fn(lambda: enc.encode_image(x), warmup=warmup, repeats=repeats)
-            lat[f"image_b{b}_median_ms"], lat[f"image_b{b}_p90_ms"] = t["median_ms"], t["p90_ms"]
-        t = time_fn(lambda: enc.encode_text(text), warmup=warmup, repeats=repeats)
-        lat["text_b1_median_ms"], lat["text_b1_p90_ms"] = t["median_ms"], t["p90_ms"]
-        row["latency"] = lat
-        bmax = max(batch_sizes)
-        row["throughput_img_s"] = round(bmax / (lat[f"image_b{bmax}_median_ms"] / 1e3), 2)
-        if v.flops.get("image"):
-            key = _ceiling_key(v.runtime, v.precision)
-            ach: dict[str, float | None] = {}
-            for b in batch_sizes:
-                rate = v.flops["image"] * b / (lat[f"image_b{b}_median_ms"] / 1e3) / 1e9
-                ach[f"image_b{b}_gflops_s"] = round(rate, 2)
-                ceil = (ceilings or {}).get(key)
-                ach[f"image_b{b}_ceiling_share"] = round(rate / ceil, 4) if ceil else None
-            ach["ceiling"] = key if ceilings and ceilings.get(key) else None
-            row["achieved"] = ach
+        for call in calls.values():
+            call()
         zs, rt = {}, {}
         for name, spec in eval_sets.get("classification", {}).items():
             emb = _encode_images(enc, spec["images"])  # (N, D)
@@ -355,14 +362,44 @@ def _measure_one(v: Variant, eval_sets: Mapping[str, Any], batch_sizes: Sequence
     return row, kept
 
 
+def _timing_fields(v: Variant, samples: Mapping[str, list[float]], round_medians: Mapping[str, list[float]],
+                   batch_sizes: Sequence[int], ceilings: Mapping[str, float] | None) -> dict[str, Any]:
+    """Latency (median/p90 over every timed call of every round), throughput, achieved GFLOP/s."""
+    lat: dict[str, float] = {}
+    for key, times in samples.items():
+        t = summarise_times(times)
+        lat[f"{key}_median_ms"], lat[f"{key}_p90_ms"] = t["median_ms"], t["p90_ms"]
+    out: dict[str, Any] = {"latency": lat,
+                           "latency_rounds": {k: [round(m, 3) for m in ms] for k, ms in round_medians.items()}}
+    bmax = max(batch_sizes)
+    out["throughput_img_s"] = round(bmax / (lat[f"image_b{bmax}_median_ms"] / 1e3), 2)
+    if v.flops.get("image"):
+        key = _ceiling_key(v.runtime, v.precision)
+        ach: dict[str, float | None] = {}
+        for b in batch_sizes:
+            rate = v.flops["image"] * b / (lat[f"image_b{b}_median_ms"] / 1e3) / 1e9
+            ach[f"image_b{b}_gflops_s"] = round(rate, 2)
+            ceil = (ceilings or {}).get(key)
+            ach[f"image_b{b}_ceiling_share"] = round(rate / ceil, 4) if ceil else None
+        ach["ceiling"] = key if ceilings and ceilings.get(key) else None
+        out["achieved"] = ach
+    return out
+
+
 def _one_line(err: BaseException) -> str:
     msg = " ".join(str(err).split()) or "(no message)"
     return f"{type(err).__name__}: {msg}"[:300]
 
 
+def _failed(v: Variant, err: BaseException) -> dict[str, Any]:
+    return {"status": "failed", "reason": _one_line(err), "role": v.role, "runtime": v.runtime,
+            "precision": v.precision}
+
+
 def measure_variants(variants: Sequence[Variant], eval_sets: Mapping[str, Any], *,
                      batch_sizes: Sequence[int] = (1, 32), threads: int, reference: str,
-                     warmup: int = 3, repeats: int = 20, ceilings: Mapping[str, float] | None = None,
+                     warmup: int = 3, repeats: int = 20, rounds: int = 3,
+                     ceilings: Mapping[str, float] | None = None,
                      own_reference: Mapping[str, str] | None = None, seed: int = 0) -> dict[str, dict]:
     """Measure each variant the same way; -> {variant name: report row} (schema in distill/report.py).
 
@@ -371,21 +408,30 @@ def measure_variants(variants: Sequence[Variant], eval_sets: Mapping[str, Any], 
     strings, or M strings plus "image_for_text": M ints}}}.
 
     Every variant sees the same timing inputs (seeded uniform images at its ``image_size``, one
-    fixed caption), the same eval tensors and ``threads`` torch threads. Per variant: encode_image
-    latency at each batch size, encode_text latency at batch 1, throughput at the largest batch,
-    zero-shot top1/top5, retrieval R@1/5/10 both ways, achieved GFLOP/s (and share of ``ceilings``
-    from ``matmul_ceiling`` when given), memory. Agreement with the ``reference`` variant: mean
-    cosine of image embeddings on the eval images (when the embedding sizes match) and top-1
-    zero-shot agreement. ``own_reference`` maps a variant to a second reference, typically its own
-    fp32 form ({"student_onnx_int8": "student_onnx_fp32"}), reported the same way under
-    "agreement_own": that is the figure that judges a quantisation. A variant that raises becomes {"status": "failed", "reason": one line};
-    the others still run.
+    fixed caption), the same eval tensors and ``threads`` torch threads. Per variant: zero-shot
+    top1/top5, retrieval R@1/5/10 both ways and peak memory (one variant at a time); then encode_image
+    latency at each batch size and encode_text latency at batch 1, throughput at the largest batch and
+    achieved GFLOP/s (with the share of ``ceilings`` from ``matmul_ceiling`` when given).
+
+    Timing is interleaved: ``rounds`` rounds, each visiting every variant (in an order rotated by one
+    per round) for ``warmup`` untimed and ceil(repeats / rounds) timed calls per shape; median and
+    p90 are over all timed calls of all rounds, and each round's median is kept under
+    "latency_rounds". On a small shared machine a background burst lasts seconds: timed in one block,
+    it lands on one variant and flips a ratio; interleaved, it is spread over all of them.
+
+    Agreement with the ``reference`` variant: mean cosine of image embeddings on the eval images
+    (when the embedding sizes match) and top-1 zero-shot agreement. ``own_reference`` maps a variant
+    to a second reference, typically its own fp32 form ({"student_onnx_int8": "student_onnx_fp32"}),
+    reported the same way under "agreement_own": that is the figure that judges a quantisation. A
+    variant that raises becomes {"status": "failed", "reason": one line}; the others still run.
     """
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise ValueError(f"variant names must be unique, got {names}")
     if reference not in names:
         raise ValueError(f"reference {reference!r} is not one of the variants {names}")
+    if rounds < 1:
+        raise ValueError("rounds must be >= 1")
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(seed)
     sizes = sorted({int(getattr(v.encoder, "image_size", 224)) for v in variants})
@@ -393,13 +439,32 @@ def measure_variants(variants: Sequence[Variant], eval_sets: Mapping[str, Any], 
     text = ["a photo of a small dog sitting on the grass."]
     rows: dict[str, dict] = {}
     kept: dict[str, dict] = {}
+    calls: dict[str, dict[str, Callable[[], Any]]] = {}
     for v in variants:
         try:
-            rows[v.name], kept[v.name] = _measure_one(v, eval_sets, batch_sizes, timing_images, text, warmup,
-                                                      repeats, ceilings)
+            calls[v.name] = _timed_calls(v.encoder, batch_sizes, timing_images, text)
+            rows[v.name], kept[v.name] = _accuracy_and_memory(v, eval_sets, calls[v.name])
         except Exception as err:  # one broken variant must not hide the others
-            rows[v.name] = {"status": "failed", "reason": _one_line(err), "role": v.role, "runtime": v.runtime,
-                            "precision": v.precision}
+            rows[v.name] = _failed(v, err)
+    timed = [v for v in variants if rows[v.name]["status"] == "ok"]
+    samples = {v.name: {k: [] for k in calls[v.name]} for v in timed}
+    round_medians = {v.name: {k: [] for k in calls[v.name]} for v in timed}
+    per_round = math.ceil(repeats / rounds)
+    for r in range(rounds):
+        shift = r % max(1, len(timed))
+        for v in timed[shift:] + timed[:shift]:  # rotated: no variant always runs first after a switch
+            if rows[v.name]["status"] != "ok":
+                continue
+            try:
+                for key, call in calls[v.name].items():
+                    times = time_samples(call, warmup=warmup, repeats=per_round)
+                    samples[v.name][key] += times
+                    round_medians[v.name][key].append(statistics.median(times))
+            except Exception as err:
+                rows[v.name] = _failed(v, err)
+    for v in timed:
+        if rows[v.name]["status"] == "ok":
+            rows[v.name].update(_timing_fields(v, samples[v.name], round_medians[v.name], batch_sizes, ceilings))
     for name, row in rows.items():
         if row["status"] != "ok":
             continue

@@ -294,10 +294,12 @@ def bench_stage(cfg: DictConfig, teacher: Any, student: torch.nn.Module, model_c
     ceilings = bench.matmul_ceiling(threads) if cfg.get("ceilings", True) else None
     rows = bench.measure_variants(
         variants, sets, batch_sizes=tuple(cfg.batch_sizes), threads=threads, reference="teacher_torch_fp32",
-        warmup=int(cfg.warmup), repeats=int(cfg.repeats), ceilings=ceilings,
+        warmup=int(cfg.warmup), repeats=int(cfg.repeats), rounds=int(cfg.get("rounds", 1)), ceilings=ceilings,
         own_reference={"student_torch_int8": "student_torch_fp32", "student_onnx_int8": "student_onnx_fp32",
                        "student_onnx_fp32": "student_torch_fp32", "teacher_onnx_fp32": "teacher_torch_fp32"})
-    return {"variants": rows, "ceilings": ceilings}
+    timing = {"threads": threads, "batch_sizes": list(cfg.batch_sizes), "warmup": int(cfg.warmup),
+              "repeats": int(cfg.repeats), "rounds": int(cfg.get("rounds", 1))}
+    return {"variants": rows, "ceilings": ceilings, "timing": timing}
 
 
 class _Unbuildable:
@@ -396,6 +398,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
                  "fingerprint": teacher.fingerprint},
         student={"name": cfg.student.name, "model_cfg": model_cfg},
         variants=measured["variants"], training=train_metrics, export=export_info, ceilings=measured["ceilings"],
+        timing=measured["timing"],
         command="python -m distill " + " ".join(_overrides()))
     report["summary"] = report_mod.summarize(report)
     report["targets"] = evaluate_targets(report, _plain(cfg.bench.get("targets")))

@@ -10,6 +10,7 @@ them as percent with 2 decimals; FLOPs are 2 x MACs per sample; latency in milli
       "environment": {cpu, cpu_flags, logical_cores, torch_threads, gpu, os, python, torch,
                       onnxruntime, onnx, open_clip, numpy, ...}          # distill.bench.environment
       "ceilings": {"torch_fp32_gflops", "ort_int8_gops", ...}            # optional, bench.matmul_ceiling
+      "timing": {"threads", "batch_sizes", "warmup", "repeats", "rounds"}  # optional, how latency was taken
       "teacher": {"name": str, "embed_dim": int},
       "student": {"name": str, "model_cfg": {...open_clip model_cfg...}},
       "training": {...free-form metrics...},
@@ -21,6 +22,7 @@ them as percent with 2 decimals; FLOPs are 2 x MACs per sample; latency in milli
           "params": {"image", "text", "total"}, "flops": {"image", "text"}, "size_mb": float | null,
           "latency": {"image_b1_median_ms", "image_b1_p90_ms", "image_b32_median_ms", "image_b32_p90_ms",
                       "text_b1_median_ms", "text_b1_p90_ms"},
+          "latency_rounds": {"image_b1": [median of each interleaved round], ...},
           "throughput_img_s": float,                                      # at the largest batch
           "achieved": {"image_b1_gflops_s", "image_b1_ceiling_share", ..., "ceiling": key},
           "zeroshot": {set: {"top1", "top5"}},
@@ -50,9 +52,17 @@ TEACHER_BASELINES = ("teacher_torch_fp32", "teacher_onnx_fp32")
 __all__ = ["SCHEMA_VERSION", "new_report", "summarize", "target", "write_report", "render_markdown", "load_report"]
 
 
+def _timing_note(timing: Mapping[str, Any] | None) -> str:
+    if not timing:
+        return ""
+    return (f"; {timing.get('repeats')} timed calls per shape in {timing.get('rounds', 1)} interleaved rounds "
+            f"(every variant visited once a round), {timing.get('warmup')} warm-up calls per round, "
+            f"{timing.get('threads')} threads")
+
+
 def new_report(experiment: str, environment: Mapping[str, Any], teacher: Mapping[str, Any],
                student: Mapping[str, Any], variants: Mapping[str, Any], **sections: Any) -> dict[str, Any]:
-    """Assemble a schema-1 report dict; ``sections`` may hold training, export, ceilings, targets."""
+    """Assemble a schema-1 report dict; ``sections`` may hold training, export, ceilings, timing, targets."""
     rep = {"schema_version": SCHEMA_VERSION, "experiment": experiment,
            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "environment": dict(environment), "teacher": dict(teacher), "student": dict(student),
@@ -251,7 +261,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
              f"Created {report.get('created', '?')}. Teacher: `{report.get('teacher', {}).get('name', '?')}`; "
              f"student: `{report.get('student', {}).get('name', '?')}`.", "",
              "Conventions: FLOPs = 2 x MACs, per sample. Accuracy and recall in percent. Latency in ms, "
-             "median and p90 of repeated timed calls after warm-up, same inputs and threads for every variant.", ""]
+             "median and p90 of repeated timed calls after warm-up, same inputs and threads for every variant"
+             + _timing_note(report.get("timing")) + ".", ""]
     lines += ["## Environment", "", "```"]
     lines += [f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in report.get("environment", {}).items()]
     if report.get("ceilings"):

@@ -120,6 +120,45 @@ def test_measure_variants_isolates_failures_and_computes_metrics():
     assert "agreement_own" not in t
 
 
+class LoggingEncoder(ColourEncoder):
+    """Records which encoder ran each call, in order, into a shared log; can fail on its Nth image call."""
+
+    def __init__(self, name, log, fail_after=None):
+        super().__init__()
+        self.name, self.log, self.fail_after = name, log, fail_after
+
+    def encode_image(self, images):
+        self.log.append(self.name)
+        if self.fail_after is not None and self.image_calls >= self.fail_after:
+            raise RuntimeError("stalled session")
+        return super().encode_image(images)
+
+
+def test_measure_variants_interleaves_rounds_and_isolates_a_timing_failure():
+    log = []
+    a, b = LoggingEncoder("a", log), LoggingEncoder("b", log)
+    c = LoggingEncoder("c", log)
+    variants = [Variant(n, "student", "torch", "fp32", e) for n, e in (("a", a), ("b", b), ("c", c))]
+    # c passes its accuracy pass (one call per timed shape + 2 eval encodes = 3 calls) and fails while timed
+    c.fail_after = 3
+    rows = measure_variants(variants, _eval_sets(), batch_sizes=(1,), threads=1, reference="a",
+                            warmup=1, repeats=5, rounds=3)
+    assert rows["c"]["status"] == "failed" and rows["c"]["reason"] == "RuntimeError: stalled session"
+    for name in ("a", "b"):
+        row = rows[name]
+        assert row["status"] == "ok"
+        # ceil(5 / 3) = 2 timed calls per round, 3 rounds: one median per round
+        assert [len(v) for v in row["latency_rounds"].values()] == [3, 3]
+        assert row["latency"]["image_b1_median_ms"] > 0
+    timing = log[log.index("c", 0) + 3:]  # the accuracy passes ran a, b, c in order, 3 image calls each
+    # round r visits the variants rotated by r: a b c | b c a | c a b; c raises on its first timed
+    # call and is skipped after, so the visits read a b c | b a | a b
+    runs = [n for i, n in enumerate(timing) if i == 0 or timing[i - 1] != n]
+    assert runs == ["a", "b", "c", "b", "a", "b"]
+    # every timed visit is warm-up + timed calls of each shape: 1 + 2 image calls
+    assert timing.count("a") == timing.count("b") == 3 * 3
+
+
 def test_measure_variants_reference_failed_and_bad_reference():
     rows = measure_variants([Variant("t", "teacher", "torch", "fp32", BrokenEncoder()),
                              Variant("s", "student", "torch", "fp32", ColourEncoder())],
