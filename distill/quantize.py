@@ -78,8 +78,22 @@ def quantize_dynamic_onnx(src: str | Path, dst: str | Path, mode: str = DEFAULT_
         pre = Path(tmp) / "pre.onnx"
         _pre_process(src, pre)
         with _QuietRoot():
-            quantize_dynamic(str(pre), str(dst), **kw)
+            quantize_dynamic(str(pre), str(dst), nodes_to_exclude=_standard_attention_nodes(pre), **kw)
     return dst
+
+
+def _standard_attention_nodes(path: Path) -> list[str]:
+    """Names of ONNX-domain ``Attention`` nodes (opset 23+, what the exporter makes of SDPA there).
+
+    onnxruntime's quantizer (1.32) takes every node typed "Attention" for its contrib op and turns
+    it into com.microsoft QAttention, copying attributes QAttention does not have (``is_causal``):
+    the file then fails to load. Left in float, the fused attention still runs; the projections
+    around it (MatMul/Gemm) are quantised as usual.
+    """
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return [n.name for n in model.graph.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]
 
 
 class _ArrayReader:

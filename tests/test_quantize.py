@@ -92,3 +92,17 @@ def test_torch_dynamic_int8(fp32):
     with torch.no_grad():
         for a, b in ((q.encode_image(x), model.encode_image(x)), (q.encode_text(tok), model.encode_text(tok))):
             assert torch.nn.functional.cosine_similarity(a, b).min() > 0.99
+
+
+def test_dynamic_int8_of_an_opset23_export_keeps_the_fused_attention(tmp_path):
+    """At opset 23 the exporter writes SDPA as ONNX Attention; ORT's quantizer would turn that into a
+    contrib QAttention that cannot load. The attention stays float; the projections become int8."""
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**CFG).eval()
+    info = export_onnx(model, tmp_path, image_size=32, context_length=16, opset=23, towers=("image",))
+    assert "Attention" in _ops(info["image"]["path"])
+    dst = quantize_dynamic_onnx(info["image"]["path"], tmp_path / "image.int8.onnx")
+    ops = _ops(dst)
+    assert "Attention" in ops and "QAttention" not in ops and "MatMulInteger" in ops
+    x = random_inputs("image", 3, image_size=32, seed=1)
+    assert _cos(_run(dst, x), _run(info["image"]["path"], x)).min() > 0.99
