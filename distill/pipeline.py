@@ -11,6 +11,7 @@ import copy
 import logging
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,16 @@ def build_student_stage(cfg: DictConfig, teacher: Any) -> tuple[torch.nn.Module,
             raise UserError("student.init=inherit needs an open_clip teacher: use student.init=random")
         report = students.inherit_from_teacher(model, teacher_model)
         log.info("inherited %d tensors from the teacher", sum(v != "random" for v in report.values()))
+    token_init = cfg.get("token_init", "random")
+    if token_init == "teacher":
+        if cfg.builder.text.get("mode", "distilled") != "distilled":
+            raise UserError("student.token_init=teacher applies to a distilled text tower: use student.token_init=random")
+        t0 = time.time()
+        info = students.init_tokens_from_teacher(model, teacher.encode_text, student_tokenizer(model_cfg))
+        log.info("token table from the teacher: %d tokens, %d components (%.0f%% of the variance), %.0fs",
+                 info["tokens"], info["width"], 100 * info["explained_variance"], time.time() - t0)
+    elif token_init != "random":
+        raise UserError(f"student.token_init={token_init!r} is unknown: use random or teacher")
     return model, model_cfg
 
 

@@ -249,3 +249,59 @@ def test_inherit_rejects_non_open_clip():
     student, _ = build_student(32, VISION, TEXT)
     with pytest.raises(UserError, match="student.init=random"):
         inherit_from_teacher(student, torch.nn.Linear(2, 2))
+
+
+def _letter_teacher(dim: int = 16):
+    """A fake teacher text encoder: a string's embedding is its first letter's fixed direction plus noise."""
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(27, dim, generator=gen), dim=-1)
+
+    def encode_text(texts):
+        idx = torch.tensor([ord(t[0].lower()) - 97 if t[0].isalpha() and t[0].isascii() else 26 for t in texts])
+        return torch.nn.functional.normalize(centres[idx] + 0.05 * torch.randn(len(texts), dim, generator=gen), dim=-1)
+
+    return encode_text
+
+
+def test_token_strings_decode_bpe():
+    from distill.students import token_strings
+
+    tok = open_clip.SimpleTokenizer()
+    strings = token_strings(tok)
+    assert len(strings) == len(tok.decoder)
+    assert strings[tok.encoder["cat</w>"]] == "cat" and strings[tok.encoder["sel"]] == "sel"
+    assert strings[tok.encoder["<start_of_text>"]] is None and strings[tok.encoder["<end_of_text>"]] is None
+
+
+def test_init_tokens_from_teacher_puts_tokens_where_the_teacher_does():
+    from distill.students import init_tokens_from_teacher
+
+    model, _ = build_student(16, {"width": 32, "layers": 1, "heads": 2, "patch_size": 16, "image_size": 32},
+                             {"width": 8, "layers": 1, "heads": 2, "context_length": 16})
+    tok = open_clip.SimpleTokenizer(context_length=16)
+    before = model.token_embedding.weight.detach().clone()
+    info = init_tokens_from_teacher(model, _letter_teacher(), tok)
+    emb = model.token_embedding.weight.detach()
+    from distill.students import token_strings
+
+    assert info["width"] == 8 and 0 < info["explained_variance"] <= 1
+    assert info["tokens"] == sum(s is not None for s in token_strings(tok)) > len(tok.decoder) - 100
+    sot, eot = tok.encoder["<start_of_text>"], tok.encoder["<end_of_text>"]
+    assert torch.equal(emb[sot], before[sot]) and torch.equal(emb[eot], before[eot])  # no text: left random
+    assert emb.std().item() == pytest.approx(0.02, rel=0.05)  # open_clip's init scale
+    # tokens sharing a first letter now sit together; tokens of different letters apart
+    cat, car, dog = (tok.encoder[w] for w in ("cat</w>", "car</w>", "dog</w>"))
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(emb[cat], emb[car], dim=0) > 0.8 > cos(emb[cat], emb[dog], dim=0)
+    # the projection reads the components back into the teacher's space with the random init's norm
+    assert model.text_projection.shape == (8, 16)
+    assert model.text_projection.norm().item() == pytest.approx(16 ** 0.5, rel=1e-4)
+
+
+def test_init_tokens_from_teacher_needs_the_open_clip_vocabulary():
+    from distill.students import init_tokens_from_teacher
+
+    model, _ = build_student(16, {"width": 32, "layers": 1, "heads": 2, "patch_size": 16, "image_size": 32},
+                             {"width": 8, "layers": 1, "heads": 2, "context_length": 16, "vocab_size": 1000})
+    with pytest.raises(UserError, match="vocab_size=1000"):
+        init_tokens_from_teacher(model, _letter_teacher(), open_clip.SimpleTokenizer(context_length=16))
