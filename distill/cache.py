@@ -187,3 +187,30 @@ def build_or_load(
         os.replace(part, final)
     log.info("teacher cache built: %s (%d items, %.1fs)", final, n, manifest["build_seconds"])
     return load_cache(final)
+
+
+def text_embeddings(teacher: Teacher, texts: list[str], root: str | os.PathLike, *, batch_size: int = 512,
+                    progress: bool = True, desc: str = "teacher texts") -> np.ndarray:
+    """The teacher's embeddings of ``texts`` as (T, D) float32, computed once per (teacher, texts)
+    and kept under ``<root>/texts/<fingerprint>.npy`` (float16, written atomically) for later runs."""
+    h = hashlib.sha256(f"v{CACHE_FORMAT}|{teacher.fingerprint}|".encode())
+    for t in texts:
+        h.update(t.encode() + b"\x00")
+    path = Path(root) / "texts" / f"{h.hexdigest()[:20]}.npy"
+    if path.exists():
+        out = np.load(path)
+        if out.shape == (len(texts), teacher.embed_dim):
+            log.info("teacher text cache hit: %s", path)
+            return out.astype(np.float32)
+        log.warning("teacher text cache %s has shape %s, expected %s: rebuilding", path, out.shape,
+                    (len(texts), teacher.embed_dim))
+    t0 = time.perf_counter()
+    out = np.empty((len(texts), teacher.embed_dim), dtype=np.float16)
+    for s in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", disable=not progress):
+        out[s:s + batch_size] = teacher.encode_text(texts[s:s + batch_size]).cpu().numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.npy")
+    np.save(tmp, out)
+    os.replace(tmp, path)
+    log.info("teacher text cache built: %s (%d texts, %.1fs)", path, len(texts), time.perf_counter() - t0)
+    return out.astype(np.float32)

@@ -127,8 +127,11 @@ def build_data(cfg: DictConfig) -> tuple[TrainSet, dict[str, dict[str, EvalSet]]
     return trainset, eval_sets, info
 
 
-def build_student_stage(cfg: DictConfig, teacher: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The narrow student (open_clip CLIP) and its open_clip model_cfg; optional inheritance."""
+def build_student_stage(cfg: DictConfig, teacher: Any, cache_dir: str | None = None,
+                        token_init: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The narrow student (open_clip CLIP) and its open_clip model_cfg; optional inheritance and
+    teacher-informed token table (its teacher embeddings kept under ``cache_dir`` when given;
+    ``token_init=False`` skips it, for DDP ranks > 0, which receive rank 0's initial weights)."""
     from distill import students
 
     teacher_model = getattr(teacher, "model", None)
@@ -141,16 +144,24 @@ def build_student_stage(cfg: DictConfig, teacher: Any) -> tuple[torch.nn.Module,
             raise UserError("student.init=inherit needs an open_clip teacher: use student.init=random")
         report = students.inherit_from_teacher(model, teacher_model)
         log.info("inherited %d tensors from the teacher", sum(v != "random" for v in report.values()))
-    token_init = cfg.get("token_init", "random")
-    if token_init == "teacher":
+    mode = cfg.get("token_init", "random")
+    if mode == "teacher" and token_init:
         if cfg.builder.text.get("mode", "distilled") != "distilled":
             raise UserError("student.token_init=teacher applies to a distilled text tower: use student.token_init=random")
         t0 = time.time()
-        info = students.init_tokens_from_teacher(model, teacher.encode_text, student_tokenizer(model_cfg))
+        tok = student_tokenizer(model_cfg)
+        if cache_dir is None:
+            info = students.init_tokens_from_teacher(model, teacher.encode_text, tok)
+        else:
+            from distill.cache import text_embeddings
+
+            ids, texts = students.token_texts(model, tok)
+            feats = text_embeddings(teacher, texts, cache_dir, desc="teacher tokens")
+            info = students.init_tokens_from_embeddings(model, ids, torch.from_numpy(feats))
         log.info("token table from the teacher: %d tokens, %d components (%.0f%% of the variance), %.0fs",
                  info["tokens"], info["width"], 100 * info["explained_variance"], time.time() - t0)
-    elif token_init != "random":
-        raise UserError(f"student.token_init={token_init!r} is unknown: use random or teacher")
+    elif mode not in ("random", "teacher"):
+        raise UserError(f"student.token_init={mode!r} is unknown: use random or teacher")
     return model, model_cfg
 
 
@@ -378,7 +389,9 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
         if not main_proc:
             cache = build_or_load(teacher, trainset, cfg.cache.dir, progress=False, device=device)
     log.info("stage student")
-    student, model_cfg = build_student_stage(cfg.student, teacher)
+    # DDP broadcasts rank 0's initial weights: only rank 0 computes a teacher-informed token table
+    student, model_cfg = build_student_stage(cfg.student, teacher, cache_dir=cfg.cache.dir if cfg.cache.enabled else None,
+                                             token_init=main_proc)
     tokenizer = student_tokenizer(model_cfg)
     t_dim = teacher.embed_dim
     s_dim = int(model_cfg["embed_dim"])

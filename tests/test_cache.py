@@ -49,3 +49,33 @@ def test_interrupted_build_resumes_to_identical_result(tmp_path, tiny_teacher):
     assert not partial.exists()
     np.testing.assert_array_equal(np.asarray(got.image_emb), np.asarray(ref.image_emb))
     np.testing.assert_array_equal(got.valid, ref.valid)
+
+
+class _CountingTexts:
+    """A teacher stand-in for text embeddings: counts how many texts it encodes."""
+
+    embed_dim = 4
+    fingerprint = "counting-v1"
+
+    def __init__(self):
+        self.encoded = 0
+
+    def encode_text(self, texts):
+        self.encoded += len(texts)
+        return torch.nn.functional.normalize(torch.tensor([[len(t), 1.0, 0.0, t.count("a")] for t in texts]), dim=-1)
+
+
+def test_text_embeddings_are_computed_once_per_teacher_and_texts(tmp_path):
+    from distill.cache import text_embeddings
+
+    t = _CountingTexts()
+    texts = ["a", "cat", "banana", "dog"]
+    first = text_embeddings(t, texts, tmp_path, batch_size=3, progress=False)
+    assert t.encoded == 4 and first.shape == (4, 4) and first.dtype == np.float32
+    np.testing.assert_allclose(first, t.encode_text(texts).numpy(), atol=1e-3)  # stored as float16
+    t.encoded = 0
+    again = text_embeddings(t, texts, tmp_path, progress=False)
+    assert t.encoded == 0 and np.array_equal(again, first)
+    text_embeddings(t, texts[:3], tmp_path, progress=False)  # other texts: a new entry
+    assert t.encoded == 3
+    assert len(list((tmp_path / "texts").glob("*.npy"))) == 2 and not list((tmp_path / "texts").glob("*tmp*"))

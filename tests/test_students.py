@@ -305,3 +305,38 @@ def test_init_tokens_from_teacher_needs_the_open_clip_vocabulary():
                              {"width": 8, "layers": 1, "heads": 2, "context_length": 16, "vocab_size": 1000})
     with pytest.raises(UserError, match="vocab_size=1000"):
         init_tokens_from_teacher(model, _letter_teacher(), open_clip.SimpleTokenizer(context_length=16))
+
+
+def test_student_stage_token_init_uses_and_fills_the_text_cache(tmp_path):
+    """student.token_init=teacher through the pipeline: the teacher embeds the tokens once; a second
+    build reads them from the cache and gives the same table; DDP ranks > 0 skip it."""
+    from omegaconf import OmegaConf
+
+    from distill.pipeline import build_student_stage
+
+    class Teacher:
+        embed_dim, fingerprint = 48, "letters"
+
+        def __init__(self):
+            self.encode, self.calls = _letter_teacher(48), 0
+
+        def encode_text(self, texts):
+            self.calls += len(texts)
+            return self.encode(texts)
+
+    cfg = OmegaConf.load("conf/student/tiny.yaml")
+    cfg.token_init = "teacher"
+    teacher = Teacher()
+    torch.manual_seed(0)
+    a, _ = build_student_stage(cfg, teacher, cache_dir=str(tmp_path))
+    n = teacher.calls
+    assert n > 49000
+    torch.manual_seed(0)
+    b, _ = build_student_stage(cfg, teacher, cache_dir=str(tmp_path))
+    assert teacher.calls == n and torch.equal(a.token_embedding.weight, b.token_embedding.weight)
+    torch.manual_seed(0)
+    c, _ = build_student_stage(cfg, teacher, cache_dir=str(tmp_path), token_init=False)
+    assert teacher.calls == n and not torch.equal(a.token_embedding.weight, c.token_embedding.weight)
+    cfg.token_init = "pca"
+    with pytest.raises(UserError, match="token_init='pca' is unknown"):
+        build_student_stage(cfg, teacher)
