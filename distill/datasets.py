@@ -30,6 +30,7 @@ from PIL import Image
 
 from distill.errors import MissingDataError, UserError
 from distill.imageio import load_rgb
+from distill.sources import ImageSource
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -372,6 +373,39 @@ def tuxpaint(split: str = "all", limit: int | None = None, val_fraction: float =
     if limit is not None:
         pairs = pairs[:limit]
     return FileListSource(f"tuxpaint/{split}", [p[0] for p in pairs], captions=[p[2] for p in pairs])
+
+
+class Repeated:
+    """Every item of ``source`` ``times`` times, as distinct items (keys ``<key>#<r>``).
+
+    With the view spec's K views, each image then gets ``times * K`` differently augmented views,
+    each with its own cached teacher target, and is drawn ``times`` as often: for a small set that
+    matters more than its share of the data (distillation keeps learning from new views of the
+    same images: Beyer et al. 2022, "a good teacher is patient and consistent").
+    """
+
+    def __init__(self, source: ImageSource, times: int) -> None:
+        if int(times) < 1:
+            raise UserError(f"repeat times={times} must be >= 1")
+        self.source, self.times, self._n = source, int(times), len(source)
+        self.name = f"{source.name}/x{self.times}"
+        self.captions = list(source.captions) * self.times if source.captions is not None else None
+        self.labels = list(source.labels) * self.times if source.labels is not None else None
+        self.classnames = source.classnames
+
+    def __len__(self) -> int:
+        return self._n * self.times
+
+    def key(self, i: int) -> str:
+        return f"{self.source.key(i % self._n)}#{i // self._n}"
+
+    def open(self, i: int) -> Image.Image:
+        return self.source.open(i % self._n)
+
+
+def repeat(source: ImageSource, times: int) -> Repeated:
+    """``Repeated(source, times)``, for configs: ``{_target_: distill.datasets.repeat, source: {...}, times: 8}``."""
+    return Repeated(source, times)
 
 
 def english_words(min_len: int = 3, limit: int | None = None, seed: int = 0) -> list[str]:

@@ -184,3 +184,17 @@ def test_tuxpaint_pairs_and_split():
     assert all(c and "=" not in c for c in all_.captions)
     assert not any("/symbols/" in p or "_mirror" in p for p in all_.paths)
     assert all_.open(0).mode == "RGB"
+
+
+def test_repeat_makes_distinct_items_of_the_same_images():
+    src = datasets.FileListSource("pairs", ["a.png", "b.png"], captions=["an a", "a b"], labels=[0, 1],
+                                  classnames=["a", "b"])
+    opened = []
+    src.open = lambda i: opened.append(i) or i
+    r = datasets.repeat(src, 3)
+    assert len(r) == 6 and r.name == "pairs/x3"
+    assert [r.key(i) for i in (0, 1, 2, 5)] == ["a.png#0", "b.png#0", "a.png#1", "b.png#2"]
+    assert r.captions == ["an a", "a b"] * 3 and r.labels == [0, 1] * 3 and r.classnames == ["a", "b"]
+    assert [r.open(i) for i in range(6)] == [0, 1, 0, 1, 0, 1]
+    with pytest.raises(UserError, match="times=0"):
+        datasets.repeat(src, 0)
