@@ -198,3 +198,22 @@ def test_repeat_makes_distinct_items_of_the_same_images():
     assert [r.open(i) for i in range(6)] == [0, 1, 0, 1, 0, 1]
     with pytest.raises(UserError, match="times=0"):
         datasets.repeat(src, 0)
+
+
+def test_mixup_blends_reproducible_pairs_of_distinct_images():
+    colours = [(255, 0, 0), (0, 0, 255), (0, 255, 0)]
+    src = datasets.FileListSource("rgb", ["r.png", "b.png", "g.png"])
+    src.open = lambda i: Image.new("RGB", (8, 8) if i else (4, 4), colours[i])
+    m = datasets.mixup(src, 50, alpha=0.5, seed=1)
+    assert len(m) == 50 and m.captions is None and m.labels is None
+    assert [m.key(i) for i in range(50)] == [datasets.mixup(src, 50, alpha=0.5, seed=1).key(i) for i in range(50)]
+    assert m.key(0) != datasets.mixup(src, 50, alpha=0.5, seed=2).key(0)
+    for i in range(50):
+        a, b, lam = m._draw(i)
+        assert a != b and 0.0 <= lam <= 1.0
+        img = m.open(i)
+        assert img.size == ((4, 4) if a == 0 else (8, 8))  # the first image's size
+        expected = np.round(lam * np.array(colours[a]) + (1 - lam) * np.array(colours[b]))
+        assert np.abs(np.asarray(img)[1, 1].astype(float) - expected).max() <= 1.0
+    with pytest.raises(UserError, match="at least 2 images"):
+        datasets.mixup(src.subset([0]), 5)
