@@ -398,7 +398,7 @@ def _failed(v: Variant, err: BaseException) -> dict[str, Any]:
 
 def measure_variants(variants: Sequence[Variant], eval_sets: Mapping[str, Any], *,
                      batch_sizes: Sequence[int] = (1, 32), threads: int, reference: str,
-                     warmup: int = 3, repeats: int = 20, rounds: int = 3,
+                     warmup: int = 3, repeats: int = 20, rounds: int = 3, settle_s: float = 0.5,
                      ceilings: Mapping[str, float] | None = None,
                      own_reference: Mapping[str, str] | None = None, seed: int = 0) -> dict[str, dict]:
     """Measure each variant the same way; -> {variant name: report row} (schema in distill/report.py).
@@ -417,7 +417,11 @@ def measure_variants(variants: Sequence[Variant], eval_sets: Mapping[str, Any], 
     per round) for ``warmup`` untimed and ceil(repeats / rounds) timed calls per shape; median and
     p90 are over all timed calls of all rounds, and each round's median is kept under
     "latency_rounds". On a small shared machine a background burst lasts seconds: timed in one block,
-    it lands on one variant and flips a ratio; interleaved, it is spread over all of them.
+    it lands on one variant and flips a ratio; interleaved, it is spread over all of them. Each visit
+    starts with a ``settle_s`` pause: the previous variant's thread pool (torch's OpenMP workers,
+    ORT's spinning intra-op threads) keeps spinning for a while after its last call and would
+    otherwise take the cores from the next variant (measured on 2 cores without the pause: a 2 ms
+    ORT int8 call read 4-7 ms in the rounds that followed a torch variant).
 
     Agreement with the ``reference`` variant: mean cosine of image embeddings on the eval images
     (when the embedding sizes match) and top-1 zero-shot agreement. ``own_reference`` maps a variant
@@ -456,6 +460,8 @@ def measure_variants(variants: Sequence[Variant], eval_sets: Mapping[str, Any], 
             if rows[v.name]["status"] != "ok":
                 continue
             try:
+                if settle_s > 0:
+                    time.sleep(settle_s)
                 for key, call in calls[v.name].items():
                     times = time_samples(call, warmup=warmup, repeats=per_round)
                     samples[v.name][key] += times

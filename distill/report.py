@@ -10,7 +10,7 @@ them as percent with 2 decimals; FLOPs are 2 x MACs per sample; latency in milli
       "environment": {cpu, cpu_flags, logical_cores, torch_threads, gpu, os, python, torch,
                       onnxruntime, onnx, open_clip, numpy, ...}          # distill.bench.environment
       "ceilings": {"torch_fp32_gflops", "ort_int8_gops", ...}            # optional, bench.matmul_ceiling
-      "timing": {"threads", "batch_sizes", "warmup", "repeats", "rounds"}  # optional, how latency was taken
+      "timing": {"threads", "batch_sizes", "warmup", "repeats", "rounds", "settle_s"}  # optional, how latency was taken
       "teacher": {"name": str, "embed_dim": int},
       "student": {"name": str, "model_cfg": {...open_clip model_cfg...}},
       "training": {...free-form metrics...},
@@ -56,7 +56,8 @@ def _timing_note(timing: Mapping[str, Any] | None) -> str:
     if not timing:
         return ""
     return (f"; {timing.get('repeats')} timed calls per shape in {timing.get('rounds', 1)} interleaved rounds "
-            f"(every variant visited once a round), {timing.get('warmup')} warm-up calls per round, "
+            f"(every variant visited once a round, after a {timing.get('settle_s', 0)} s pause), "
+            f"{timing.get('warmup')} warm-up calls per round, "
             f"{timing.get('threads')} threads")
 
 

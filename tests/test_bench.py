@@ -79,7 +79,7 @@ def test_measure_variants_isolates_failures_and_computes_metrics():
     ]
     ceilings = {"torch_fp32_gflops": 2.0}
     rows = measure_variants(variants, _eval_sets(), batch_sizes=(1, 2), threads=1, reference="teacher_torch_fp32",
-                            warmup=1, repeats=2, ceilings=ceilings,
+                            warmup=1, repeats=2, settle_s=0, ceilings=ceilings,
                             own_reference={"student_torch_fp32": "student_torch_fp32"})
     assert list(rows) == [v.name for v in variants]
 
@@ -142,7 +142,7 @@ def test_measure_variants_interleaves_rounds_and_isolates_a_timing_failure():
     # c passes its accuracy pass (one call per timed shape + 2 eval encodes = 3 calls) and fails while timed
     c.fail_after = 3
     rows = measure_variants(variants, _eval_sets(), batch_sizes=(1,), threads=1, reference="a",
-                            warmup=1, repeats=5, rounds=3)
+                            warmup=1, repeats=5, rounds=3, settle_s=0)
     assert rows["c"]["status"] == "failed" and rows["c"]["reason"] == "RuntimeError: stalled session"
     for name in ("a", "b"):
         row = rows[name]
