@@ -57,9 +57,17 @@ def setup_from_env(backend: str | None = None) -> bool:
 
 
 def cleanup() -> None:
-    """Destroy the process group if one is initialised."""
+    """Wait for every rank, then destroy the process group (if one is initialised).
+
+    Without the barrier a rank that finishes first tears down its gloo connections while a peer is
+    still inside its last collective; the peer then dies with SIGABRT ("terminate called without
+    an active exception"), seen now and then in tests/test_losses_ddp.py.
+    """
     if is_dist():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -77,7 +77,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                     "flag": dist_utils.broadcast_flag(rank == 0)},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        dist_utils.cleanup()
 
 
 def _free_port() -> int:
