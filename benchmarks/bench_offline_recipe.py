@@ -1,0 +1,95 @@
+"""Ablations of the offline flagship's recipe, with a per-tower breakdown of the student's accuracy.
+
+    .venv/bin/python benchmarks/bench_offline_recipe.py NAME [hydra overrides] ['py:<python editing cfg>']
+
+Composes ``+experiment=offline`` with the overrides (an argument starting ``py:`` is Python run
+with ``cfg`` in scope, for edits the Hydra command line cannot express, such as appending a data
+source), builds the teacher cache, trains, and evaluates on the experiment's eval sets four ways:
+teacher image x teacher text (TT), student x student (SS), student image x teacher text (S_img)
+and teacher image x student text (S_txt), plus the mean image/text cosine to the teacher. S_img
+and S_txt say which tower loses the accuracy. Appends one JSON line to
+benchmarks/results/offline_recipe.jsonl (no export, no latency: see the pipeline's report for those).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from distill import pipeline  # noqa: E402
+from distill.bench import environment  # noqa: E402
+from distill.cache import build_or_load  # noqa: E402
+from distill.encoders import ClipEncoder  # noqa: E402
+from distill.metrics import retrieval_recall, zero_shot_accuracy, zero_shot_classifier  # noqa: E402
+from distill.train import train  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__)
+        return 2
+    name, args = argv[0], argv[1:]
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(2)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["+experiment=offline"] + [a for a in args if not a.startswith("py:")])
+    OmegaConf.set_struct(cfg, False)
+    for a in args:
+        if a.startswith("py:"):
+            exec(a[3:], {"cfg": cfg, "OmegaConf": OmegaConf})  # noqa: S102 - the user's own command line
+    t0 = time.time()
+    dev = torch.device("cpu")
+    teacher = pipeline.build_teacher(cfg.teacher, dev)
+    ds, evs, _ = pipeline.build_data(cfg.data)
+    cache = build_or_load(teacher, ds, cfg.cache.dir, progress=False)
+    t_cache = time.time() - t0
+    student, model_cfg = pipeline.build_student_stage(cfg.student, teacher, cache_dir=cfg.cache.dir)
+    tok = pipeline.student_tokenizer(model_cfg)
+    loss_fn = instantiate(cfg.loss, student_dim=int(model_cfg["embed_dim"]), teacher_dim=teacher.embed_dim,
+                          _convert_="all")
+    size = int(model_cfg["vision_cfg"]["image_size"])
+    train(student=student, loss_fn=loss_fn, dataset=ds, tokenizer=tok, cfg=OmegaConf.to_container(cfg.train, resolve=True),
+          out_dir=Path("/tmp") / f"offline_recipe_{name}", device=dev, teacher=None, cache=cache, evaluate=None,
+          image_size=size)
+    t_train = time.time() - t0 - t_cache
+    s = ClipEncoder(student.eval(), tok, size)
+    res = {"name": name, "args": args, "items": len(ds), "cache_s": round(t_cache), "train_s": round(t_train)}
+    for n, e in evs["classification"].items():
+        ti, si = teacher.encode_image(e.images), s.encode_image(e.images)
+        tmpl = e.templates or ["a photo of a {}."]
+        tc = zero_shot_classifier(teacher.encode_text, e.classnames, tmpl)
+        sc = zero_shot_classifier(s.encode_text, e.classnames, tmpl)
+        for a, b, lab in ((ti, tc, "TT"), (si, sc, "SS"), (si, tc, "S_img"), (ti, sc, "S_txt")):
+            res[f"{n}/top1/{lab}"] = round(zero_shot_accuracy(a, b, e.labels)["top1"] * 100, 1)
+        res[f"{n}/image_cosine"] = round((ti * si).sum(-1).mean().item(), 4)
+    for n, e in evs["retrieval"].items():
+        ti, si = teacher.encode_image(e.images), s.encode_image(e.images)
+        tt, st = teacher.encode_text(e.captions), s.encode_text(e.captions)
+        for a, b, lab in ((ti, tt, "TT"), (si, st, "SS"), (si, tt, "S_img"), (ti, st, "S_txt")):
+            r = retrieval_recall(a, b)
+            res[f"{n}/r5_i2t_t2i/{lab}"] = [round(r["i2t_r5"] * 100, 1), round(r["t2i_r5"] * 100, 1)]
+        res[f"{n}/text_cosine"] = round((tt * st).sum(-1).mean().item(), 4)
+        res[f"{n}/image_cosine"] = round((ti * si).sum(-1).mean().item(), 4)
+    env = environment()
+    res["env"] = {k: env.get(k) for k in ("cpu", "cpu_flags", "torch_threads", "torch", "onnxruntime")}
+    print(json.dumps(res), flush=True)
+    out = REPO / "benchmarks/results/offline_recipe.jsonl"
+    with out.open("a") as f:
+        f.write(json.dumps(res) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,116 @@
+"""ONNX graph variants of the w384/d6/p32 student's image tower, dynamic int8, timed interleaved.
+
+    .venv/bin/python benchmarks/bench_onnx_export_variants.py --threads 2 --rounds 6
+
+Variants: the export as shipped (opset 20), opset 23 (the exporter writes SDPA as one ONNX
+``Attention`` node, kept in float by distill.quantize), and each with the patch embedding
+rewritten as reshape + MatMul instead of Conv (int8 ConvInteger is slow in ORT; a MatMul becomes
+DynamicQuantizeMatMul). The rewrite is a trial here, not a product feature. Batch 1, random
+weights, medians over all rounds. Writes benchmarks/results/onnx_export_variants.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from distill.bench import environment  # noqa: E402
+from distill.export import export_onnx  # noqa: E402
+from distill.quantize import quantize_dynamic_onnx  # noqa: E402
+from distill.students import build_student  # noqa: E402
+
+
+class PatchLinear(torch.nn.Module):
+    """Conv2d(kernel = stride = p) as patchify + matmul, same output layout (B, D, H/p, W/p)."""
+
+    def __init__(self, conv: torch.nn.Conv2d) -> None:
+        super().__init__()
+        self.p = conv.kernel_size[0]
+        self.weight = torch.nn.Parameter(conv.weight.detach().reshape(conv.out_channels, -1).T.contiguous())
+        self.bias = None if conv.bias is None else torch.nn.Parameter(conv.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        p = self.p
+        gh, gw = h // p, w // p
+        x = x.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * p * p)
+        y = x @ self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y.transpose(1, 2).reshape(b, -1, gh, gw)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--per-round", type=int, default=20)
+    ap.add_argument("--out", default=str(REPO / "benchmarks/results/onnx_export_variants.md"))
+    args = ap.parse_args(argv)
+    import onnx
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model, _ = build_student(512, {"width": 384, "layers": 6, "heads": 6, "patch_size": 32, "image_size": 224},
+                             {"width": 256, "layers": 4, "heads": 4, "context_length": 77})
+    model.eval()
+    patched = copy.deepcopy(model)
+    patched.visual.conv1 = PatchLinear(patched.visual.conv1)
+    work = Path(tempfile.mkdtemp(prefix="onnx_variants_"))
+    files = {}
+    for name, m, opset in (("opset20", model, 20), ("opset23", model, 23),
+                           ("opset20_patch_matmul", patched, 20), ("opset23_patch_matmul", patched, 23)):
+        info = export_onnx(m, work / name, image_size=224, context_length=77, towers=("image",), opset=opset)
+        files[name] = quantize_dynamic_onnx(info["image"]["path"], work / name / "image_encoder.int8.onnx")
+    sessions = {}
+    for name, path in files.items():
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.log_severity_level = args.threads, 3
+        sessions[name] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
+    ref = sessions["opset20"].run(None, {"pixels": x})[0]
+    times = {n: [] for n in sessions}
+    names = list(sessions)
+    for r in range(args.rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            s = sessions[n]
+            for _ in range(5):
+                s.run(None, {"pixels": x})
+            for _ in range(args.per_round):
+                t = time.perf_counter()
+                s.run(None, {"pixels": x})
+                times[n].append((time.perf_counter() - t) * 1e3)
+    base = statistics.median(times["opset20"])
+    env = environment()
+    lines = ["# ONNX export variants of the student image tower (dynamic int8, batch 1)", "",
+             f"Command: `.venv/bin/python benchmarks/bench_onnx_export_variants.py --threads {args.threads} "
+             f"--rounds {args.rounds}`, {time.strftime('%Y-%m-%d')}. CPU {env.get('cpu')} "
+             f"({', '.join(env.get('cpu_flags') or [])}), {args.threads} threads, torch {env.get('torch')}, "
+             f"onnxruntime {env.get('onnxruntime')}. Student ViT w384/d6/h6/p32 at 224 px, random weights, "
+             f"int8 mode = the project default. {args.rounds} interleaved rounds x {args.per_round} calls.", "",
+             "| variant | int8 nodes (Attention / ConvInteger / MatMulInteger) | median ms | speed-up vs opset 20 | max abs diff vs opset 20 |",
+             "|---|---|---:|---:|---:|"]
+    for n in names:
+        ops = [nd.op_type for nd in onnx.load(str(files[n])).graph.node]
+        diff = float(np.abs(sessions[n].run(None, {"pixels": x})[0] - ref).max())
+        med = statistics.median(times[n])
+        lines.append(f"| {n} | {ops.count('Attention')} / {ops.count('ConvInteger')} / {ops.count('MatMulInteger')} | "
+                     f"{med:.3f} | {base / med:.3f}x | {diff:.2e} |")
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
