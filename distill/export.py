@@ -87,6 +87,51 @@ class ImageTower(torch.nn.Module):
         return F.normalize(self.model.encode_image(pixels), dim=-1)
 
 
+class PatchMatMul(torch.nn.Module):
+    """A ViT patch embedding (Conv2d with kernel = stride = p, no padding) as patchify + MatMul.
+
+    Same output, layout (B, D, H/p, W/p) included, so it drops into open_clip's VisionTransformer
+    as ``conv1``. Exported, it is a Reshape/Transpose and one MatMul, which ORT's dynamic int8 turns
+    into DynamicQuantizeMatMul; a Conv becomes ConvInteger, which is slower: int8 image tower of a
+    w384/d6/p32 student at batch 1, 1.068x faster with this (benchmarks/results/onnx_export_variants.md),
+    outputs identical.
+    """
+
+    def __init__(self, conv: torch.nn.Conv2d) -> None:
+        super().__init__()
+        self.p = int(conv.kernel_size[0])
+        self.weight = torch.nn.Parameter(conv.weight.detach().reshape(conv.out_channels, -1).T.contiguous())
+        self.bias = None if conv.bias is None else torch.nn.Parameter(conv.bias.detach().clone())
+
+    @staticmethod
+    def applies_to(conv: Any) -> bool:
+        return (isinstance(conv, torch.nn.Conv2d) and conv.kernel_size[0] == conv.kernel_size[1]
+                and tuple(conv.stride) == tuple(conv.kernel_size) and tuple(conv.padding) == (0, 0)
+                and tuple(conv.dilation) == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        p = self.p
+        gh, gw = h // p, w // p
+        x = x.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * p * p)
+        y = x @ self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y.transpose(1, 2).reshape(b, -1, gh, gw)
+
+
+def _with_patch_matmul(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose ViT patch embedding is a PatchMatMul; ``model`` itself when it has none."""
+    import copy
+
+    conv = getattr(getattr(model, "visual", None), "conv1", None)
+    if not PatchMatMul.applies_to(conv):
+        return model
+    out = copy.deepcopy(model)
+    out.visual.conv1 = PatchMatMul(conv)
+    return out
+
+
 class TextTower(torch.nn.Module):
     """(B, L) int64 token ids -> (B, D) L2-normalised text embedding."""
 
@@ -226,18 +271,23 @@ def check_onnx_file(path: str | Path, reference: Callable[[torch.Tensor], torch.
 
 def export_onnx(model: torch.nn.Module, out_dir: str | Path, *, image_size: int, context_length: int,
                 opset: int = 20, parity_tol: float = 0.9999, exporter: str = "auto",
-                towers: Sequence[str] = ("image", "text")) -> dict[str, dict[str, Any]]:
+                towers: Sequence[str] = ("image", "text"), patch_embed: str = "matmul") -> dict[str, dict[str, Any]]:
     """Export both towers to ONNX with a dynamic batch axis and check each file against PyTorch.
 
     image_encoder.onnx: "pixels" (B, 3, S, S) float32 normalised -> "embedding" (B, D), L2-normalised.
     text_encoder.onnx: "tokens" (B, L) int64 -> "embedding" (B, D), L2-normalised.
     exporter: "auto" (dynamo, legacy if dynamo raises), "dynamo" or "legacy".
+    patch_embed: "matmul" writes a ViT's patch embedding as patchify + MatMul (``PatchMatMul``,
+    faster once int8), "conv" as the model has it; the parity check runs against the model as given.
     Returns {"image": {"path", "opset", "exporter", "min_cosine", "max_abs_err"}, "text": {...}}.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval()
     vocab = int(getattr(model, "vocab_size", 0) or model.token_embedding.num_embeddings)
+    if patch_embed not in ("matmul", "conv"):
+        raise UserError(f"export.patch_embed={patch_embed!r} is unknown: use matmul or conv")
+    image_model = _with_patch_matmul(model) if patch_embed == "matmul" else model
     specs = {
         "image": (ImageTower(model).eval(), "pixels", torch.from_numpy(random_inputs("image", 2, image_size=image_size))),
         "text": (TextTower(model).eval(), "tokens",
@@ -247,7 +297,8 @@ def export_onnx(model: torch.nn.Module, out_dir: str | Path, *, image_size: int,
     for kind in towers:
         tower, input_name, example = specs[kind]
         path = out / f"{kind}_encoder.onnx"
-        used = _export_one(tower, example, path, input_name, opset, exporter)
+        exported = ImageTower(image_model).eval() if kind == "image" else tower
+        used = _export_one(exported, example, path, input_name, opset, exporter)
         parity = check_onnx_file(path, tower, kind, image_size=image_size, context_length=context_length,
                                  vocab_size=vocab, parity_tol=parity_tol, exporter=used)
         info[kind] = {"path": str(path), "opset": _onnx_opset(path), "exporter": used,

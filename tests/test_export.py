@@ -115,3 +115,37 @@ def test_legacy_fallback_when_dynamo_raises(tmp_path, monkeypatch):
     assert torch.backends.mha.get_fastpath_enabled()  # restored after the legacy export
     with pytest.raises(ExportCheckError, match="dynamo ONNX export failed.*exporter='legacy'"):
         export_onnx(model, tmp_path / "d", image_size=32, context_length=16, exporter="dynamo", towers=("image",))
+
+
+def test_patch_matmul_equals_the_conv_patch_embedding():
+    from distill.export import PatchMatMul
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, kernel_size=4, stride=4, bias=True)
+    x = torch.randn(2, 3, 12, 16)
+    assert PatchMatMul.applies_to(conv)
+    torch.testing.assert_close(PatchMatMul(conv)(x), conv(x), atol=1e-5, rtol=1e-5)
+    assert not PatchMatMul.applies_to(torch.nn.Conv2d(3, 8, kernel_size=4, stride=2))  # overlapping patches
+    assert not PatchMatMul.applies_to(torch.nn.Conv2d(3, 8, kernel_size=4, stride=4, padding=1))
+    assert not PatchMatMul.applies_to(None)
+
+
+def _image_ops(path):
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def test_exported_patch_embedding_is_a_matmul_by_default_and_matches_the_model(exported, tmp_path):
+    model, out, info = exported
+    assert "Conv" not in _image_ops(info["image"]["path"]) and info["image"]["min_cosine"] >= 0.9999
+    assert not isinstance(model.visual.conv1, torch.nn.Identity) and isinstance(model.visual.conv1, torch.nn.Conv2d)
+    conv = export_onnx(model, tmp_path, image_size=32, context_length=16, towers=("image",), patch_embed="conv",
+                       exporter="legacy")
+    assert "Conv" in _image_ops(conv["image"]["path"])
+    x = random_inputs("image", 3, image_size=32, seed=5)
+    a = ort.InferenceSession(info["image"]["path"], providers=["CPUExecutionProvider"]).run(None, {"pixels": x})[0]
+    b = ort.InferenceSession(conv["image"]["path"], providers=["CPUExecutionProvider"]).run(None, {"pixels": x})[0]
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    from distill.errors import UserError
+
+    with pytest.raises(UserError, match="patch_embed='pixel' is unknown"):
+        export_onnx(model, tmp_path, image_size=32, context_length=16, patch_embed="pixel")
