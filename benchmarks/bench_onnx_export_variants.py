@@ -2,17 +2,17 @@
 
     .venv/bin/python benchmarks/bench_onnx_export_variants.py --threads 2 --rounds 6
 
-Variants: the export as shipped (opset 20), opset 23 (the exporter writes SDPA as one ONNX
-``Attention`` node, kept in float by distill.quantize), and each with the patch embedding
-rewritten as reshape + MatMul instead of Conv (int8 ConvInteger is slow in ORT; a MatMul becomes
-DynamicQuantizeMatMul). The rewrite is a trial here, not a product feature. Batch 1, random
-weights, medians over all rounds. Writes benchmarks/results/onnx_export_variants.md.
+Variants: opset 20 with the patch embedding as a Conv (``export.patch_embed=conv``), opset 23
+(the exporter writes SDPA as one ONNX ``Attention`` node, kept in float by distill.quantize), and
+each with the patch embedding as reshape + MatMul (``patch_embed=matmul``, distill.export.PatchMatMul,
+the default since this measurement: int8 ConvInteger is slow in ORT, a MatMul becomes
+DynamicQuantizeMatMul). Batch 1, random weights, medians over all rounds. Writes
+benchmarks/results/onnx_export_variants.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import tempfile
@@ -31,26 +31,6 @@ from distill.quantize import quantize_dynamic_onnx  # noqa: E402
 from distill.students import build_student  # noqa: E402
 
 
-class PatchLinear(torch.nn.Module):
-    """Conv2d(kernel = stride = p) as patchify + matmul, same output layout (B, D, H/p, W/p)."""
-
-    def __init__(self, conv: torch.nn.Conv2d) -> None:
-        super().__init__()
-        self.p = conv.kernel_size[0]
-        self.weight = torch.nn.Parameter(conv.weight.detach().reshape(conv.out_channels, -1).T.contiguous())
-        self.bias = None if conv.bias is None else torch.nn.Parameter(conv.bias.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        p = self.p
-        gh, gw = h // p, w // p
-        x = x.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * p * p)
-        y = x @ self.weight
-        if self.bias is not None:
-            y = y + self.bias
-        return y.transpose(1, 2).reshape(b, -1, gh, gw)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -65,13 +45,12 @@ def main(argv=None) -> int:
     model, _ = build_student(512, {"width": 384, "layers": 6, "heads": 6, "patch_size": 32, "image_size": 224},
                              {"width": 256, "layers": 4, "heads": 4, "context_length": 77})
     model.eval()
-    patched = copy.deepcopy(model)
-    patched.visual.conv1 = PatchLinear(patched.visual.conv1)
     work = Path(tempfile.mkdtemp(prefix="onnx_variants_"))
     files = {}
-    for name, m, opset in (("opset20", model, 20), ("opset23", model, 23),
-                           ("opset20_patch_matmul", patched, 20), ("opset23_patch_matmul", patched, 23)):
-        info = export_onnx(m, work / name, image_size=224, context_length=77, towers=("image",), opset=opset)
+    for name, patch, opset in (("opset20", "conv", 20), ("opset23", "conv", 23),
+                               ("opset20_patch_matmul", "matmul", 20), ("opset23_patch_matmul", "matmul", 23)):
+        info = export_onnx(model, work / name, image_size=224, context_length=77, towers=("image",), opset=opset,
+                           patch_embed=patch)
         files[name] = quantize_dynamic_onnx(info["image"]["path"], work / name / "image_encoder.int8.onnx")
     sessions = {}
     for name, path in files.items():
