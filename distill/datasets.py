@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import io
 import os
+import random
 import shutil
 import subprocess
 import tarfile
@@ -429,9 +430,7 @@ class Mixed:
         return self.n
 
     def _draw(self, i: int) -> tuple[int, int, float]:
-        import random as _random
-
-        rng = _random.Random(f"{self.name}/{i}")
+        rng = random.Random(f"{self.name}/{i}")
         a = rng.randrange(len(self.source))
         b = (a + 1 + rng.randrange(len(self.source) - 1)) % len(self.source)
         return a, b, round(rng.betavariate(self.alpha, self.alpha), 4)

@@ -120,16 +120,20 @@ class PatchMatMul(torch.nn.Module):
         return y.transpose(1, 2).reshape(b, -1, gh, gw)
 
 
-def _with_patch_matmul(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` whose ViT patch embedding is a PatchMatMul; ``model`` itself when it has none."""
-    import copy
-
-    conv = getattr(getattr(model, "visual", None), "conv1", None)
+@contextlib.contextmanager
+def _patch_matmul(model: torch.nn.Module):
+    """While inside, ``model``'s ViT patch embedding is a PatchMatMul (no-op without one); the Conv
+    is put back on exit, so the caller's model is unchanged and nothing else is copied."""
+    visual = getattr(model, "visual", None)
+    conv = getattr(visual, "conv1", None)
     if not PatchMatMul.applies_to(conv):
-        return model
-    out = copy.deepcopy(model)
-    out.visual.conv1 = PatchMatMul(conv)
-    return out
+        yield
+        return
+    visual.conv1 = PatchMatMul(conv)
+    try:
+        yield
+    finally:
+        visual.conv1 = conv
 
 
 class TextTower(torch.nn.Module):
@@ -287,7 +291,6 @@ def export_onnx(model: torch.nn.Module, out_dir: str | Path, *, image_size: int,
     vocab = int(getattr(model, "vocab_size", 0) or model.token_embedding.num_embeddings)
     if patch_embed not in ("matmul", "conv"):
         raise UserError(f"export.patch_embed={patch_embed!r} is unknown: use matmul or conv")
-    image_model = _with_patch_matmul(model) if patch_embed == "matmul" else model
     specs = {
         "image": (ImageTower(model).eval(), "pixels", torch.from_numpy(random_inputs("image", 2, image_size=image_size))),
         "text": (TextTower(model).eval(), "tokens",
@@ -297,8 +300,9 @@ def export_onnx(model: torch.nn.Module, out_dir: str | Path, *, image_size: int,
     for kind in towers:
         tower, input_name, example = specs[kind]
         path = out / f"{kind}_encoder.onnx"
-        exported = ImageTower(image_model).eval() if kind == "image" else tower
-        used = _export_one(exported, example, path, input_name, opset, exporter)
+        swap = _patch_matmul(model) if kind == "image" and patch_embed == "matmul" else contextlib.nullcontext()
+        with swap:
+            used = _export_one(tower, example, path, input_name, opset, exporter)
         parity = check_onnx_file(path, tower, kind, image_size=image_size, context_length=context_length,
                                  vocab_size=vocab, parity_tol=parity_tol, exporter=used)
         info[kind] = {"path": str(path), "opset": _onnx_opset(path), "exporter": used,

@@ -315,15 +315,15 @@ def bench_stage(cfg: DictConfig, teacher: Any, student: torch.nn.Module, model_c
         "retrieval": {n: {"images": e.images, "captions": e.captions} for n, e in eval_sets["retrieval"].items()},
     }
     ceilings = bench.matmul_ceiling(threads) if cfg.get("ceilings", True) else None
-    rows = bench.measure_variants(
-        variants, sets, batch_sizes=tuple(cfg.batch_sizes), threads=threads, reference="teacher_torch_fp32",
-        warmup=int(cfg.warmup), repeats=int(cfg.repeats), rounds=int(cfg.get("rounds", 1)),
-        settle_s=float(cfg.get("settle_s", 0.5)), ceilings=ceilings,
-        own_reference={"student_torch_int8": "student_torch_fp32", "student_onnx_int8": "student_onnx_fp32",
-                       "student_onnx_fp32": "student_torch_fp32", "teacher_onnx_fp32": "teacher_torch_fp32"})
     timing = {"threads": threads, "batch_sizes": list(cfg.batch_sizes), "warmup": int(cfg.warmup),
               "repeats": int(cfg.repeats), "rounds": int(cfg.get("rounds", 1)),
               "settle_s": float(cfg.get("settle_s", 0.5))}
+    rows = bench.measure_variants(
+        variants, sets, batch_sizes=tuple(cfg.batch_sizes), threads=threads, reference="teacher_torch_fp32",
+        warmup=timing["warmup"], repeats=timing["repeats"], rounds=timing["rounds"],
+        settle_s=timing["settle_s"], ceilings=ceilings,
+        own_reference={"student_torch_int8": "student_torch_fp32", "student_onnx_int8": "student_onnx_fp32",
+                       "student_onnx_fp32": "student_torch_fp32", "teacher_onnx_fp32": "teacher_torch_fp32"})
     return {"variants": rows, "ceilings": ceilings, "timing": timing}
 
 
