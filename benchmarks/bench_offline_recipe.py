@@ -7,7 +7,8 @@ with ``cfg`` in scope, for edits the Hydra command line cannot express, such as 
 source), builds the teacher cache, trains, and evaluates on the experiment's eval sets four ways:
 teacher image x teacher text (TT), student x student (SS), student image x teacher text (S_img)
 and teacher image x student text (S_txt), plus the mean image/text cosine to the teacher. S_img
-and S_txt say which tower loses the accuracy. Appends one JSON line to
+and S_txt say which tower loses the accuracy. A constant baseline too: the cosine of the teacher's
+eval embeddings to the mean teacher target of each training source's views. Appends one JSON line to
 benchmarks/results/offline_recipe.jsonl (no export, no latency: see the pipeline's report for those).
 """
 
@@ -66,6 +67,12 @@ def main(argv: list[str]) -> int:
     t_train = time.time() - t0 - t_cache
     s = ClipEncoder(student.eval(), tok, size)
     res = {"name": name, "args": args, "items": len(ds), "cache_s": round(t_cache), "train_s": round(t_train)}
+    import numpy as np
+
+    targets = torch.from_numpy(np.asarray(cache.image_emb, dtype=np.float32))
+    owner = torch.tensor([ds.index[j // ds.spec.views][0] for j in range(len(ds))])
+    means = {ds.sources[s].name: torch.nn.functional.normalize(targets[owner == s].mean(0), dim=0)
+             for s in range(len(ds.sources))}
     for n, e in evs["classification"].items():
         ti, si = teacher.encode_image(e.images), s.encode_image(e.images)
         tmpl = e.templates or ["a photo of a {}."]
@@ -74,6 +81,7 @@ def main(argv: list[str]) -> int:
         for a, b, lab in ((ti, tc, "TT"), (si, sc, "SS"), (si, tc, "S_img"), (ti, sc, "S_txt")):
             res[f"{n}/top1/{lab}"] = round(zero_shot_accuracy(a, b, e.labels)["top1"] * 100, 1)
         res[f"{n}/image_cosine"] = round((ti * si).sum(-1).mean().item(), 4)
+        res[f"{n}/teacher_cosine_to_train_mean"] = {k: round((ti @ m).mean().item(), 4) for k, m in means.items()}
     for n, e in evs["retrieval"].items():
         ti, si = teacher.encode_image(e.images), s.encode_image(e.images)
         tt, st = teacher.encode_text(e.captions), s.encode_text(e.captions)
@@ -82,6 +90,7 @@ def main(argv: list[str]) -> int:
             res[f"{n}/r5_i2t_t2i/{lab}"] = [round(r["i2t_r5"] * 100, 1), round(r["t2i_r5"] * 100, 1)]
         res[f"{n}/text_cosine"] = round((tt * st).sum(-1).mean().item(), 4)
         res[f"{n}/image_cosine"] = round((ti * si).sum(-1).mean().item(), 4)
+        res[f"{n}/teacher_cosine_to_train_mean"] = {k: round((ti @ m).mean().item(), 4) for k, m in means.items()}
     env = environment()
     res["env"] = {k: env.get(k) for k in ("cpu", "cpu_flags", "torch_threads", "torch", "onnxruntime")}
     print(json.dumps(res), flush=True)
