@@ -2,12 +2,14 @@
 
     .venv/bin/python benchmarks/bench_onnx_export_variants.py --threads 2 --rounds 6
 
-Variants: opset 20 with the patch embedding as a Conv (``export.patch_embed=conv``), opset 23
-(the exporter writes SDPA as one ONNX ``Attention`` node, kept in float by distill.quantize), and
-each with the patch embedding as reshape + MatMul (``patch_embed=matmul``, distill.export.PatchMatMul,
-the default since this measurement: int8 ConvInteger is slow in ORT, a MatMul becomes
-DynamicQuantizeMatMul). Batch 1, random weights, medians over all rounds. Writes
-benchmarks/results/onnx_export_variants.md.
+Variants: opset 20 with the patch embedding as a Conv and torch's own decomposition of
+nn.MultiheadAttention (``export.patch_embed=conv export.attention=native``, the first export);
+the patch embedding as reshape + MatMul (``patch_embed=matmul``, distill.export.PatchMatMul: int8
+ConvInteger is slow in ORT, a MatMul becomes DynamicQuantizeMatMul); self-attention as plain
+MatMul/Softmax (``attention=matmul``, distill.export.MatMulAttention: ~13 nodes a layer instead of
+~45); and opset 23, where the exporter writes SDPA as one ONNX ``Attention`` node (kept in float by
+distill.quantize; needs ``attention=native``). Batch 1, random weights, medians over all rounds.
+Writes benchmarks/results/onnx_export_variants.md.
 """
 
 from __future__ import annotations
@@ -47,10 +49,12 @@ def main(argv=None) -> int:
     model.eval()
     work = Path(tempfile.mkdtemp(prefix="onnx_variants_"))
     files = {}
-    for name, patch, opset in (("opset20", "conv", 20), ("opset23", "conv", 23),
-                               ("opset20_patch_matmul", "matmul", 20), ("opset23_patch_matmul", "matmul", 23)):
+    for name, patch, attention, opset in (
+            ("opset20", "conv", "native", 20), ("opset23", "conv", "native", 23),
+            ("opset20_patch_matmul", "matmul", "native", 20), ("opset23_patch_matmul", "matmul", "native", 23),
+            ("opset20_patch_matmul_attention_matmul", "matmul", "matmul", 20)):
         info = export_onnx(model, work / name, image_size=224, context_length=77, towers=("image",), opset=opset,
-                           patch_embed=patch)
+                           patch_embed=patch, attention=attention)
         files[name] = quantize_dynamic_onnx(info["image"]["path"], work / name / "image_encoder.int8.onnx")
     sessions = {}
     for name, path in files.items():
@@ -64,6 +68,7 @@ def main(argv=None) -> int:
     for r in range(args.rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:
             s = sessions[n]
+            time.sleep(0.5)  # let the previous variant's spinning thread pool go idle (distill.bench's settle_s)
             for _ in range(5):
                 s.run(None, {"pixels": x})
             for _ in range(args.per_round):
@@ -78,13 +83,14 @@ def main(argv=None) -> int:
              f"({', '.join(env.get('cpu_flags') or [])}), {args.threads} threads, torch {env.get('torch')}, "
              f"onnxruntime {env.get('onnxruntime')}. Student ViT w384/d6/h6/p32 at 224 px, random weights, "
              f"int8 mode = the project default. {args.rounds} interleaved rounds x {args.per_round} calls.", "",
-             "| variant | int8 nodes (Attention / ConvInteger / MatMulInteger) | median ms | speed-up vs opset 20 | max abs diff vs opset 20 |",
+             "| variant | int8 nodes (all / Transpose / Attention / ConvInteger / MatMulInteger) | median ms | speed-up vs opset 20 | max abs diff vs opset 20 |",
              "|---|---|---:|---:|---:|"]
     for n in names:
         ops = [nd.op_type for nd in onnx.load(str(files[n])).graph.node]
         diff = float(np.abs(sessions[n].run(None, {"pixels": x})[0] - ref).max())
         med = statistics.median(times[n])
-        lines.append(f"| {n} | {ops.count('Attention')} / {ops.count('ConvInteger')} / {ops.count('MatMulInteger')} | "
+        lines.append(f"| {n} | {len(ops)} / {ops.count('Transpose')} / {ops.count('Attention')} / {ops.count('ConvInteger')} / "
+                     f"{ops.count('MatMulInteger')} | "
                      f"{med:.3f} | {base / med:.3f}x | {diff:.2e} |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -218,7 +218,8 @@ def export_stage(cfg: DictConfig, student: torch.nn.Module, model_cfg: dict[str,
         onnx_dir = exp_dir / "onnx"
         info["onnx"] = export.export_onnx(student, onnx_dir, image_size=size, context_length=ctx,
                                           opset=int(cfg.opset), parity_tol=float(cfg.parity_min_cosine),
-                                          patch_embed=str(cfg.get("patch_embed", "matmul")))
+                                          patch_embed=str(cfg.get("patch_embed", "matmul")),
+                                          attention=str(cfg.get("attention", "matmul")))
         if cfg.int8.dynamic:
             mode = cfg.int8.mode
             kw = {} if mode == "default" else {"mode": mode}

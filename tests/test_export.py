@@ -149,3 +149,46 @@ def test_exported_patch_embedding_is_a_matmul_by_default_and_matches_the_model(e
 
     with pytest.raises(UserError, match="patch_embed='pixel' is unknown"):
         export_onnx(model, tmp_path, image_size=32, context_length=16, patch_embed="pixel")
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_matmul_attention_equals_multihead_attention(batch_first):
+    from distill.export import MatMulAttention
+
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    x = torch.randn(3, 5, 16) if batch_first else torch.randn(5, 3, 16)
+    causal = torch.full((5, 5), float("-inf")).triu(1)
+    ours = MatMulAttention(mha)
+    assert MatMulAttention.applies_to(mha)
+    for mask in (None, causal, causal.isinf()):  # none, additive float, boolean (True = masked)
+        want = mha(x, x, x, need_weights=False, attn_mask=mask)[0]
+        got, weights = ours(x, x, x, need_weights=False, attn_mask=mask)
+        assert weights is None
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    y = torch.randn_like(x)  # cross-attention goes to the wrapped module unchanged
+    torch.testing.assert_close(ours(x, y, y)[0], mha(x, y, y)[0])
+    assert not MatMulAttention.applies_to(torch.nn.MultiheadAttention(16, 4, kdim=8, vdim=8))
+    assert not MatMulAttention.applies_to(None)
+
+
+def _ops(path):
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def test_exported_attention_is_matmul_by_default_fewer_nodes_same_outputs(exported, tmp_path):
+    from distill.errors import UserError
+
+    model, out, info = exported
+    native = export_onnx(model, tmp_path, image_size=32, context_length=16, attention="native")
+    blocks_before = [type(b.attn) for b in model.visual.transformer.resblocks + model.transformer.resblocks]
+    assert all(t is torch.nn.MultiheadAttention for t in blocks_before)  # the model is put back as it was
+    for kind, name, x in (("image", "pixels", random_inputs("image", 3, image_size=32, seed=6)),
+                          ("text", "tokens", random_inputs("text", 3, context_length=16, seed=6))):
+        ours, theirs = _ops(info[kind]["path"]), _ops(native[kind]["path"])
+        assert len(ours) < len(theirs) and ours.count("Transpose") < theirs.count("Transpose"), kind
+        a = ort.InferenceSession(info[kind]["path"], providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
+        b = ort.InferenceSession(native[kind]["path"], providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(UserError, match="attention='flash' is unknown"):
+        export_onnx(model, tmp_path, image_size=32, context_length=16, attention="flash")
