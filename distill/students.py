@@ -20,6 +20,10 @@ from distill.errors import UserError
 
 log = logging.getLogger(__name__)
 
+# open_clip VisionCfg fields a student config may set besides the shape (pool_type: "tok" pools the
+# class token, "avg" averages the patch tokens)
+_VISION_EXTRAS = ("pool_type", "final_ln_after_pool", "no_ln_pre", "ls_init_value", "patch_dropout")
+
 TEXT_PARAM_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 
 
@@ -36,7 +40,8 @@ def build_student(
 
     Args:
         embed_dim: output size E of both towers (image/text features are (B, E)).
-        vision: {width, layers, heads, patch_size, image_size, mlp_ratio=4}; head_width = width // heads.
+        vision: {width, layers, heads, patch_size, image_size, mlp_ratio=4}; head_width = width // heads;
+            optionally open_clip VisionCfg's pool_type, final_ln_after_pool, no_ln_pre, ls_init_value, patch_dropout.
         text: {"mode": "distilled", width, layers, heads, context_length=77, vocab_size=49408, mlp_ratio=4}
             for a narrow text transformer using open_clip's tokenizer, or {"mode": "teacher"} to
             reuse the teacher's text tower, copied and frozen (needs ``teacher_model``).
@@ -60,6 +65,13 @@ def build_student(
     vision_cfg = {"image_size": image_size, "layers": int(vision["layers"]), "width": width,
                   "head_width": width // heads, "patch_size": patch_size,
                   "mlp_ratio": float(vision.get("mlp_ratio", 4.0))}
+    for key in _VISION_EXTRAS:  # open_clip VisionCfg fields passed through as given
+        if vision.get(key) is not None:
+            vision_cfg[key] = vision[key]
+    unknown = set(vision) - {"width", "layers", "heads", "patch_size", "image_size", "mlp_ratio", *_VISION_EXTRAS}
+    if unknown:
+        raise UserError(f"student.builder.vision has unknown keys {sorted(unknown)}: use width, layers, heads, "
+                        f"patch_size, image_size, mlp_ratio or one of {list(_VISION_EXTRAS)}")
 
     mode = text.get("mode", "distilled")
     if mode == "distilled":

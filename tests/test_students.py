@@ -71,11 +71,27 @@ def test_model_cfg_round_trip_through_open_clip_local_dir(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_build_student_passes_open_clip_vision_options(tmp_path):
+    torch.manual_seed(0)
+    model, cfg = build_student(32, {**VISION, "pool_type": "avg"}, TEXT)
+    assert cfg["vision_cfg"]["pool_type"] == "avg" and model.visual.pool_type == "avg"
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    rebuilt = open_clip.create_model(f"local-dir:{tmp_path}").eval()
+    assert rebuilt.visual.pool_type == "avg"
+    images, _ = _inputs()
+    with torch.no_grad():  # average pooling of the patch tokens: not the class token's output
+        torch.testing.assert_close(rebuilt.encode_image(images), model.eval().encode_image(images))
+        model.visual.pool_type = "tok"
+        assert not torch.allclose(rebuilt.encode_image(images), model.encode_image(images))
+
+
 @pytest.mark.parametrize("vision,text,msg", [
     ({**VISION, "heads": 3}, TEXT, "divisible"),
     ({**VISION, "image_size": 40}, TEXT, "multiple of patch_size"),
     (VISION, {**TEXT, "heads": 3}, "divisible"),
     (VISION, {"mode": "frozen"}, "mode"),
+    ({**VISION, "pool": "avg"}, TEXT, r"unknown keys \['pool'\].*pool_type"),
 ])
 def test_build_student_config_errors(vision, text, msg):
     with pytest.raises(UserError, match=msg):
