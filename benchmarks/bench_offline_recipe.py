@@ -8,7 +8,9 @@ source), builds the teacher cache, trains, and evaluates on the experiment's eva
 teacher image x teacher text (TT), student x student (SS), student image x teacher text (S_img)
 and teacher image x student text (S_txt), plus the mean image/text cosine to the teacher. S_img
 and S_txt say which tower loses the accuracy. A constant baseline too: the cosine of the teacher's
-eval embeddings to the mean teacher target of each training source's views. Appends one JSON line to
+eval embeddings to the mean teacher target of each training source's views; and, for a classification
+set, a label oracle (``label_oracle``: every eval image given the mean teacher target of its class's
+training views, from a training source labelled with the same classes). Appends one JSON line to
 benchmarks/results/offline_recipe.jsonl (no export, no latency: see the pipeline's report for those).
 """
 
@@ -35,6 +37,27 @@ from distill.cache import build_or_load  # noqa: E402
 from distill.encoders import ClipEncoder  # noqa: E402
 from distill.metrics import retrieval_recall, zero_shot_accuracy, zero_shot_classifier  # noqa: E402
 from distill.train import train  # noqa: E402
+
+
+def label_oracle(ds, targets: torch.Tensor, owner: torch.Tensor, ev, teacher_emb: torch.Tensor,
+                 teacher_classifier: torch.Tensor) -> dict[str, dict[str, float]]:
+    """A reference point for a classification eval set: a student that knows every eval image's
+    class perfectly and outputs the mean teacher target of that class's training views. Per training
+    source labelled with the eval set's class names: that oracle's mean cosine to the teacher's eval
+    embeddings and its top-1 with the teacher's text classifier. What is left above it is the
+    teacher's response to the individual image, which the student has to see to copy."""
+    out = {}
+    for si, src in enumerate(ds.sources):
+        if getattr(src, "labels", None) is None or list(getattr(src, "classnames", None) or []) != list(ev.classnames):
+            continue
+        rows = (owner == si).nonzero().squeeze(1)
+        labels = torch.tensor([src.labels[ds.index[int(j) // ds.spec.views][1]] for j in rows])
+        per_class = torch.nn.functional.normalize(
+            torch.stack([targets[rows[labels == c]].mean(0) for c in range(len(ev.classnames))]), dim=-1)
+        oracle = per_class[ev.labels]
+        out[src.name] = {"image_cosine": round((teacher_emb * oracle).sum(-1).mean().item(), 4),
+                         "top1": round(zero_shot_accuracy(oracle, teacher_classifier, ev.labels)["top1"] * 100, 1)}
+    return out
 
 
 def main(argv: list[str]) -> int:
@@ -82,6 +105,7 @@ def main(argv: list[str]) -> int:
             res[f"{n}/top1/{lab}"] = round(zero_shot_accuracy(a, b, e.labels)["top1"] * 100, 1)
         res[f"{n}/image_cosine"] = round((ti * si).sum(-1).mean().item(), 4)
         res[f"{n}/teacher_cosine_to_train_mean"] = {k: round((ti @ m).mean().item(), 4) for k, m in means.items()}
+        res[f"{n}/label_oracle"] = label_oracle(ds, targets, owner, e, ti, tc)
     for n, e in evs["retrieval"].items():
         ti, si = teacher.encode_image(e.images), s.encode_image(e.images)
         tt, st = teacher.encode_text(e.captions), s.encode_text(e.captions)
