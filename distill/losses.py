@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from distill import distributed as dist_utils
 from distill.errors import UserError
 
-TERMS = ("feature_mse", "contrastive_kd", "clip", "interactive")
+TERMS = ("feature_mse", "feature_mse_image", "feature_mse_text", "contrastive_kd", "clip", "interactive")
 TEMPERATURE_MODES = ("fixed", "teacher", "student", "own")
 _CONTRASTIVE = ("contrastive_kd", "clip", "interactive")
 
@@ -54,6 +54,9 @@ class DistillLoss(torch.nn.Module):
     The other terms (labels ``y`` = the columns holding each row's own pair, ``arange(B) + rank*B``):
 
     * ``feature_mse`` = ½ [mean((P s_i − t_i)²) + mean((P s_t − t_t)²)], mean over B × D_t elements.
+    * ``feature_mse_image`` = mean((P s_i − t_i)²) and ``feature_mse_text`` = mean((P s_t − t_t)²):
+      the two halves as terms of their own, for a weight per tower (feature_mse with weight w is
+      the same as both of these with weight w/2).
     * ``clip``        = ½ [CE(alpha_s s_i[rows] s_t[cols]ᵀ, y) + CE(alpha_s s_t[rows] s_i[cols]ᵀ, y)];
       only when ``has_pairs`` (ground-truth pairs); otherwise not computed and not logged.
     * ``interactive`` = ½ [CE(alpha_s P s_i[rows] t_t[cols]ᵀ, y) + CE(alpha_s P s_t[rows] t_i[cols]ᵀ, y)]
@@ -101,7 +104,7 @@ class DistillLoss(torch.nn.Module):
         self.temperature_mode = temperature_mode
         self.kd_T = float(kd_T)
         self.student_dim, self.teacher_dim = student_dim, teacher_dim
-        needs_proj = any(k in self.weights for k in ("feature_mse", "interactive"))
+        needs_proj = any(k in self.weights for k in ("feature_mse", "feature_mse_image", "feature_mse_text", "interactive"))
         self.projector: torch.nn.Linear | None = None
         if needs_proj and student_dim is not None and teacher_dim is not None and int(student_dim) != int(teacher_dim):
             self.projector = torch.nn.Linear(int(student_dim), int(teacher_dim), bias=False)
@@ -180,7 +183,7 @@ class DistillLoss(torch.nn.Module):
         out: dict[str, torch.Tensor] = {}
 
         proj_img = proj_txt = None
-        if "feature_mse" in w or "interactive" in w:
+        if any(k in w for k in ("feature_mse", "feature_mse_image", "feature_mse_text", "interactive")):
             proj_img, proj_txt = self._project(s_img, Dt), self._project(s_txt, Dt)  # (B, Dt)
 
         # Gather once, whatever has_pairs says, so every rank joins the same collectives.
@@ -195,6 +198,10 @@ class DistillLoss(torch.nn.Module):
         if "feature_mse" in w:
             mse = 0.5 * (F.mse_loss(proj_img, t_img) + F.mse_loss(proj_txt, t_txt))
             out["feature_mse_loss"] = w["feature_mse"] * mse
+        if "feature_mse_image" in w:
+            out["feature_mse_image_loss"] = w["feature_mse_image"] * F.mse_loss(proj_img, t_img)
+        if "feature_mse_text" in w:
+            out["feature_mse_text_loss"] = w["feature_mse_text"] * F.mse_loss(proj_txt, t_txt)
 
         if "contrastive_kd" in w:
             a_s, a_t = self._kd_scales(s_scale, t_scale)

@@ -116,6 +116,25 @@ def test_feature_mse_clip_interactive_match_hand_formulas():
     assert out["interactive_loss"].item() == pytest.approx(2.0 * icl.item(), rel=1e-10)
 
 
+
+def test_feature_mse_per_tower_terms_are_the_two_halves_with_their_own_weights():
+    student, teacher = _feats(7)
+    si, st = _unit(student["image_features"]), _unit(student["text_features"])
+    ti, tt = teacher["image_features"], teacher["text_features"]
+    out = DistillLoss(weights={"feature_mse_image": 5.0, "feature_mse_text": 0.25})(student, teacher)
+    assert set(out) == {"feature_mse_image_loss", "feature_mse_text_loss"}
+    assert out["feature_mse_image_loss"].item() == pytest.approx(5.0 * ((si - ti) ** 2).mean().item(), rel=1e-10)
+    assert out["feature_mse_text_loss"].item() == pytest.approx(0.25 * ((st - tt) ** 2).mean().item(), rel=1e-10)
+    both = DistillLoss(weights={"feature_mse_image": 1.5, "feature_mse_text": 1.5})(student, teacher)
+    whole = DistillLoss(weights={"feature_mse": 3.0})(student, teacher)["feature_mse_loss"]
+    assert (both["feature_mse_image_loss"] + both["feature_mse_text_loss"]).item() == pytest.approx(whole.item(), rel=1e-10)
+    # only the student's image tower gets a gradient from the image term
+    s = {k: (v.detach().clone().requires_grad_(True) if torch.is_tensor(v) else v) for k, v in student.items()}
+    DistillLoss(weights={"feature_mse_image": 1.0})(s, teacher)["feature_mse_image_loss"].backward()
+    assert s["image_features"].grad.abs().sum() > 0 and s["text_features"].grad is None
+    proj = DistillLoss(weights={"feature_mse_text": 1.0}, student_dim=3, teacher_dim=4)
+    assert isinstance(proj.projector, torch.nn.Linear)  # the per-tower terms need the projector too
+
 def test_projector_when_dims_differ_and_its_output_is_renormalised():
     torch.manual_seed(0)
     student, teacher = _feats(6, Ds=3, Dt=4)
