@@ -129,7 +129,7 @@ class MatMulAttention(torch.nn.Module):
     torch's decomposition of nn.MultiheadAttention is ~45 nodes per layer (51 Transposes and 69
     Reshapes for six layers, many from reshapes of the dynamic batch); this is ~13, with one
     packed QKV projection and 4 Transposes. Measured on a w384/d6/p32 student, dynamic int8, batch 1:
-    1.05x faster (benchmarks/results/onnx_export_variants.md). Cross-attention (key is not query) goes
+    1.06x faster than with torch's form (benchmarks/results/onnx_export_variants.md). Cross-attention (key is not query) goes
     to the wrapped module unchanged.
     """
 
