@@ -17,6 +17,8 @@ from distill.errors import UserError
 TERMS = ("feature_mse", "feature_mse_image", "feature_mse_text", "contrastive_kd", "clip", "interactive")
 TEMPERATURE_MODES = ("fixed", "teacher", "student", "own")
 _CONTRASTIVE = ("contrastive_kd", "clip", "interactive")
+_FEATURE = ("feature_mse", "feature_mse_image", "feature_mse_text")
+_PROJECTED = _FEATURE + ("interactive",)  # terms that compare student features with teacher ones
 
 
 class DistillLoss(torch.nn.Module):
@@ -104,7 +106,7 @@ class DistillLoss(torch.nn.Module):
         self.temperature_mode = temperature_mode
         self.kd_T = float(kd_T)
         self.student_dim, self.teacher_dim = student_dim, teacher_dim
-        needs_proj = any(k in self.weights for k in ("feature_mse", "feature_mse_image", "feature_mse_text", "interactive"))
+        needs_proj = any(k in self.weights for k in _PROJECTED)
         self.projector: torch.nn.Linear | None = None
         if needs_proj and student_dim is not None and teacher_dim is not None and int(student_dim) != int(teacher_dim):
             self.projector = torch.nn.Linear(int(student_dim), int(teacher_dim), bias=False)
@@ -183,7 +185,7 @@ class DistillLoss(torch.nn.Module):
         out: dict[str, torch.Tensor] = {}
 
         proj_img = proj_txt = None
-        if any(k in w for k in ("feature_mse", "feature_mse_image", "feature_mse_text", "interactive")):
+        if any(k in w for k in _PROJECTED):
             proj_img, proj_txt = self._project(s_img, Dt), self._project(s_txt, Dt)  # (B, Dt)
 
         # Gather once, whatever has_pairs says, so every rank joins the same collectives.
@@ -195,13 +197,14 @@ class DistillLoss(torch.nn.Module):
         T_txt = dist_utils.gather_features(t_txt, with_grad=False) if need_t else None  # (N, Dt)
         labels = torch.arange(B, device=s_img.device) + dist_utils.rank() * B  # own pair's column
 
-        if "feature_mse" in w:
-            mse = 0.5 * (F.mse_loss(proj_img, t_img) + F.mse_loss(proj_txt, t_txt))
-            out["feature_mse_loss"] = w["feature_mse"] * mse
-        if "feature_mse_image" in w:
-            out["feature_mse_image_loss"] = w["feature_mse_image"] * F.mse_loss(proj_img, t_img)
-        if "feature_mse_text" in w:
-            out["feature_mse_text_loss"] = w["feature_mse_text"] * F.mse_loss(proj_txt, t_txt)
+        if any(k in w for k in _FEATURE):
+            mse_img, mse_txt = F.mse_loss(proj_img, t_img), F.mse_loss(proj_txt, t_txt)
+            if "feature_mse" in w:
+                out["feature_mse_loss"] = w["feature_mse"] * 0.5 * (mse_img + mse_txt)
+            if "feature_mse_image" in w:
+                out["feature_mse_image_loss"] = w["feature_mse_image"] * mse_img
+            if "feature_mse_text" in w:
+                out["feature_mse_text_loss"] = w["feature_mse_text"] * mse_txt
 
         if "contrastive_kd" in w:
             a_s, a_t = self._kd_scales(s_scale, t_scale)
