@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,12 +91,10 @@ def main(argv: list[str]) -> int:
     t_train = time.time() - t0 - t_cache
     s = ClipEncoder(student.eval(), tok, size)
     res = {"name": name, "args": args, "items": len(ds), "cache_s": round(t_cache), "train_s": round(t_train)}
-    import numpy as np
-
     targets = torch.from_numpy(np.asarray(cache.image_emb, dtype=np.float32))
     owner = torch.tensor([ds.index[j // ds.spec.views][0] for j in range(len(ds))])
-    means = {ds.sources[s].name: torch.nn.functional.normalize(targets[owner == s].mean(0), dim=0)
-             for s in range(len(ds.sources))}
+    means = {src.name: torch.nn.functional.normalize(targets[owner == i].mean(0), dim=0)
+             for i, src in enumerate(ds.sources)}
     for n, e in evs["classification"].items():
         ti, si = teacher.encode_image(e.images), s.encode_image(e.images)
         tmpl = e.templates or ["a photo of a {}."]
