@@ -61,6 +61,18 @@ def test_dynamic_int8_is_smaller_and_default_mode(fp32, tmp_path):
     from pathlib import Path
 
     assert dst.stat().st_size < 0.5 * Path(info["image"]["path"]).stat().st_size
+    # the default (s8_per_channel_reduce_range): int8 weights, one scale per output channel, and
+    # reduce-range values in [-64, 64] (onnxruntime's 7-bit range), which is what keeps the pairwise u8 x s8
+    # sums within 16 bits (2 x 255 x 64 = 32640) on AVX2 CPUs without VNNI
+    inits = {i.name: i for i in onnx.load(str(dst)).graph.initializer}
+    weights = [n for n in inits if n.endswith("_quantized")]
+    assert weights
+    for n in weights:
+        assert inits[n].data_type == onnx.TensorProto.INT8, n
+        w = onnx.numpy_helper.to_array(inits[n])
+        assert int(np.abs(w.astype(np.int32)).max()) <= 64, (n, w.min(), w.max())
+        scale = inits[n[: -len("_quantized")] + "_scale"]
+        assert list(scale.dims) == [w.shape[-1]], (n, list(scale.dims))
     with pytest.raises(UserError, match="unknown int8 mode"):
         quantize_dynamic_onnx(info["image"]["path"], tmp_path / "bad.onnx", mode="int4")
 
