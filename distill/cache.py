@@ -53,6 +53,23 @@ class TeacherCache:
         """(B,) item indices -> (B, D) float32 teacher image embeddings."""
         return torch.from_numpy(np.asarray(self.image_emb[index.numpy()], dtype=np.float32))
 
+    def mean_embeddings(self, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image mean over the readable rows, text mean over the stored texts), each (D,) float32:
+        the mean of the L2-normalised teacher embeddings (the mean itself is not renormalised), read
+        in chunks from the memory maps."""
+        def mean(arr: np.ndarray, keep: np.ndarray | None) -> torch.Tensor:
+            total, n = np.zeros(arr.shape[1], dtype=np.float64), 0
+            for lo in range(0, arr.shape[0], chunk):
+                rows = np.asarray(arr[lo:lo + chunk], dtype=np.float64)
+                rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)  # as the loss sees them
+                if keep is not None:
+                    rows = rows[keep[lo:lo + chunk]]
+                total += rows.sum(0)
+                n += len(rows)
+            return torch.from_numpy((total / max(n, 1)).astype(np.float32))
+
+        return mean(self.image_emb, np.asarray(self.valid, dtype=bool)), mean(self.text_emb, None)
+
     def text_targets(self, text_index: torch.Tensor) -> torch.Tensor:
         """(B,) text indices -> (B, D) float32 teacher text embeddings."""
         return torch.from_numpy(np.asarray(self.text_emb[text_index.numpy()], dtype=np.float32))

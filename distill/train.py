@@ -173,6 +173,8 @@ def train(
 
     student.to(device).train()
     loss_fn.to(device).train()
+    if cache is not None and getattr(loss_fn, "uses_teacher_means", False):
+        loss_fn.set_teacher_means(*cache.mean_embeddings())  # μ for the feature_residual_* terms
     if cfg.get("grad_checkpointing", False):
         student.set_grad_checkpointing(True)
     _unwrap(student).output_dict = True

@@ -232,3 +232,50 @@ def test_autocast_does_not_lower_the_loss_to_bf16():
     for k, v in ref.items():
         assert got[k].dtype == torch.float32
         assert got[k].item() == pytest.approx(v.item(), rel=1e-6, abs=1e-7), k
+
+
+def _cos_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(-1) / (a.pow(2).sum(-1).sqrt() * b.pow(2).sum(-1).sqrt())
+
+
+def test_feature_residual_terms_match_hand_formula_with_fixed_means():
+    student, teacher = _feats(11)
+    g = torch.Generator().manual_seed(5)
+    mu_i, mu_t = 0.8 * _unit(torch.randn(4, generator=g, dtype=torch.float64)), 0.5 * _unit(torch.randn(4, generator=g, dtype=torch.float64))
+    loss = DistillLoss(weights={"feature_residual_image": 3.0, "feature_residual_text": 0.5}, teacher_dim=4).double()
+    loss.set_teacher_means(mu_i, mu_t)
+    out = loss(student, teacher)
+    si, st = _unit(student["image_features"]), _unit(student["text_features"])
+    want_i = 3.0 * (1 - _cos_rows(si - mu_i, teacher["image_features"] - mu_i)).mean()
+    want_t = 0.5 * (1 - _cos_rows(st - mu_t, teacher["text_features"] - mu_t)).mean()
+    assert set(out) == {"feature_residual_image_loss", "feature_residual_text_loss"}
+    assert math.isclose(out["feature_residual_image_loss"].item(), want_i.item(), rel_tol=1e-9)
+    assert math.isclose(out["feature_residual_text_loss"].item(), want_t.item(), rel_tol=1e-9)
+    # fixed means: training-mode calls leave them alone
+    assert torch.equal(loss.teacher_image_mean, mu_i) and int(loss.teacher_mean_updates) == 0
+    # gradients reach the student features only
+    out["feature_residual_image_loss"].backward()
+    assert student["image_features"].grad is not None and student["image_features"].grad.abs().sum() > 0
+    # zero when the student equals the teacher
+    same = {**teacher, "logit_scale": torch.tensor(100.0, dtype=torch.float64)}
+    assert abs(loss(same, teacher)["feature_residual_image_loss"].item()) < 1e-9
+
+
+def test_feature_residual_means_follow_a_moving_average_without_a_cache():
+    student, teacher = _feats(13, grad=False)
+    _, teacher2 = _feats(14, grad=False)
+    loss = DistillLoss(weights={"feature_residual_image": 1.0}, teacher_dim=4).double()
+    loss(student, teacher)  # first batch: its mean
+    assert torch.allclose(loss.teacher_image_mean, teacher["image_features"].mean(0))
+    loss(student, teacher2)
+    want = 0.99 * teacher["image_features"].mean(0) + 0.01 * teacher2["image_features"].mean(0)
+    assert torch.allclose(loss.teacher_image_mean, want) and int(loss.teacher_mean_updates) == 2
+    loss.eval()
+    loss(student, teacher)  # evaluation does not move the means
+    assert torch.allclose(loss.teacher_image_mean, want)
+    assert set(loss.state_dict()) == {"teacher_image_mean", "teacher_text_mean", "teacher_mean_updates"}
+
+
+def test_feature_residual_needs_the_teacher_dim():
+    with pytest.raises(UserError, match="teacher_dim"):
+        DistillLoss(weights={"feature_residual_image": 1.0})

@@ -1,7 +1,7 @@
 """DistillLoss over two gloo processes equals the single-process loss on the global batch.
 
 Each rank gets half of a fixed global batch, runs a tiny linear "student" (so there are real
-parameter gradients), computes all four terms with gathered features, back-propagates and
+parameter gradients), computes every term with gathered features, back-propagates and
 averages the gradients across ranks the way DDP does. Loss (mean over ranks) and gradients
 must match one process on the whole batch.
 """
@@ -17,7 +17,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 WORLD, B, IN, DS, DT = 2, 4, 5, 6, 8  # global batch 8; student dim 6 != teacher dim 8 -> projector
-WEIGHTS = {"feature_mse": 1.5, "contrastive_kd": 1.0, "clip": 0.7, "interactive": 1.3}
+WEIGHTS = {"feature_mse": 1.5, "contrastive_kd": 1.0, "clip": 0.7, "interactive": 1.3,
+           # no cache here: the means are the gathered global batch's (first moving-average step)
+           "feature_residual_image": 0.9, "feature_residual_text": 0.4}
 
 
 class TinyStudent(torch.nn.Module):

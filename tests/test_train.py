@@ -176,3 +176,30 @@ def test_corpus_draws_cover_the_corpus():
         g = torch.Generator().manual_seed(_stable_int("draw", 0, step, 0, 0))
         seen |= set(torch.randint(0, 40, (8,), generator=g).tolist())
     assert len(seen) == 40  # a fixed text per image would cover at most the 12 images' texts
+
+
+def test_feature_residual_means_come_from_the_cache_and_survive_resume(tmp_path, setup):
+    import numpy as np
+
+    from distill.losses import DistillLoss
+
+    ds, cache, tok = setup
+
+    def loss():
+        return DistillLoss(weights={"feature_mse": 1.0, "feature_residual_image": 1.0, "feature_residual_text": 1.0},
+                           student_dim=32, teacher_dim=32)
+
+    lf = loss()
+    out = train(student=_student(), loss_fn=lf, dataset=ds, tokenizer=tok, cfg=_cfg(ckpt_every=3), out_dir=tmp_path,
+                device=torch.device("cpu"), cache=cache)
+    img = np.asarray(cache.image_emb, dtype=np.float64)
+    img = img[np.asarray(cache.valid, dtype=bool)]
+    want = torch.from_numpy((img / np.linalg.norm(img, axis=1, keepdims=True)).mean(0)).float()
+    assert torch.allclose(lf.teacher_image_mean, want, atol=1e-6)
+    assert int(lf.teacher_mean_updates) == 0  # fixed from the cache, no moving average
+    assert math.isfinite(out["final_loss"]) and out["final_feature_residual_image_loss"] > 0
+    # resumed from the last checkpoint: the same means (saved with the loss's state)
+    lf2 = loss()
+    train(student=_student(), loss_fn=lf2, dataset=ds, tokenizer=tok, cfg=_cfg(steps=6, resume="auto"),
+          out_dir=tmp_path, device=torch.device("cpu"), cache=cache)
+    assert torch.allclose(lf2.teacher_image_mean, want, atol=1e-6)
