@@ -26,7 +26,8 @@ DYNAMIC_MODES = ("s8_per_channel_reduce_range", "u8u8", "s8")
 # - AMD EPYC with AVX-512 VNNI (benchmarks/results/int8_zero_shot.md, the trained offline student, 1000
 #   Fashion-MNIST test images; and results/int8_modes.md): every mode within 0.1 top-1 points of fp32,
 #   and the s8-weight modes much faster, because MLAS's VNNI kernels (VPDPBUSD) take u8 x s8 only:
-#   s8 1.82x fp32, s8 per-channel reduce-range 1.68x, u8u8 1.30x (w384/d6 tower: 1.93x / 1.82x / 1.36x).
+#   s8 1.82x fp32, s8 per-channel reduce-range 1.73x, u8u8 1.44x (1.82x / 1.68x / 1.30x in a first
+#   run; w384/d6 tower: 1.93x / 1.82x / 1.36x).
 # The file is built once and shipped to CPUs we do not know, so the default is the mode that is safe
 # on every x86 CPU (no saturation without VNNI) and within ~8% of the fastest on VNNI CPUs:
 # s8_per_channel_reduce_range (onnxruntime's own advice for x86: reduce_range for U8S8 without VNNI).
