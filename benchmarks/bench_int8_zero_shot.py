@@ -4,8 +4,8 @@ measured accuracy and latency, not by cosine on random weights).
 Takes a finished run folder (default: the latest outputs/offline/*), quantises its fp32 image
 encoder with every ORT dynamic mode and static QDQ (calibrated on training-split images), and
 measures Fashion-MNIST test zero-shot top-1/top-5 with the run's own fp32 text encoder for the
-class embeddings, plus batch-1 latency on 2 threads, timed in interleaved rounds (every variant once
-a round, after a short pause) so that a slow phase of a shared machine does not land on one variant.
+class embeddings, plus batch-1 latency on 2 threads, timed in interleaved rounds (distill.bench.
+interleaved_times) so that a slow phase of a shared machine does not land on one variant.
 Writes benchmarks/results/int8_zero_shot.md.
 
     .venv/bin/python benchmarks/bench_int8_zero_shot.py --run outputs/offline/<time>
@@ -70,12 +70,9 @@ def main() -> None:
             encoders[name] = enc
             rows.append({"variant": name, "top1": round(100 * acc["top1"], 2), "top5": round(100 * acc["top5"], 2),
                          "size_mb": round(bench.file_size_mb([path]), 2)})
-        round_medians = {name: [] for name in encoders}
-        for _ in range(a.rounds):  # interleaved: every variant once a round
-            for name, enc in encoders.items():
-                time.sleep(0.2)
-                samples = bench.time_samples(lambda: enc.encode_image(x1), warmup=5, repeats=a.per_round)
-                round_medians[name].append(statistics.median(samples))
+        timed = bench.interleaved_times({name: (lambda e=enc: e.encode_image(x1)) for name, enc in encoders.items()},
+                                        rounds=a.rounds, per_round=a.per_round, warmup=5, settle_s=0.2)
+        round_medians = {name: [statistics.median(t) for t in rounds] for name, rounds in timed.items()}
         for r in rows:
             r["b1_median_ms"] = round(statistics.median(round_medians[r["variant"]]), 3)
             # speed-up per round (same machine phase), then the median over rounds

@@ -27,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from distill.bench import environment  # noqa: E402
+from distill.bench import environment, interleaved_times  # noqa: E402
 from distill.export import export_onnx  # noqa: E402
 from distill.quantize import quantize_dynamic_onnx  # noqa: E402
 from distill.students import build_student  # noqa: E402
@@ -63,18 +63,10 @@ def main(argv=None) -> int:
         sessions[name] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
     ref = sessions["opset20"].run(None, {"pixels": x})[0]
-    times = {n: [] for n in sessions}
+    timed = interleaved_times({n: (lambda s=s: s.run(None, {"pixels": x})) for n, s in sessions.items()},
+                              rounds=args.rounds, per_round=args.per_round, warmup=5, settle_s=0.5)
+    times = {n: [t for rnd in rounds for t in rnd] for n, rounds in timed.items()}
     names = list(sessions)
-    for r in range(args.rounds):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            s = sessions[n]
-            time.sleep(0.5)  # let the previous variant's spinning thread pool go idle (distill.bench's settle_s)
-            for _ in range(5):
-                s.run(None, {"pixels": x})
-            for _ in range(args.per_round):
-                t = time.perf_counter()
-                s.run(None, {"pixels": x})
-                times[n].append((time.perf_counter() - t) * 1e3)
     base = statistics.median(times["opset20"])
     env = environment()
     lines = ["# ONNX export variants of the student image tower (dynamic int8, batch 1)", "",

@@ -109,6 +109,29 @@ def time_samples(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 20,
     return times
 
 
+def interleaved_times(calls: Mapping[str, Callable[[], Any]], *, rounds: int, per_round: int, warmup: int = 3,
+                      settle_s: float = 0.5) -> dict[str, list[list[float]]]:
+    """Time several callables in interleaved rounds; -> {name: one list of timed calls (ms) per round}.
+
+    Each round visits every callable once, in an order rotated by one per round (none always runs
+    first after a switch): a ``settle_s`` pause (the previous one's spinning thread pool goes idle),
+    ``warmup`` untimed calls, then ``per_round`` timed calls (``time_samples``). A slow phase of a
+    shared machine then spreads over every callable instead of landing on one. ``measure_variants``
+    does the same per shape, with failure handling per variant.
+    """
+    if rounds < 1:
+        raise ValueError("rounds must be >= 1")
+    names = list(calls)
+    out: dict[str, list[list[float]]] = {n: [] for n in names}
+    for r in range(rounds):
+        shift = r % max(1, len(names))
+        for n in names[shift:] + names[:shift]:
+            if settle_s > 0:
+                time.sleep(settle_s)
+            out[n].append(time_samples(calls[n], warmup=warmup, repeats=per_round))
+    return out
+
+
 def summarise_times(times: Sequence[float]) -> dict[str, float]:
     """{"median_ms", "p90_ms" (nearest rank), "mean_ms", "min_ms", "repeats"} of timed calls in ms."""
     if not times:

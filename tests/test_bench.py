@@ -216,3 +216,18 @@ def test_time_fn_synchronises_cuda_by_default(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *x: (calls.append(1), real(*x)))
     time_fn(lambda: a @ a, warmup=1, repeats=3)
     assert len(calls) == 4
+
+
+def test_interleaved_times_visits_every_call_each_round_in_rotated_order():
+    from distill.bench import interleaved_times
+
+    log = []
+    calls = {n: (lambda n=n: log.append(n)) for n in ("a", "b", "c")}
+    out = interleaved_times(calls, rounds=3, per_round=2, warmup=1, settle_s=0)
+    assert {n: [len(r) for r in rounds] for n, rounds in out.items()} == {n: [2, 2, 2] for n in "abc"}
+    assert all(t >= 0 for rounds in out.values() for r in rounds for t in r)
+    # 1 warm-up + 2 timed calls per visit; the visiting order rotates by one each round
+    visits = [log[i] for i in range(0, len(log), 3)]
+    assert visits == ["a", "b", "c", "b", "c", "a", "c", "a", "b"] and len(log) == 27
+    with pytest.raises(ValueError, match="rounds"):
+        interleaved_times(calls, rounds=0, per_round=1)
