@@ -33,6 +33,7 @@ from distill.cache import TeacherCache
 from distill.data import ResumableSampler, TrainSet, _stable_int, collate
 from distill.encoders import normalize_images, resize_to
 from distill.errors import UserError
+from distill.students import TEXT_PARAM_PREFIXES
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +42,39 @@ class TrainingDiverged(UserError):
     """The loss became NaN or Inf; the message names the step and the last good checkpoint."""
 
 
-def param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(modules: list[torch.nn.Module], weight_decay: float, lr: float | None = None,
+                 lr_scale: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on norms, biases, embeddings-as-vectors and the logit scale
-    (open_clip's rule: ndim < 2, or 'bn'/'ln'/'bias'/'logit_scale' in the name)."""
-    decay, no_decay = [], []
+    (open_clip's rule: ndim < 2, or 'bn'/'ln'/'bias'/'logit_scale' in the name).
+
+    ``lr_scale`` ({"text": 2.0} and/or {"image": ...}) gives the student's text tower (open_clip's
+    text parameter names) or image tower (``visual.*``) its own learning rate, ``lr`` x scale, in
+    groups of their own after the two base groups; the logit scale and the loss's parameters stay
+    at ``lr``. The cosine schedule scales every group alike. Without it: [decay, no_decay].
+    """
+    scales = {k: float(v) for k, v in dict(lr_scale or {}).items() if float(v) != 1.0}
+    unknown = sorted(set(scales) - {"text", "image"})
+    if unknown:
+        raise UserError(f"train.lr_scale has unknown key(s) {unknown}: use 'text' and/or 'image'")
+    if scales and lr is None:
+        raise UserError("train.lr_scale needs train.optimizer.lr: the scale multiplies it")
+    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {("", True): [], ("", False): []}
     for m in modules:
         for n, p in m.named_parameters():
             if not p.requires_grad:
                 continue
-            if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n:
-                no_decay.append(p)
-            else:
-                decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            decays = not (p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n)
+            tower = "text" if n.startswith(TEXT_PARAM_PREFIXES) else "image" if n.startswith("visual.") else ""
+            groups.setdefault((tower if tower in scales else "", decays), []).append(p)
+    out = []
+    for (tower, decays), params in groups.items():
+        if tower and not params:
+            continue
+        g: dict[str, Any] = {"params": params, "weight_decay": weight_decay if decays else 0.0}
+        if tower:
+            g.update(lr=lr * scales[tower], tower=tower)
+        out.append(g)
+    return out
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
@@ -150,7 +171,8 @@ def train(
     """Train ``student`` to match the teacher. Returns a flat dict of training metrics.
 
     cfg keys (conf/train/*.yaml): steps, batch_size, grad_accum, optimizer (a Hydra partial of
-    torch.optim.AdamW; its weight_decay applies to matrices only), scheduler (a partial of
+    torch.optim.AdamW; its weight_decay applies to matrices only), lr_scale ({text, image}: per-tower
+    multipliers of the optimizer's lr), scheduler (a partial of
     cosine_schedule), clip_grad, max_logit_scale, precision (auto|fp32|bf16), grad_checkpointing, compile,
     num_workers, seed, log_every, eval_every, ckpt_every, keep_checkpoints, resume
     (auto|never|path), stop_after_steps, early_stop {metric, patience, mode}, tensorboard, progress.
@@ -188,8 +210,9 @@ def train(
 
     # Optimizer and scheduler are Hydra partials (conf/train/*.yaml: optimizer, scheduler).
     make_opt = instantiate(cfg["optimizer"]) if "optimizer" in cfg else partial(torch.optim.AdamW, lr=1e-3)
-    wd = float(getattr(make_opt, "keywords", {}).get("weight_decay", 0.0))
-    optimizer = make_opt(param_groups([student, loss_fn], wd))
+    keywords = getattr(make_opt, "keywords", {})
+    wd = float(keywords.get("weight_decay", 0.0))
+    optimizer = make_opt(param_groups([student, loss_fn], wd, lr=keywords.get("lr"), lr_scale=cfg.get("lr_scale")))
     make_sched = instantiate(cfg["scheduler"]) if "scheduler" in cfg else partial(cosine_schedule, warmup_steps=0)
     scheduler = make_sched(optimizer, total_steps=steps)
 

@@ -7,6 +7,7 @@ import torch
 
 from distill.cache import build_or_load
 from distill.data import TrainSet, ViewSpec
+from distill.errors import UserError
 from distill.train import TrainingDiverged, cosine_schedule, param_groups, train
 from tests.conftest import TINY_TEACHER_CFG, ArraySource
 
@@ -137,6 +138,8 @@ def test_param_groups_and_schedule():
     names = {id(p): n for n, p in s.named_parameters()}
     assert all(p.ndim >= 2 for p in decay["params"])
     assert any(names[id(p)] == "logit_scale" for p in no_decay["params"]) and no_decay["weight_decay"] == 0
+    with pytest.raises(UserError, match="unknown key"):
+        param_groups([s], 0.1, lr=1e-3, lr_scale={"txt": 2.0})
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = cosine_schedule(opt, total_steps=10, warmup_steps=2)
     lrs = []
@@ -145,6 +148,28 @@ def test_param_groups_and_schedule():
         opt.step()
         sched.step()
     assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0) and lrs[-1] < 0.05
+
+
+def test_lr_scale_gives_the_text_tower_its_own_learning_rate(tmp_path, setup):
+    s = _student()
+    groups = param_groups([s], 0.1, lr=1e-3, lr_scale={"text": 2.0, "image": 1.0})
+    names = {id(p): n for n, p in s.named_parameters()}
+    text = [g for g in groups if g.get("tower") == "text"]
+    assert [g["weight_decay"] for g in text] == [0.1, 0.0] and all(g["lr"] == pytest.approx(2e-3) for g in text)
+    text_names = {names[id(p)] for g in text for p in g["params"]}
+    assert "token_embedding.weight" in text_names and "text_projection" in text_names
+    assert not any(n.startswith("visual.") or n == "logit_scale" for n in text_names)
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in s.parameters() if p.requires_grad)
+    # through train(): the text group follows the schedule at twice the base learning rate
+    ds, cache, tok = setup
+    student = _student()
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    train(student=student, loss_fn=_loss(), dataset=ds, tokenizer=tok, out_dir=tmp_path,
+          cfg=_cfg(steps=2, ckpt_every=2, lr_scale={"text": 2.0}), device=torch.device("cpu"), cache=cache)
+    state = torch.load(next((tmp_path / "checkpoints").glob("step_*")) / "state.pt", weights_only=False)
+    lrs = {g.get("tower", ""): g["lr"] for g in state["optimizer"]["param_groups"]}
+    assert lrs["text"] == pytest.approx(2 * lrs[""]) and lrs[""] > 0
+    assert not torch.equal(before["token_embedding.weight"], student.token_embedding.weight.detach())
 
 
 def test_uncaptioned_images_draw_fresh_corpus_texts_and_extra_texts_resume_exactly(tmp_path, tiny_teacher):
