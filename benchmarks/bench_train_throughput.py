@@ -7,6 +7,10 @@ real Tux Paint images. Measures images/s, the step-time split (data / teacher / 
 
     .venv/bin/python benchmarks/bench_train_throughput.py --device cpu --steps 6 --batch-size 32
     .venv/bin/python benchmarks/bench_train_throughput.py --device cuda --steps 60 --batch-size 256
+    .venv/bin/python benchmarks/bench_train_throughput.py --device cpu --modes cache --precision fp32,bf16,fp32,bf16
+
+--precision takes a list (train.precision values, measured in the order given: repeat them to
+interleave); bf16 on a CPU needs native bf16 (AVX-512 BF16 or AMX), otherwise that row is fp32.
 
 Appends a Markdown section to benchmarks/results/train_throughput.md (or --out).
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -51,6 +56,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--modes", default="cache,online", help="teacher targets: cache, online or both")
+    ap.add_argument("--precision", default="auto", help="comma list of train.precision values")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_throughput.md"))
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -66,12 +73,13 @@ def main() -> None:
     text = dict(mode="distilled", width=256, layers=4, heads=4, context_length=77)
     s_flops = flops.clip_flops(build_student(512, vision, text)[1])
     t_flops = flops.clip_flops(teacher.model_cfg)
-    rows = {}
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         cache = build_or_load(teacher, ds, Path(tmp) / "cache", batch_size=64, device=dev, num_workers=args.workers)
         cache_s = time.perf_counter() - t0
-        for mode in ("cache", "online"):
+        runs = [(m, p) for p in args.precision.split(",") for m in args.modes.split(",")]
+        for i, (mode, precision) in enumerate(runs):
             torch.manual_seed(0)
             student, _ = build_student(512, vision, text)
             loss = DistillLoss(weights={"feature_mse": 1.0, "contrastive_kd": 1.0}, temperature_mode="fixed",
@@ -80,42 +88,55 @@ def main() -> None:
                        optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-4},
                        scheduler={"_target_": "distill.train.cosine_schedule", "_partial_": True, "warmup_steps": 1},
                        log_every=1, eval_every=0, ckpt_every=0, resume="never", tensorboard=False, progress=True,
-                       compile=args.compile)
+                       compile=args.compile, precision=precision)
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             # one warm-up step is excluded: run steps+1, then time from the per-step split
             res = train(student=student, loss_fn=loss, dataset=ds, tokenizer=__import__("open_clip").SimpleTokenizer(),
-                        cfg=cfg, out_dir=Path(tmp) / mode, device=dev, cache=cache if mode == "cache" else None,
+                        cfg=cfg, out_dir=Path(tmp) / f"{i}_{mode}", device=dev, cache=cache if mode == "cache" else None,
                         teacher=teacher if mode == "online" else None, image_size=224)
-            lines = [json.loads(l) for l in (Path(tmp) / mode / "metrics.jsonl").read_text().splitlines()]
+            lines = [json.loads(l) for l in (Path(tmp) / f"{i}_{mode}" / "metrics.jsonl").read_text().splitlines()]
             ips = sorted(l["images_per_s"] for l in lines[1:]) or [res["images_per_s"]]
             med = ips[len(ips) // 2]
             per_img = 3 * (s_flops["image"] + s_flops["text"]) + (
                 (t_flops["image"] + t_flops["text"]) if mode == "online" else 0)
-            row = {"images_per_s_median": round(med, 1), "step_time_split_ms": res["step_time_split_ms"],
+            row = {"mode": mode, "precision": res["precision"],
+                   "images_per_s_median": round(med, 1), "step_time_split_ms": res["step_time_split_ms"],
                    "achieved_tflops": round(med * per_img / 1e12, 2)}
             if dev.type == "cuda":
                 row["peak_memory_gb"] = res.get("peak_memory_gb")
                 peak = gpu_peak(torch.cuda.get_device_name(dev))
                 if peak:
                     row["share_of_bf16_peak_pct"] = round(100 * row["achieved_tflops"] / peak, 1)
-            rows[mode] = row
-    speedup = rows["cache"]["images_per_s_median"] / rows["online"]["images_per_s_median"]
+            rows.append(row)
     env = bench.environment()
     md = [f"\n## Training throughput, {args.device}, batch {args.batch_size}, {args.steps} steps "
           f"({time.strftime('%Y-%m-%d')})\n",
           f"Command: `python benchmarks/bench_train_throughput.py {' '.join(sys.argv[1:])}`\n",
           f"Environment: `{json.dumps(env)}`\n",
           f"Cache build: {n} images x views = {len(ds)} items in {cache_s:.1f} s.\n",
-          "| targets | images/s (median step) | step split ms (data/teacher/student/optim) | achieved TFLOP/s | peak mem GB | % bf16 peak |",
-          "|---|---|---|---|---|---|"]
-    for mode, r in rows.items():
+          "| targets | precision | images/s (median step) | step split ms (data/teacher/student/optim) | achieved TFLOP/s | peak mem GB | % bf16 peak |",
+          "|---|---|---|---|---|---|---|"]
+    for r in rows:
         sp = r["step_time_split_ms"]
-        md.append(f"| {mode} | {r['images_per_s_median']} | {sp['data']}/{sp['teacher']}/{sp['student']}/{sp['optim']} "
+        md.append(f"| {r['mode']} | {r['precision']} | {r['images_per_s_median']} | {sp['data']}/{sp['teacher']}/{sp['student']}/{sp['optim']} "
                   f"| {r['achieved_tflops']} | {r.get('peak_memory_gb', '-')} | {r.get('share_of_bf16_peak_pct', '-')} |")
-    md.append(f"\nCached / online speed-up: **{speedup:.2f}x** (target >= 2.5x: "
-              f"{'met' if speedup >= 2.5 else f'missed by {2.5 - speedup:.2f}x'}).\n"
-              f"FLOPs per trained image: student fwd+bwd = 3 x forward "
+
+    def median_ips(mode: str, precision: str) -> float | None:
+        v = [r["images_per_s_median"] for r in rows if r["mode"] == mode and r["precision"] == precision]
+        return statistics.median(v) if v else None
+
+    for precision in dict.fromkeys(r["precision"] for r in rows):
+        cached, online = median_ips("cache", precision), median_ips("online", precision)
+        if cached and online:
+            speedup = cached / online
+            md.append(f"\nCached / online speed-up ({precision}): **{speedup:.2f}x** (target >= 2.5x: "
+                      f"{'met' if speedup >= 2.5 else f'missed by {2.5 - speedup:.2f}x'}).")
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        fp32, bf16 = median_ips(mode, "fp32"), median_ips(mode, "bf16")
+        if fp32 and bf16:
+            md.append(f"\nbf16 / fp32 images/s ({mode}, median of each precision's runs): **{bf16 / fp32:.2f}x**.")
+    md.append(f"\nFLOPs per trained image: student fwd+bwd = 3 x forward "
               f"({3 * (s_flops['image'] + s_flops['text']) / 1e9:.2f} GFLOPs), teacher forward "
               f"{(t_flops['image'] + t_flops['text']) / 1e9:.2f} GFLOPs (FLOPs = 2 x MACs).\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

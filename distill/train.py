@@ -77,6 +77,14 @@ def param_groups(modules: list[torch.nn.Module], weight_decay: float, lr: float 
     return out
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 matmuls natively on this CPU (AVX-512 BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private op: absent from some builds
+        return False
+
+
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
                     min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up to the base LR, then cosine decay to ``min_lr_ratio`` x base at ``total_steps``."""
@@ -172,10 +180,11 @@ def train(
 
     cfg keys (conf/train/*.yaml): steps, batch_size, grad_accum, optimizer (a Hydra partial of
     torch.optim.AdamW; its weight_decay applies to matrices only), lr_scale ({text, image}: per-tower
-    multipliers of the optimizer's lr), scheduler (a partial of
-    cosine_schedule), clip_grad, max_logit_scale, precision (auto|fp32|bf16), grad_checkpointing, compile,
-    num_workers, seed, log_every, eval_every, ckpt_every, keep_checkpoints, resume
-    (auto|never|path), stop_after_steps, early_stop {metric, patience, mode}, tensorboard, progress.
+    multipliers of the optimizer's lr), scheduler (a partial of cosine_schedule), clip_grad,
+    max_logit_scale, precision (auto|fp32|bf16: auto is bf16 on CUDA and fp32 on a CPU; bf16 on a
+    CPU needs native bf16, else fp32 with a warning), grad_checkpointing, compile, num_workers, seed,
+    log_every, eval_every, ckpt_every, keep_checkpoints, resume (auto|never|path), stop_after_steps,
+    early_stop {metric, patience, mode}, tensorboard, progress.
     """
     if cache is None and teacher is None:
         raise ValueError("train needs a teacher cache or an online teacher")
@@ -188,10 +197,18 @@ def train(
     torch.manual_seed(int(cfg.get("seed", 0)))
 
     precision = cfg.get("precision", "auto")
+    if precision not in ("auto", "fp32", "bf16"):
+        raise UserError(f"train.precision={precision!r} is not known: use auto, fp32 or bf16")
     use_bf16 = device.type == "cuda" and precision in ("auto", "bf16")
-    if precision == "bf16" and device.type != "cuda":
-        log.warning("train.precision=bf16 needs CUDA; training in fp32 on %s", device.type)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    if precision == "bf16" and device.type == "cpu":
+        # only on request: on a CPU with native bf16 (AVX-512 BF16, AMX) oneDNN's bf16 matmuls make
+        # the step faster (benchmarks/RESULTS.md); without it there is no bf16 kernel to gain from
+        use_bf16 = cpu_has_native_bf16()
+        if not use_bf16:
+            log.warning("train.precision=bf16: this CPU has no native bf16 (AVX-512 BF16 or AMX); training in fp32")
+    elif precision == "bf16" and device.type != "cuda":
+        log.warning("train.precision=bf16 needs CUDA or a CPU; training in fp32 on %s", device.type)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
     student.to(device).train()
     loss_fn.to(device).train()

@@ -172,6 +172,23 @@ def test_lr_scale_gives_the_text_tower_its_own_learning_rate(tmp_path, setup):
     assert not torch.equal(before["token_embedding.weight"], student.token_embedding.weight.detach())
 
 
+def test_bf16_on_cpu_only_where_the_cpu_has_native_bf16(tmp_path, setup, monkeypatch, caplog):
+    import distill.train as train_mod
+
+    ds, cache, tok = setup
+    kw = dict(loss_fn=_loss(), dataset=ds, tokenizer=tok, device=torch.device("cpu"), cache=cache)
+    native = train_mod.cpu_has_native_bf16()
+    out = train(student=_student(), cfg=_cfg(steps=3, precision="bf16"), out_dir=tmp_path / "a", **kw)
+    assert out["precision"] == ("bf16" if native else "fp32") and math.isfinite(out["final_loss"])
+    assert train(student=_student(), cfg=_cfg(steps=1), out_dir=tmp_path / "b", **kw)["precision"] == "fp32"
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level("WARNING"):
+        out = train(student=_student(), cfg=_cfg(steps=1, precision="bf16"), out_dir=tmp_path / "c", **kw)
+    assert out["precision"] == "fp32" and "no native bf16" in caplog.text
+    with pytest.raises(UserError, match="precision='fp16' is not known"):
+        train(student=_student(), cfg=_cfg(steps=1, precision="fp16"), out_dir=tmp_path / "d", **kw)
+
+
 def test_uncaptioned_images_draw_fresh_corpus_texts_and_extra_texts_resume_exactly(tmp_path, tiny_teacher):
     corpus = [f"a photo of word {k}" for k in range(40)]
     ds = TrainSet([ArraySource(12, captions=False)], ViewSpec(size=32, views=1), corpus=corpus)
