@@ -52,10 +52,11 @@ def param_groups(modules: list[torch.nn.Module], weight_decay: float, lr: float 
     groups of their own after the two base groups; the logit scale and the loss's parameters stay
     at ``lr``. The cosine schedule scales every group alike. Without it: [decay, no_decay].
     """
-    scales = {k: float(v) for k, v in dict(lr_scale or {}).items() if float(v) != 1.0}
-    unknown = sorted(set(scales) - {"text", "image"})
+    given = dict(lr_scale or {})
+    unknown = sorted(set(given) - {"text", "image"})
     if unknown:
         raise UserError(f"train.lr_scale has unknown key(s) {unknown}: use 'text' and/or 'image'")
+    scales = {k: float(v) for k, v in given.items() if float(v) != 1.0}
     if scales and lr is None:
         raise UserError("train.lr_scale needs train.optimizer.lr: the scale multiplies it")
     groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {("", True): [], ("", False): []}

@@ -138,8 +138,9 @@ def test_param_groups_and_schedule():
     names = {id(p): n for n, p in s.named_parameters()}
     assert all(p.ndim >= 2 for p in decay["params"])
     assert any(names[id(p)] == "logit_scale" for p in no_decay["params"]) and no_decay["weight_decay"] == 0
-    with pytest.raises(UserError, match="unknown key"):
-        param_groups([s], 0.1, lr=1e-3, lr_scale={"txt": 2.0})
+    for typo in ({"txt": 2.0}, {"txt": 1.0}):  # a misspelt key is an error even at the neutral scale
+        with pytest.raises(UserError, match="unknown key"):
+            param_groups([s], 0.1, lr=1e-3, lr_scale=typo)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = cosine_schedule(opt, total_steps=10, warmup_steps=2)
     lrs = []
