@@ -6,9 +6,12 @@ Layout of one cache entry, ``<root>/<fingerprint>/``:
     text_emb.npy     (T, D) float16: one row per unique text of the TrainSet
     valid.npy        (N * K,) bool: False where the image could not be read
 
-The fingerprint hashes the teacher's fingerprint and the TrainSet's (every item key, the view
-spec with its seed and count, and the texts), so any change to them builds a new entry; an
-entry is never reused for inputs it was not built from. A build happens in
+The fingerprint hashes the teacher's fingerprint, the TrainSet's (every item key, the view
+spec with its seed and count, and the texts) and the identity of the data files (``FILE_IDENTITY``:
+size, mtime and a hash of the first and last 64 KiB of every image, CSV, tar shard or IDX file the
+sources read), so any change to them builds a new entry, including an image replaced at the same
+path; an entry is never reused for inputs it was not built from. The manifest records the rule and
+one digest per source (``data_identity``). A build happens in
 ``<fingerprint>.partial/``; finished chunks are recorded in ``progress.json`` after their rows
 are flushed, so an interrupted build resumes where it stopped, and the folder is renamed into
 place only when complete (an atomic rename on one file system).
@@ -22,6 +25,7 @@ import logging
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,9 @@ from distill.teachers.base import Teacher
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
+IDENTITY_BLOCK = 64 * 1024
+# Recorded in the manifest and hashed into the fingerprint: changing the rule builds new entries.
+FILE_IDENTITY = "size+mtime_ns+blake2b(first 64KiB, last 64KiB; whole file when <= 128KiB)"
 
 
 @dataclass
@@ -75,9 +82,88 @@ class TeacherCache:
         return torch.from_numpy(np.asarray(self.text_emb[text_index.numpy()], dtype=np.float32))
 
 
-def cache_fingerprint(teacher: Teacher, dataset: TrainSet) -> str:
-    h = hashlib.sha256(f"v{CACHE_FORMAT}|{teacher.fingerprint}|{dataset.fingerprint()}".encode())
+def file_identity(path: str | os.PathLike) -> str:
+    """``size:mtime_ns:blake2b`` of one file, hashing its first and last 64 KiB (the whole file when
+    it is at most 128 KiB); ``missing`` or ``unreadable:<error>`` when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            h = hashlib.blake2b(digest_size=16)
+            if st.st_size <= 2 * IDENTITY_BLOCK:
+                h.update(f.read())
+            else:
+                h.update(f.read(IDENTITY_BLOCK))
+                f.seek(-IDENTITY_BLOCK, os.SEEK_END)
+                h.update(f.read(IDENTITY_BLOCK))
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return f"unreadable:{type(e).__name__}"
+    return f"{st.st_size}:{st.st_mtime_ns}:{h.hexdigest()}"
+
+
+def data_identity(dataset: TrainSet, threads: int = 8) -> list[dict[str, Any]]:
+    """One entry per source: ``{"source", "files", "digest"}``, the digest hashing every file's path
+    and ``file_identity``; ``files`` and ``digest`` are None for a source without files (in memory).
+    Each distinct file is read once, a few at a time (the reads dominate on network disks)."""
+    per_source = dataset.identity_files()
+    unique = sorted({p for _, files in per_source if files for p in files})
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(unique)))) as ex:
+        ident = dict(zip(unique, ex.map(file_identity, unique)))
+    log.debug("data identity: %d files in %.2fs", len(unique), time.perf_counter() - t0)
+    out: list[dict[str, Any]] = []
+    for name, files in per_source:
+        if files is None:
+            out.append({"source": name, "files": None, "digest": None})
+            continue
+        h = hashlib.blake2b(digest_size=8)
+        for p in files:
+            h.update(f"{p}\0{ident[p]}\n".encode())
+        missing = sum(ident[p] == "missing" for p in files)
+        out.append({"source": name, "files": len(files), "digest": h.hexdigest(),
+                    **({"missing": missing} if missing else {})})
+    return out
+
+
+def _fingerprint(teacher_fp: str, data_fp: str, identity: list[dict[str, Any]]) -> str:
+    digests = ";".join(f"{d['source']}={d['digest']}" for d in identity)
+    h = hashlib.sha256(f"v{CACHE_FORMAT}|{teacher_fp}|{data_fp}|{FILE_IDENTITY}|{digests}".encode())
     return h.hexdigest()[:20]
+
+
+def cache_fingerprint(teacher: Teacher, dataset: TrainSet, identity: list[dict[str, Any]] | None = None) -> str:
+    """The cache entry name for (teacher, dataset): teacher, item keys, views, texts and the data
+    files' identity (``data_identity``, computed here unless given)."""
+    if identity is None:
+        identity = data_identity(dataset)
+    return _fingerprint(teacher.fingerprint, dataset.fingerprint(), identity)
+
+
+def _log_data_change(root: Path, teacher_fp: str, data_fp: str, identity: list[dict[str, Any]]) -> None:
+    """Say which sources' files changed when the newest entry for the same teacher, keys, views
+    and texts differs from this build only in its data identity."""
+    manifests = []
+    for m in root.glob("*/manifest.json"):
+        try:
+            manifests.append((m.stat().st_mtime, m))
+        except OSError:
+            continue
+    for _, m in sorted(manifests, reverse=True):
+        try:
+            old = json.loads(m.read_text())
+        except (OSError, ValueError):
+            continue
+        if old.get("teacher_fingerprint") != teacher_fp or old.get("data_fingerprint") != data_fp:
+            continue
+        before = old.get("data_identity")
+        if not isinstance(before, list) or len(before) != len(identity):
+            return  # built before file identities were recorded: nothing to compare
+        changed = [d["source"] for d, o in zip(identity, before) if d["digest"] != o.get("digest")]
+        if changed:
+            log.info("teacher cache: files of %s changed since %s was built: building a new entry",
+                     ", ".join(changed), m.parent)
+        return
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -114,7 +200,9 @@ def build_or_load(
     ``_stop_after_chunks`` simulates an interruption (tests): the build stops after that many
     new chunks, leaving a resumable ``.partial`` folder, and raises KeyboardInterrupt.
     """
-    fp = cache_fingerprint(teacher, dataset)
+    identity = data_identity(dataset)  # once per call: it stats and reads every data file
+    data_fp = dataset.fingerprint()
+    fp = _fingerprint(teacher.fingerprint, data_fp, identity)
     root = Path(root)
     final = root / fp
     if (final / "manifest.json").exists():
@@ -124,6 +212,7 @@ def build_or_load(
         log.info("teacher cache hit: %s", final)
         return cache
 
+    _log_data_change(root, teacher.fingerprint, data_fp, identity)
     part = root / f"{fp}.partial"
     part.mkdir(parents=True, exist_ok=True)
     n, t, d = len(dataset), len(dataset.texts), teacher.embed_dim
@@ -185,7 +274,9 @@ def build_or_load(
         "format": CACHE_FORMAT,
         "fingerprint": fp,
         "teacher_fingerprint": teacher.fingerprint,
-        "data_fingerprint": dataset.fingerprint(),
+        "data_fingerprint": data_fp,
+        "file_identity": FILE_IDENTITY,
+        "data_identity": identity,
         "views": dataset.spec.describe(),
         "items": n,
         "texts": t,

@@ -193,8 +193,16 @@ class TrainSet(Dataset):
     def paired(self, j: int) -> bool:
         return self._caption_of[j // self.spec.views] >= 0
 
+    def identity_files(self) -> list[tuple[str, list[str] | None]]:
+        """(source name, the files its items are read from) per source, None for a source without
+        files; the teacher cache hashes these files (distill.cache.data_identity)."""
+        from distill.datasets import source_identity_files
+
+        return [(getattr(src, "name", type(src).__name__), source_identity_files(src)) for src in self.sources]
+
     def fingerprint(self) -> str:
-        """Hash of every item key, the view spec and the texts: what the teacher cache depends on."""
+        """Hash of every item key, the view spec and the texts. The teacher cache adds the files'
+        identity (sizes, mtimes, content hashes) on top: see ``identity_files``."""
         h = hashlib.sha256()
         h.update(self.spec.describe().encode())
         for src in self.sources:

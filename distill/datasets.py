@@ -4,7 +4,10 @@ real data sets that install from Debian packages (Fashion-MNIST, Tux Paint stamp
 Every source is an ImageSource (distill/sources.py): ``len``, ``key(i)``, ``open(i)`` -> RGB,
 plus ``captions``, ``labels`` and ``classnames`` (each may be None). Sources list their items
 up front and open images lazily; ``open`` raises on an unreadable file and the caller skips and
-counts it (distill.imageio).
+counts it (distill.imageio). Each source here also has ``identity_files()``: the files its items
+are read from (images, CSV, tar shards, IDX files), whose sizes, mtimes and contents the teacher
+cache folds into its fingerprint (distill.cache.data_identity), so that a file replaced at the
+same path builds a new cache entry.
 
 The packaged sets are found through ``dpkg -L <package>`` (the installed package's own file
 list), never a hard-coded path; a missing package is a one-line MissingDataError naming the
@@ -61,6 +64,14 @@ def _stable_fraction(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") / 2**64
 
 
+def source_identity_files(source: ImageSource) -> list[str] | None:
+    """The files ``source`` reads its items from, or None when it has none (an in-memory source,
+    which its item keys alone identify)."""
+    fn = getattr(source, "identity_files", None)
+    files = fn() if fn is not None else None
+    return list(files) if files is not None else None
+
+
 # --------------------------------------------------------------------------------------------
 # The user's own data
 # --------------------------------------------------------------------------------------------
@@ -70,9 +81,11 @@ class FileListSource:
     """Items are image files on disk; the common base of CSV pairs and class folders."""
 
     def __init__(self, name: str, paths: Sequence[str], captions: Sequence[str] | None = None,
-                 labels: Sequence[int] | None = None, classnames: Sequence[str] | None = None) -> None:
+                 labels: Sequence[int] | None = None, classnames: Sequence[str] | None = None,
+                 index_files: Sequence[str] = ()) -> None:
         self.name = name
         self.paths = list(paths)
+        self.index_files = list(index_files)  # e.g. the CSV the paths and captions came from
         self.captions = list(captions) if captions is not None else None
         self.labels = list(labels) if labels is not None else None
         self.classnames = list(classnames) if classnames is not None else None
@@ -86,11 +99,16 @@ class FileListSource:
     def open(self, i: int) -> Image.Image:
         return load_rgb(self.paths[i])
 
+    def identity_files(self) -> list[str]:
+        """The index files (CSV) and every image file, for the teacher cache's data identity."""
+        return [*self.index_files, *self.paths]
+
     def subset(self, idx: Sequence[int], name: str | None = None) -> "FileListSource":
         return FileListSource(
             name or self.name, [self.paths[i] for i in idx],
             [self.captions[i] for i in idx] if self.captions is not None else None,
-            [self.labels[i] for i in idx] if self.labels is not None else None, self.classnames)
+            [self.labels[i] for i in idx] if self.labels is not None else None, self.classnames,
+            self.index_files)
 
 
 def CsvPairs(path: str, img_key: str = "filepath", caption_key: str = "title", sep: str = "\t",
@@ -118,7 +136,7 @@ def CsvPairs(path: str, img_key: str = "filepath", caption_key: str = "title", s
             caps.append((row[caption_key] or "").strip())
     if not paths:
         raise UserError(f"{p} has no rows: add image/caption rows or point path at another file")
-    return FileListSource(f"csv:{p.name}", paths, captions=caps)
+    return FileListSource(f"csv:{p.name}", paths, captions=caps, index_files=[str(p)])
 
 
 def ClassFolder(root: str, templates: Sequence[str] = ("a photo of a {}.",), limit: int | None = None,
@@ -216,6 +234,10 @@ class WebDatasetShards:
     def key(self, i: int) -> str:
         return self._keys[i]
 
+    def identity_files(self) -> list[str]:
+        """The tar shards the items come from (not their members: shards are hashed as whole files)."""
+        return self.shards[:self._img[-1][0] + 1]
+
     def open(self, i: int) -> Image.Image:
         si, off, size = self._img[i]
         with open(self.shards[si], "rb") as f:
@@ -248,9 +270,11 @@ class _ArrayImages:
     """An ImageSource over a uint8 (N, H, W) grey array with labels."""
 
     def __init__(self, name: str, images: np.ndarray, labels: np.ndarray, classnames: Sequence[str],
-                 index: np.ndarray, invert: bool, caption_templates: Sequence[str] | None = None) -> None:
+                 index: np.ndarray, invert: bool, caption_templates: Sequence[str] | None = None,
+                 files: Sequence[str] | None = None) -> None:
         self.name = name + ("/inverted" if invert else "")
         self._images, self._index, self._invert = images, index, invert
+        self._files = list(files) if files is not None else None
         self.labels = [int(labels[j]) for j in index]
         self.classnames = list(classnames)
         self.captions = None
@@ -265,6 +289,10 @@ class _ArrayImages:
 
     def key(self, i: int) -> str:
         return f"{self.name}/{int(self._index[i])}"
+
+    def identity_files(self) -> list[str] | None:
+        """The files the arrays were read from (IDX files), or None for arrays built in memory."""
+        return self._files
 
     def open(self, i: int) -> Image.Image:
         a = self._images[self._index[i]]
@@ -281,8 +309,7 @@ def _read_idx(path: str) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-@lru_cache(maxsize=2)
-def _fashion_arrays(part: str) -> tuple[np.ndarray, np.ndarray]:
+def _fashion_files(part: str) -> tuple[str, str]:
     files = package_files("dataset-fashion-mnist")
     prefix = "t10k" if part == "test" else "train"
     img = next((f for f in files if f.endswith(f"/{prefix}-images-idx3-ubyte.gz")), None)
@@ -290,6 +317,12 @@ def _fashion_arrays(part: str) -> tuple[np.ndarray, np.ndarray]:
     if img is None or lab is None or not os.path.exists(img):
         raise MissingDataError("dataset-fashion-mnist is installed but its IDX files are missing: run "
                                f"`sudo apt-get install --reinstall dataset-fashion-mnist`")
+    return img, lab
+
+
+@lru_cache(maxsize=2)
+def _fashion_arrays(part: str) -> tuple[np.ndarray, np.ndarray]:
+    img, lab = _fashion_files(part)
     return _read_idx(img), _read_idx(lab)
 
 
@@ -306,7 +339,8 @@ def fashion_mnist(split: str = "test", limit: int | None = None, per_class: int 
     """
     if split not in ("train", "val", "test"):
         raise UserError(f"fashion_mnist split {split!r} unknown: use train, val or test")
-    images, labels = _fashion_arrays("test" if split == "test" else "train")
+    part = "test" if split == "test" else "train"
+    images, labels = _fashion_arrays(part)
     index = {"train": np.arange(0, 55_000), "val": np.arange(55_000, 60_000),
              "test": np.arange(len(images))}[split]
     if per_class is not None:
@@ -321,7 +355,7 @@ def fashion_mnist(split: str = "test", limit: int | None = None, per_class: int 
     if limit is not None:
         index = index[:limit]
     return _ArrayImages(f"fashion-mnist/{split}", images, labels, FASHION_MNIST_CLASSES, index, invert,
-                        caption_templates)
+                        caption_templates, files=_fashion_files(part))
 
 
 TUXPAINT_EXCLUDE = ("symbols",)  # letters, digits, money, chess pieces: not photos with captions
@@ -400,6 +434,10 @@ class Repeated:
     def key(self, i: int) -> str:
         return f"{self.source.key(i % self._n)}#{i // self._n}"
 
+    def identity_files(self) -> list[str] | None:
+        """The wrapped source's files (each once)."""
+        return source_identity_files(self.source)
+
     def open(self, i: int) -> Image.Image:
         return self.source.open(i % self._n)
 
@@ -438,6 +476,10 @@ class Mixed:
     def key(self, i: int) -> str:
         a, b, lam = self._draw(i)
         return f"mix({self.source.key(a)}|{self.source.key(b)}|{lam})"
+
+    def identity_files(self) -> list[str] | None:
+        """The wrapped source's files."""
+        return source_identity_files(self.source)
 
     def open(self, i: int) -> Image.Image:
         a, b, lam = self._draw(i)

@@ -98,6 +98,9 @@ def test_csv_pairs(tmp_path):
     src = datasets.CsvPairs(str(tmp_path / "pairs.csv"), img_key="img", caption_key="cap", sep=",")
     assert len(src) == 2 and src.captions == ["a red square", "missing one"]
     assert src.open(0).size == (8, 8) and src.key(1) == "/abs/b.png"
+    # the teacher cache hashes the CSV itself and every image it names (kept by subset)
+    assert src.identity_files() == [str(tmp_path / "pairs.csv"), str(tmp_path / "a.png"), "/abs/b.png"]
+    assert src.subset([1]).identity_files() == [str(tmp_path / "pairs.csv"), "/abs/b.png"]
     with pytest.raises(UserError, match="no column 'filepath'"):
         datasets.CsvPairs(str(tmp_path / "pairs.csv"), sep=",")
     with pytest.raises(UserError, match="caption file not found"):
@@ -113,6 +116,7 @@ def test_class_folder_names_and_captions(tmp_path):
     assert src.classnames == ["ankle boot", "bag"] and src.labels == [0, 0, 1, 1]
     assert all(c in ("a photo of a ankle boot.", "a ankle boot.") for c in src.captions[:2])
     assert datasets.ClassFolder(str(tmp_path)).captions == datasets.ClassFolder(str(tmp_path)).captions
+    assert src.identity_files() == src.paths and len(src.paths) == 4
 
 
 def test_webdataset_shards_index_and_read(tmp_path):
@@ -131,6 +135,10 @@ def test_webdataset_shards_index_and_read(tmp_path):
     assert len(src) == 6 and src.captions[4] == "sample 1-1"
     assert src.open(4).size == (11, 8)
     assert datasets.WebDatasetShards(str(tmp_path / "shard-000.tar"), limit=2).captions == ["sample 0-0", "sample 0-1"]
+    # the cache keys on the shard files themselves, only those the items come from
+    assert src.identity_files() == [str(tmp_path / "shard-000.tar"), str(tmp_path / "shard-001.tar")]
+    assert datasets.WebDatasetShards(str(tmp_path / "shard-{000..001}.tar"), limit=2).identity_files() == [
+        str(tmp_path / "shard-000.tar")]
     with pytest.raises(UserError, match="shard not found"):
         datasets.WebDatasetShards(str(tmp_path / "shard-{000..002}.tar"))
     with pytest.raises(UserError, match="stream URL"):
@@ -173,6 +181,8 @@ def test_fashion_mnist_splits():
     inv = datasets.fashion_mnist("test", per_class=3, invert=True).open(0)
     assert (np.asarray(img) + np.asarray(inv) == 255).all()
     assert pc.classnames[9] == "Ankle boot"
+    assert [f.rsplit("/", 1)[1] for f in pc.identity_files()] == ["t10k-images-idx3-ubyte.gz",
+                                                                   "t10k-labels-idx1-ubyte.gz"]
 
 
 @pytest.mark.skipif(not _have("tuxpaint-stamps-default"), reason="apt-get install tuxpaint-stamps-default")
@@ -217,3 +227,24 @@ def test_mixup_blends_reproducible_pairs_of_distinct_images():
         assert np.abs(np.asarray(img)[1, 1].astype(float) - expected).max() <= 1.0
     with pytest.raises(UserError, match="at least 2 images"):
         datasets.mixup(src.subset([0]), 5)
+
+
+def test_wrappers_and_trainset_pass_on_their_sources_files():
+    src = datasets.FileListSource("rgb", ["r.png", "b.png", "g.png"], captions=["r", "b", "g"], index_files=["l.csv"])
+    files = ["l.csv", "r.png", "b.png", "g.png"]
+    assert datasets.repeat(src, 3).identity_files() == files
+    assert datasets.mixup(src, 4).identity_files() == files
+
+    class InMemory:  # a source without files (like tests.conftest.ArraySource)
+        name, captions, labels, classnames = "mem", ["x"], None, None
+
+        def __len__(self):
+            return 1
+
+        def key(self, i):
+            return "mem/0"
+
+    assert datasets.source_identity_files(InMemory()) is None
+    assert datasets.repeat(InMemory(), 2).identity_files() is None
+    ds = TrainSet([src, InMemory()], ViewSpec(size=8))
+    assert ds.identity_files() == [("rgb", files), ("mem", None)]
