@@ -1,6 +1,6 @@
 """`python -m distill +experiment=NAME`: compose the Hydra config and call pipeline.run.
 
-This file only composes (DESIGN convention 3). A UserError becomes one line on stderr and exit
+This file only composes. A UserError becomes one line per problem on stderr and exit
 code 2; Hydra's own errors (unknown experiment or key) are printed by Hydra and exit 1.
 """
 
@@ -33,7 +33,8 @@ def _hydra_main(cfg: DictConfig) -> None:
         user = _user_error(e, UserError)
         if user is None:
             raise
-        print(f"error: {user}", file=sys.stderr)
+        for line in str(user).splitlines() or [type(user).__name__]:  # a ConfigError has one line per problem
+            print(f"error: {line}", file=sys.stderr)
         sys.exit(user.exit_code)
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume (teacher cache and checkpoints are kept)",

@@ -92,6 +92,15 @@ def broadcast_flag(flag: bool, src: int = 0) -> bool:
     return bool(t.item())
 
 
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s picklable object on every rank (e.g. the run folder rank 0 chose)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=_collective_device())
+    return box[0]
+
+
 def gather_features(x: torch.Tensor, with_grad: bool) -> torch.Tensor:
     """(B, D) on each rank -> (world * B, D), rows ordered by rank; every rank must pass the same B.
 

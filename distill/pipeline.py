@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distill.data import EvalSet, TrainSet, ViewSpec, build_corpus, load_eval_set
 from distill.encoders import ClipEncoder
+from distill import runs, validate
 from distill.errors import UserError
 
 log = logging.getLogger("distill")
@@ -40,16 +41,22 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
-def resolve_out_dir(cfg: DictConfig, out_dir: str | os.PathLike | None) -> Path:
+def resolve_out_dir(cfg: DictConfig, out_dir: str | os.PathLike | None) -> tuple[Path, bool]:
+    """The run folder and whether the user pinned it (``out_dir``, ``hydra.run.dir=...``); an
+    unpinned folder is Hydra's time-stamped default, which ``train.resume=auto`` may swap for an
+    unfinished sibling run (distill.runs)."""
+    pinned = True
     if out_dir is None:
         out_dir = cfg.get("out_dir")
     if out_dir is None:
         from hydra.core.hydra_config import HydraConfig
 
-        out_dir = HydraConfig.get().runtime.output_dir
+        hc = HydraConfig.get()
+        out_dir = hc.runtime.output_dir
+        pinned = any(o.split("=", 1)[0].lstrip("+~") == "hydra.run.dir" for o in hc.overrides.hydra)
     path = Path(out_dir)
     path.mkdir(parents=True, exist_ok=True)
-    return path
+    return path, pinned
 
 
 def _setup_logging(out_dir: Path) -> None:
@@ -366,11 +373,14 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     from distill.cache import build_or_load
     from distill.train import train
 
-    out = resolve_out_dir(cfg, out_dir)
+    validate.check_config(cfg)  # before any expensive stage: every config problem, one line each
+    distributed = dist_utils.setup_from_env()
+    out, pinned = resolve_out_dir(cfg, out_dir)
+    # every rank must continue the same run: rank 0 picks the folder (and checks it) for all
+    out = dist_utils.broadcast_object(runs.select_run_dir(cfg, out, pinned) if dist_utils.rank() == 0 else None)
     _setup_logging(out)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    distributed = dist_utils.setup_from_env()
     device = pick_device(cfg.device)
     if distributed and device.type == "cuda":
         torch.cuda.set_device(device)
@@ -393,6 +403,9 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
         if not main_proc:
             cache = build_or_load(teacher, trainset, cfg.cache.dir, progress=False, device=device)
     log.info("stage student")
+    # reseed: building the cache draws random numbers that loading it does not, and the student's
+    # initial weights must not depend on whether the cache already existed
+    seed_everything(int(cfg.seed))
     # DDP broadcasts rank 0's initial weights: only rank 0 computes a teacher-informed token table
     student, model_cfg = build_student_stage(cfg.student, teacher, cache_dir=cfg.cache.dir if cfg.cache.enabled else None,
                                              token_init=main_proc)
@@ -431,6 +444,8 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     report["summary"] = report_mod.summarize(report)
     report["targets"] = evaluate_targets(report, _plain(cfg.bench.get("targets")))
     report_mod.write_report(report, out)
+    if train_metrics["steps"] >= int(cfg.train.steps) or train_metrics.get("early_stopped"):
+        runs.mark_finished(out, cfg)  # a run stopped by train.stop_after_steps stays resumable
     log.info("report written to %s", out / "report.md")
     print(f"report: {out / 'report.md'}")
     return report

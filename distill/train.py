@@ -163,6 +163,28 @@ def find_checkpoint(resume: str | None, ckpt_root: Path) -> Path | None:
                     f"folder, or train.resume=auto")
 
 
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Drop the records a killed run wrote after its last checkpoint (``step > last_step``), so a
+    resumed run's metrics.jsonl holds every step once. Returns the number of records dropped."""
+    if not path.exists():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut by the kill
+            dropped += 1
+            continue
+        if int(rec.get("step", 0)) > last_step:
+            dropped += 1
+        else:
+            keep.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+    return dropped
+
+
 def train(
     *,
     student: torch.nn.Module,
@@ -268,9 +290,13 @@ def train(
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(str(out_dir / "tensorboard"))
+            # purge_step drops events a killed run logged after its last checkpoint
+            writer = SummaryWriter(str(out_dir / "tensorboard"),
+                                   purge_step=start_step + 1 if resumed_from is not None else None)
         except ImportError:  # tensorboard is optional
             writer = None
+    if main and resumed_from is not None:
+        truncate_metrics(out_dir / "metrics.jsonl", start_step)
     metrics_file = (out_dir / "metrics.jsonl").open("a") if main else None
     early = cfg.get("early_stop") or {}
     stop_after = cfg.get("stop_after_steps")

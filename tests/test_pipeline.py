@@ -57,12 +57,13 @@ def test_cli_unknown_experiment_reaches_the_user(tmp_path):
     assert "does_not_exist" in r.stderr
 
 
-def test_cli_missing_data_file_is_one_line_exit_2(tmp_path):
+def test_cli_missing_data_file_is_one_line_per_problem_exit_2(tmp_path):
     r = _cli(["+experiment=smoke", "data=csv", f"data.train_file={tmp_path}/nope.tsv",
-              f"data.val_file={tmp_path}/nope.tsv"], tmp_path)
+              f"data.val_file={tmp_path}/gone.tsv"], tmp_path)
     assert r.returncode == 2, r.stderr
     lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]
-    assert len(lines) == 1 and "nope.tsv" in lines[0]
+    # both missing files are named up front, one line each, before anything is built
+    assert len(lines) == 2 and "nope.tsv" in lines[0] and "gone.tsv" in lines[1], lines
     assert "Traceback" not in r.stderr
 
 

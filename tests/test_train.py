@@ -74,6 +74,19 @@ def test_resume_reaches_the_same_weights(tmp_path, setup):
         assert torch.equal(a, b), k
 
 
+def test_resume_after_a_kill_keeps_each_step_once_in_metrics(tmp_path, setup):
+    ds, cache, tok = setup
+    # a kill after step 3 with the last checkpoint at step 2: steps 3.. are trained again
+    train(student=_student(), loss_fn=_loss(), dataset=ds, tokenizer=tok,
+          cfg=_cfg(ckpt_every=2, stop_after_steps=3), out_dir=tmp_path, device=torch.device("cpu"), cache=cache)
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "loss"')  # the line the kill cut short
+    train(student=_student(), loss_fn=_loss(), dataset=ds, tokenizer=tok, cfg=_cfg(ckpt_every=2, resume="auto"),
+          out_dir=tmp_path, device=torch.device("cpu"), cache=cache)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
 def test_online_teacher_trains_like_the_cache(tmp_path, setup, tiny_teacher):
     ds, cache, tok = setup
     a, b = _student(), _student()

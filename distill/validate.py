@@ -1,0 +1,252 @@
+"""Check a composed config before the first expensive stage (teacher, cache, training).
+
+Every problem found is one line that names the key and the fix; ``check_config`` raises them all
+at once as a ConfigError, so a user fixes a config in one round instead of one minute-long run
+per mistake. The stages keep their own checks: this is an early, cheap pass, not the only one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+
+from distill.errors import UserError
+
+OPEN_CLIP_TEACHER = "distill.teachers.open_clip_teacher.OpenClipTeacher"
+ONNX_TEACHER = "distill.teachers.onnx_teacher.OnnxTeacher"
+REFERENCE_VARIANT = "teacher_torch_fp32"
+
+
+class ConfigError(UserError):
+    """Several config problems, one line each (``str`` joins them with newlines)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise ConfigError listing every problem found in ``cfg``; return None when there is none."""
+    problems: list[str] = []
+    missing = _missing_keys(cfg)
+    problems += [f"{k} is required and has no value: pass {k}=..." for k in missing]
+    for check in CHECKS:
+        try:
+            problems += list(check(cfg))
+        except MissingMandatoryValue:
+            continue  # already reported as a missing key
+    if problems:
+        raise ConfigError(problems)
+
+
+def _missing_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    out = []
+    for key in cfg.keys() if OmegaConf.is_dict(cfg) else range(len(cfg)):
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if full == "hydra":
+            continue
+        if OmegaConf.is_missing(cfg, key):
+            out.append(full)
+            continue
+        node = cfg._get_node(key)
+        if OmegaConf.is_config(node) and not node._is_none() and not node._is_interpolation():
+            out += _missing_keys(node, full)
+    return out
+
+
+def _number(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.select(cfg, key, default=None, throw_on_missing=True)
+
+
+def _positive(cfg: DictConfig, key: str, integer: bool, fix: str) -> Iterator[str]:
+    val = _number(cfg, key)
+    if val is None:
+        return
+    ok = isinstance(val, (int, float)) and not isinstance(val, bool) and math.isfinite(val) and val > 0
+    if integer and ok and float(val) != int(val):
+        ok = False
+    if not ok:
+        kind = "a positive integer" if integer else "a positive number"
+        yield f"{key}={val!r} must be {kind}: {fix}"
+
+
+def _check_train(cfg: DictConfig) -> Iterator[str]:
+    yield from _positive(cfg, "train.steps", True, "set train.steps=1000 (optimizer steps to train)")
+    yield from _positive(cfg, "train.batch_size", True, "set train.batch_size=64 (images per process)")
+    yield from _positive(cfg, "train.grad_accum", True, "set train.grad_accum=1")
+    yield from _positive(cfg, "train.optimizer.lr", False, "set train.optimizer.lr=5e-4")
+    warmup = _number(cfg, "train.scheduler.warmup_steps")
+    if warmup is not None and (not isinstance(warmup, int) or warmup < 0):
+        yield f"train.scheduler.warmup_steps={warmup!r} must be an integer >= 0: set it to about 5% of train.steps"
+    precision = _number(cfg, "train.precision")
+    if precision is not None and precision not in ("auto", "fp32", "bf16"):
+        yield f"train.precision={precision!r} is not known: use auto, fp32 or bf16"
+    for tower, scale in (_number(cfg, "train.lr_scale") or {}).items():
+        if tower not in ("text", "image"):
+            yield f"train.lr_scale.{tower} is not a tower: use train.lr_scale.text and/or train.lr_scale.image"
+        elif not isinstance(scale, (int, float)) or scale <= 0:
+            yield f"train.lr_scale.{tower}={scale!r} must be a positive number"
+
+
+def _check_student(cfg: DictConfig) -> Iterator[str]:
+    vision = _number(cfg, "student.builder.vision") or {}
+    width, heads = vision.get("width"), vision.get("heads")
+    if isinstance(width, int) and isinstance(heads, int) and heads > 0 and width % heads:
+        yield (f"student.builder.vision.width={width} is not divisible by heads={heads}: "
+               f"pick heads from {_divisors(width)}")
+    size, patch = vision.get("image_size"), vision.get("patch_size")
+    if isinstance(size, int) and isinstance(patch, int) and patch > 0 and size % patch:
+        yield (f"student.builder.vision.image_size={size} is not a multiple of patch_size={patch}: "
+               f"use image_size={size - size % patch or patch} or a patch size dividing {size}")
+    for key in ("width", "layers", "heads", "patch_size", "image_size"):
+        if key in vision and (not isinstance(vision[key], int) or vision[key] < 1):
+            yield f"student.builder.vision.{key}={vision[key]!r} must be a positive integer"
+    text = _number(cfg, "student.builder.text") or {}
+    tw, th = text.get("width"), text.get("heads")
+    if text.get("mode", "distilled") == "distilled" and isinstance(tw, int) and isinstance(th, int) and th > 0 \
+            and tw % th:
+        yield f"student.builder.text.width={tw} is not divisible by heads={th}: pick heads from {_divisors(tw)}"
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, min(n, 64) + 1) if n % d == 0]
+
+
+def _closest(name: str, known: list[str], n: int = 3) -> str:
+    close = difflib.get_close_matches(name, known, n=n, cutoff=0.5)
+    return ", ".join(close) if close else ", ".join(known[:n])
+
+
+def _check_teacher(cfg: DictConfig) -> Iterator[str]:
+    target = _number(cfg, "teacher._target_")
+    if target == OPEN_CLIP_TEACHER:
+        yield from _check_open_clip_teacher(cfg)
+    elif target == ONNX_TEACHER:
+        for key in ("bundle", "image_onnx", "text_onnx"):
+            path = _number(cfg, f"teacher.{key}")
+            if path and not Path(path).exists():
+                yield f"teacher.{key}={path} does not exist: pass the folder or file the export wrote"
+
+
+def _check_open_clip_teacher(cfg: DictConfig) -> Iterator[str]:
+    import open_clip
+
+    if _number(cfg, "teacher.model_cfg") is not None:
+        return
+    name = _number(cfg, "teacher.model_name")
+    pretrained = _number(cfg, "teacher.pretrained")
+    if not name:
+        yield "teacher.model_name is empty: set teacher.model_name=ViT-B-32 (python -c 'import open_clip; " \
+              "print(open_clip.list_models())' lists them)"
+        return
+    if name.startswith("local-dir:"):
+        if not Path(name.split(":", 1)[1]).is_dir():
+            yield f"teacher.model_name={name}: that folder does not exist; pass local-dir:/path/to/export/open_clip"
+        return
+    if name.startswith("hf-hub:"):
+        return
+    known = open_clip.list_models()
+    if name not in known:
+        yield f"teacher.model_name={name} is not an open_clip model; closest: {_closest(name, known)}"
+        return
+    if pretrained and (os.sep in pretrained or pretrained.endswith((".bin", ".pt", ".pth", ".safetensors"))):
+        if not os.path.isfile(pretrained):
+            yield f"teacher.pretrained={pretrained} does not exist: pass the path of a checkpoint file"
+    elif pretrained:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            yield (f"teacher.pretrained={pretrained} is not a weights tag of {name}; its tags: "
+                   f"{', '.join(tags) or 'none'} (or a checkpoint file path, or null for random weights)")
+
+
+def _check_loss(cfg: DictConfig) -> Iterator[str]:
+    weights = _number(cfg, "loss.weights")
+    if weights is None:
+        return
+    try:
+        from distill.losses import TERMS
+    except ImportError:  # the loss module names its terms; without it there is nothing to compare
+        TERMS = ()
+    for term, w in weights.items():
+        if TERMS and term not in TERMS:
+            yield f"loss.weights.{term} is not a loss term; closest: {_closest(term, list(TERMS))}"
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0:
+            yield f"loss.weights.{term}={w!r} must be a number >= 0"
+    if weights and all(isinstance(w, (int, float)) and w == 0 for w in weights.values()):
+        yield "loss.weights are all zero: nothing would be trained; give at least one term a positive weight"
+
+
+# data source arguments that name local files or folders
+_PATH_ARGS = {"path": Path.is_file, "root": Path.is_dir}
+
+
+def _sources(cfg: DictConfig) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each data source config, resolved on its own: one with a missing value (already reported)
+    does not hide the others."""
+    nodes = [(f"data.train.sources[{i}]", f"data.train.sources.{i}")
+             for i in range(len(OmegaConf.select(cfg, "data.train.sources", default=None) or []))]
+    for kind in ("classification", "retrieval"):
+        items = OmegaConf.select(cfg, f"data.eval.{kind}", default=None) or []
+        nodes += [(f"data.eval.{kind}[{i}].source", f"data.eval.{kind}.{i}.source") for i in range(len(items))]
+    for where, key in nodes:
+        try:
+            src = OmegaConf.to_container(OmegaConf.select(cfg, key), resolve=True)
+        except (MissingMandatoryValue, InterpolationResolutionError):
+            continue
+        yield where, src if isinstance(src, dict) else {}
+
+
+def _walk_sources(where: str, src: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    yield where, src
+    inner = src.get("source")
+    if isinstance(inner, dict):  # wrappers such as distill.datasets.repeat / mixup
+        yield from _walk_sources(f"{where}.source", inner)
+
+
+def _check_data(cfg: DictConfig) -> Iterator[str]:
+    for where, top in _sources(cfg):
+        for at, src in _walk_sources(where, top):
+            for arg, exists in _PATH_ARGS.items():
+                val = src.get(arg)
+                if isinstance(val, str) and not exists(Path(val)):
+                    kind = "file" if arg == "path" else "folder"
+                    yield f"{at}.{arg}: no such {kind} {val}; check the path (relative paths start at {os.getcwd()})"
+            urls = src.get("urls")
+            if isinstance(urls, str):
+                yield from _check_urls(at, urls)
+
+
+def _check_urls(at: str, urls: str) -> Iterator[str]:
+    if urls.startswith(("pipe:", "http://", "https://", "s3://", "gs://")):
+        return
+    from braceexpand import braceexpand
+
+    paths = [p for part in urls.split("::") for p in braceexpand(part)]
+    absent = [p for p in paths if not Path(p).is_file()]
+    if absent:
+        more = f" and {len(absent) - 1} more" if len(absent) > 1 else ""
+        yield f"{at}.urls: shard {absent[0]}{more} not found ({len(paths)} expected); check the path or brace range"
+
+
+def _check_bench(cfg: DictConfig) -> Iterator[str]:
+    sizes = _number(cfg, "bench.batch_sizes") or []
+    bad = [b for b in sizes if not isinstance(b, int) or b < 1]
+    if bad:
+        yield f"bench.batch_sizes has {bad}: use positive integers, e.g. bench.batch_sizes=[1,32]"
+    variants = _number(cfg, "bench.variants")
+    if variants is not None and REFERENCE_VARIANT not in variants:
+        yield (f"bench.variants={list(variants)} lacks {REFERENCE_VARIANT}, the reference every ratio in the "
+               f"report is taken against: add it")
+    threads = _number(cfg, "bench.threads")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        yield f"bench.threads={threads!r} must be a positive integer"
+
+
+CHECKS: tuple[Callable[[DictConfig], Iterator[str]], ...] = (
+    _check_train, _check_student, _check_teacher, _check_loss, _check_data, _check_bench)
