@@ -27,7 +27,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["vit_flops", "text_flops", "clip_flops", "onnx_flops"]
+__all__ = ["vit_flops", "text_flops", "clip_flops", "model_cfg_from_module", "onnx_flops", "onnx_params"]
 
 
 def _transformer_macs(tokens: int, width: int, layers: int, mlp_ratio: float) -> int:
@@ -91,6 +91,48 @@ def clip_flops(model_cfg: Mapping[str, Any]) -> dict[str, int]:
                       vcfg.mlp_ratio, embed_dim)
     text = text_flops(tcfg.width, tcfg.layers, tcfg.heads, tcfg.context_length, tcfg.mlp_ratio, embed_dim)
     return {"image": int(image), "text": int(text)}
+
+
+def model_cfg_from_module(model: Any) -> dict[str, Any] | None:
+    """The ``clip_flops`` config of a loaded open_clip CLIP read off its modules, or None when a
+    tower is not open_clip's ViT / text transformer (timm, HF, attentional pooling).
+
+    ``local-dir:`` and ``hf-hub:`` models come without a named config (open_clip reads theirs from
+    the folder), so the modules are the one source that every loading path shares.
+    """
+    visual = getattr(model, "visual", None)
+    text = getattr(model, "text", model)  # CustomTextCLIP keeps its text tower in .text
+    conv, vt, tt = getattr(visual, "conv1", None), getattr(visual, "transformer", None), getattr(text, "transformer", None)
+    if conv is None or vt is None or tt is None or getattr(visual, "attn_pool", None) is not None:
+        return None
+    try:
+        def tower(t: Any) -> dict[str, Any]:
+            block = t.resblocks[0]
+            return {"width": int(t.width), "layers": len(t.resblocks), "heads": int(block.attn.num_heads),
+                    "mlp_ratio": block.mlp.c_fc.out_features / t.width}
+
+        v, w = tower(vt), tower(tt)
+        size = visual.image_size
+        size = size if isinstance(size, int) else (size[0] if size[0] == size[1] else None)
+        if size is None:
+            return None
+        embed_dim = int(visual.output_dim)
+    except (AttributeError, IndexError, TypeError):
+        return None
+    return {"embed_dim": embed_dim,
+            "vision_cfg": {"width": v["width"], "layers": v["layers"], "head_width": v["width"] // v["heads"],
+                           "mlp_ratio": v["mlp_ratio"], "patch_size": int(conv.kernel_size[0]), "image_size": int(size)},
+            "text_cfg": {"width": w["width"], "layers": w["layers"], "heads": w["heads"], "mlp_ratio": w["mlp_ratio"],
+                         "context_length": int(getattr(text, "context_length", 77))}}
+
+
+def onnx_params(path: str | Path) -> int:
+    """Parameters of an ONNX graph: the element count of its float and integer initializers
+    (weights of any precision; external data is not read, its dims are in the graph)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return int(sum(math.prod(t.dims) for t in model.graph.initializer if len(t.dims) > 0))
 
 
 # ----------------------------------------------------------------------------- ONNX graph count

@@ -241,19 +241,47 @@ def export_stage(cfg: DictConfig, student: torch.nn.Module, model_cfg: dict[str,
             calib = [normalize_images(v[None]).numpy() for v in views]
             info["onnx_image_static_int8"] = str(quantize.quantize_static_onnx(
                 info["onnx"]["image"]["path"], onnx_dir / "image_encoder.static_int8.onnx", calib))
-        if cfg.bundle and eval_sets["classification"]:
-            name, es = next(iter(eval_sets["classification"].items()))
+        labels = bundle_labels(cfg, eval_sets) if cfg.bundle else None
+        if labels is not None:
+            names, templates, source = labels
             from distill import metrics
 
             enc = ClipEncoder(student, tokenizer, size)
-            clf = metrics.zero_shot_classifier(enc.encode_text, es.classnames, es.templates or ["a photo of a {}."])
+            clf = metrics.zero_shot_classifier(enc.encode_text, names, templates)
             info["bundle"] = str(export.write_bundle(
                 exp_dir / "bundle", image_onnx=info["onnx"]["image"]["path"],
                 image_int8_onnx=(info.get("onnx_int8") or {}).get("image"), text_onnx=info["onnx"]["text"]["path"],
-                class_embeddings=clf.cpu().numpy().astype(np.float32), labels=list(es.classnames),
+                class_embeddings=clf.cpu().numpy().astype(np.float32), labels=list(names),
                 preprocess=export.default_preprocess(size), context_length=ctx,
-                extra={"classification_set": name}))
+                extra={"classification_set" if source.startswith("classification:") else "label_source":
+                       source.split(":", 1)[1] if source.startswith("classification:") else source}))
+        elif cfg.bundle:
+            log.warning("no edge bundle: no classification eval set, export.bundle_labels or retrieval captions "
+                        "to label with; set export.bundle_labels=[...]")
     return info
+
+
+def bundle_labels(cfg: DictConfig, eval_sets: dict[str, dict[str, EvalSet]]
+                  ) -> tuple[list[str], list[str], str] | None:
+    """(labels, templates, where they came from) for the edge bundle: the first classification
+    set's classes with its templates; else ``export.bundle_labels`` (each its own prompt); else the
+    first retrieval set's unique captions, at most ``export.bundle_max_labels``, so that CSV and
+    WebDataset runs ship a bundle too. None when there is nothing to label with."""
+    if eval_sets["classification"]:
+        name, es = next(iter(eval_sets["classification"].items()))
+        return list(es.classnames), list(es.templates or ["a photo of a {}."]), f"classification:{name}"
+    given = cfg.get("bundle_labels")
+    if given:
+        return [str(x) for x in given], ["{}"], "export.bundle_labels"
+    for name, es in eval_sets["retrieval"].items():
+        caps = [c for c in dict.fromkeys(es.captions or []) if c.strip()]
+        if caps:
+            cap = int(cfg.get("bundle_max_labels", 1000))
+            if len(caps) > cap:
+                log.info("edge bundle: %d unique captions in %s, keeping the first %d (export.bundle_max_labels)",
+                         len(caps), name, cap)
+            return caps[:cap], ["{}"], f"captions of {name}"
+    return None
 
 
 def bench_stage(cfg: DictConfig, teacher: Any, student: torch.nn.Module, model_cfg: dict[str, Any],
@@ -290,7 +318,10 @@ def bench_stage(cfg: DictConfig, teacher: Any, student: torch.nn.Module, model_c
         def teacher_onnx():
             if not hasattr(teacher, "export_onnx"):
                 raise RuntimeError(f"{type(teacher).__name__} has no ONNX export")
-            return teacher.export_onnx(str(out_dir / "export" / "teacher_onnx"), threads=threads)
+            enc = teacher.export_onnx(str(out_dir / "export" / "teacher_onnx"), threads=threads)
+            if not t_flops and hasattr(enc, "stats"):  # towers the analytic count cannot model
+                t_flops.update(enc.stats()["flops"])  # the same dict the torch variant holds
+            return enc
         add("teacher_onnx_fp32", "teacher", "onnxruntime", "fp32", teacher_onnx, t_params, t_flops, [])
     add("student_torch_fp32", "student", "torch", "fp32", lambda: ClipEncoder(student, tokenizer, size),
         s_params, s_flops, [str(Path(export_info.get("open_clip_dir", ".")) / "open_clip_model.safetensors")])
@@ -350,18 +381,27 @@ class _Unbuildable:
 
 
 def teacher_stats(teacher: Any) -> tuple[dict[str, int], dict[str, int], list[str]]:
-    """Params and FLOPs of a teacher: open_clip analytically; others through their own ``stats()``."""
+    """Params and FLOPs of a teacher: its own ``stats()`` when it has one (ConSE, ONNX), else
+    counted from its open_clip modules: FLOPs analytically from the named config or, for
+    ``local-dir:``/``hf-hub:`` models, from the config read off the modules (flops.model_cfg_from_module).
+    FLOPs stay empty for towers that count cannot model; bench_stage then counts the teacher's ONNX export."""
     from distill import bench, flops
 
     if hasattr(teacher, "stats"):
         s = teacher.stats()
         return s["params"], s["flops"], s.get("files", [])
     model = getattr(teacher, "model", None)
-    if model is None or getattr(teacher, "model_cfg", None) is None:
+    if model is None or not hasattr(model, "visual"):
         return {}, {}, []
     p = {"image": bench.count_params(model.visual), "total": bench.count_params(model)}
     p["text"] = p["total"] - p["image"]
-    return p, flops.clip_flops(teacher.model_cfg), []
+    model_cfg = getattr(teacher, "model_cfg", None) or flops.model_cfg_from_module(model)
+    try:
+        fl = flops.clip_flops(model_cfg) if model_cfg is not None else {}
+    except ValueError as e:  # timm / HF towers: counted on the ONNX export instead
+        log.info("teacher FLOPs: %s", e)
+        fl = {}
+    return p, fl, []
 
 
 # ------------------------------------------------------------------------------------------ run

@@ -48,6 +48,9 @@ from typing import Any, Mapping
 
 SCHEMA_VERSION = 1
 TEACHER_BASELINES = ("teacher_torch_fp32", "teacher_onnx_fp32")
+# p90 / median above this marks a latency as unsteady in report.md: on a steady box the two are
+# within tens of percent, and a 1 ms call stalling to 210 ms while the box is busy has been seen.
+LATENCY_SPREAD_WARN = 2.0
 
 __all__ = ["SCHEMA_VERSION", "new_report", "summarize", "target", "write_report", "render_markdown", "load_report"]
 
@@ -100,6 +103,8 @@ def summarize(report: Mapping[str, Any]) -> dict[str, Any]:
     - ``accuracy_retained``: {student: {set: student top1 / teacher top1}};
       ``r5_retained``: {student: {set: {"i2t", "t2i"}}} the same for R@5.
     - ``int8_loss_points``: {runtime: {set: (fp32 top1 - int8 top1) * 100}} for the student.
+    - ``unsteady_latency``: [{variant, shape, median_ms, p90_ms, ratio}] where p90 / median is above
+      ``LATENCY_SPREAD_WARN``: a stall while the box was busy, which makes that median suspect.
     """
     ok = _ok(report)
     ref = _reference_teacher(ok)
@@ -137,6 +142,23 @@ def summarize(report: Mapping[str, Any]) -> dict[str, Any]:
             out["int8_loss_points"][runtime] = {
                 k: round(100 * (fp["zeroshot"][k]["top1"] - q["zeroshot"][k]["top1"]), 2)
                 for k in fp.get("zeroshot", {}) if k in q.get("zeroshot", {})}
+    out["unsteady_latency"] = unsteady_latency(ok)
+    return out
+
+
+def unsteady_latency(variants: Mapping[str, dict], threshold: float | None = None) -> list[dict[str, Any]]:
+    """Latency shapes whose p90 exceeds ``threshold`` x their median (default LATENCY_SPREAD_WARN)."""
+    threshold = LATENCY_SPREAD_WARN if threshold is None else threshold
+    out = []
+    for name, v in variants.items():
+        lat = v.get("latency") or {}
+        for key, med in lat.items():
+            if not key.endswith("_median_ms"):
+                continue
+            p90 = lat.get(key[:-len("_median_ms")] + "_p90_ms")
+            if med and p90 and p90 / med > threshold:
+                out.append({"variant": name, "shape": key[:-len("_median_ms")], "median_ms": med, "p90_ms": p90,
+                            "ratio": round(p90 / med, 2)})
     return out
 
 
@@ -276,6 +298,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     failed = [n for n in names if variants[n].get("status") != "ok"]
     if failed:
         lines += ["", "Failed variants:", ""] + [f"- `{n}`: {variants[n].get('reason', '?')}" for n in failed]
+    unsteady = summ.get("unsteady_latency") or []
+    if unsteady:
+        lines += ["", f"**Warning: unsteady latency** (p90 above {LATENCY_SPREAD_WARN:g}x the median; the box was "
+                  "probably busy, so compare these medians with care or rerun the bench):", ""]
+        lines += [f"- `{u['variant']}` {u['shape']}: median {_fmt(u['median_ms'])} ms, p90 {_fmt(u['p90_ms'])} ms "
+                  f"({_fmt(u['ratio'])}x)" for u in unsteady]
     lines += ["", "## Ratios (within this run)", ""]
     rows = []
     for s, d in summ.get("speedup_image_b1", {}).items():

@@ -96,3 +96,45 @@ def test_onnx_flops_counts_int8_graph_like_fp32(tiny_onnx, tmp_path):
     ops = {n.op_type for n in onnx.load(str(q)).graph.node}
     assert "MatMulInteger" in ops or "ConvInteger" in ops
     assert onnx_flops(q) == onnx_flops(vis)
+
+
+# ------------------------------------------------------------- teacher params/FLOPs, any loading path
+
+
+def test_local_dir_and_onnx_teachers_get_params_and_flops(tmp_path, tiny_teacher):
+    """local-dir/hf-hub teachers have no named config and ONNX teachers no modules: both used
+    to report empty params and FLOPs."""
+    from conftest import TINY_TEACHER_CFG
+
+    from distill import flops
+    from distill.export import export_onnx, save_open_clip_dir
+    from distill.pipeline import teacher_stats
+    from distill.teachers.onnx_teacher import OnnxTeacher
+    from distill.teachers.open_clip_teacher import OpenClipTeacher
+
+    ref_p, ref_f, _ = teacher_stats(tiny_teacher)
+    assert ref_f == flops.clip_flops(TINY_TEACHER_CFG) and ref_p["total"] > ref_p["image"] > 0
+    save_open_clip_dir(tiny_teacher.model, TINY_TEACHER_CFG, tmp_path / "oc")
+    local = OpenClipTeacher(model_name=f"local-dir:{tmp_path / 'oc'}")
+    assert local.model_cfg is None  # open_clip gives no config for a folder: it is read off the modules
+    assert teacher_stats(local)[:2] == (ref_p, ref_f)
+
+    info = export_onnx(tiny_teacher.model, tmp_path / "onnx", image_size=32, context_length=16)
+    onnx_t = OnnxTeacher(image_onnx=info["image"]["path"], text_onnx=info["text"]["path"])
+    p, f, files = teacher_stats(onnx_t)
+    assert f == ref_f  # the graph count agrees with the analytic one
+    for k in ("image", "text", "total"):  # exporters fold a few constants into or out of the graph
+        assert abs(p[k] - ref_p[k]) / ref_p[k] < 0.01, (k, p, ref_p)
+    assert sorted(files) == sorted([info["image"]["path"], info["text"]["path"]])
+
+
+def test_model_cfg_from_module_declines_towers_it_cannot_model():
+    import open_clip
+    from conftest import TINY_TEACHER_CFG
+
+    from distill.flops import model_cfg_from_module
+
+    model = open_clip.model.CLIP(**{**TINY_TEACHER_CFG, "vision_cfg": {**TINY_TEACHER_CFG["vision_cfg"],
+                                                                         "attentional_pool": True}})
+    assert model_cfg_from_module(model) is None
+    assert model_cfg_from_module(object()) is None

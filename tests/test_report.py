@@ -121,3 +121,19 @@ def test_compare_cli_errors(tmp_path):
                            cwd=Path(__file__).resolve().parents[1])
         assert r.returncode == 2
         assert words in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_unsteady_latency_is_flagged_in_the_markdown():
+    from distill.report import LATENCY_SPREAD_WARN, render_markdown
+
+    steady = fabricated()
+    assert summarize(steady)["unsteady_latency"] == []
+    assert "unsteady latency" not in render_markdown(steady)
+    stalled = fabricated()
+    lat = stalled["variants"]["teacher_torch_fp32"]["latency"]
+    lat["text_b1_p90_ms"] = lat["text_b1_median_ms"] * (LATENCY_SPREAD_WARN + 3)  # a stall while the box was busy
+    stalled["summary"] = summarize(stalled)
+    (u,) = stalled["summary"]["unsteady_latency"]
+    assert u["variant"] == "teacher_torch_fp32" and u["shape"] == "text_b1" and u["ratio"] == LATENCY_SPREAD_WARN + 3
+    md = render_markdown(stalled)
+    assert "**Warning: unsteady latency**" in md and "`teacher_torch_fp32` text_b1" in md

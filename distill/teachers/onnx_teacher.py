@@ -103,6 +103,20 @@ class OnnxTeacher:
         h.update(json.dumps(spec, sort_keys=True).encode())
         self.fingerprint = h.hexdigest()[:16]
 
+    def stats(self) -> dict[str, Any]:
+        """{"params", "flops", "files"} counted from the two graphs (distill.flops), batch 1."""
+        from distill.export import onnx_io
+        from distill.flops import onnx_flops, onnx_params
+
+        if getattr(self, "_stats", None) is None:
+            p = {"image": onnx_params(self.image_onnx), "text": onnx_params(self.text_onnx)}
+            files = [str(f.parent / loc) for f in (self.image_onnx, self.text_onnx)
+                     for loc in [f.name, *onnx_io(f)["external_data"]]]
+            self._stats = {"params": {**p, "total": p["image"] + p["text"]},
+                           "flops": {"image": int(onnx_flops(self.image_onnx)), "text": int(onnx_flops(self.text_onnx))},
+                           "files": files}
+        return self._stats
+
     @torch.inference_mode()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) float RGB in [0, 1] -> (B, D) float32 L2-normalised, on images.device."""
