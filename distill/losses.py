@@ -1,12 +1,15 @@
-"""Distillation losses: named, weighted terms returned as ``{"<name>_loss": tensor}``.
+"""Distillation losses: terms registered by name, weighted, returned as ``{"<name>_loss": tensor}``.
 
-The training loop sums the values whose key ends in ``_loss`` and logs each one (DESIGN
-convention 4). Terms with weight 0 (or absent from ``weights``) are neither computed nor logged.
+The training loop sums the values whose key ends in ``_loss`` and logs each one. Terms with
+weight 0 (or absent from ``weights``) are neither computed nor logged. A term is one function of
+a ``LossContext`` (normalised features, scales, the projection and the cross-rank gathers, each
+done once per forward) registered with ``@term``; ``python -m distill list`` prints them.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -14,13 +17,147 @@ import torch.nn.functional as F
 from distill import distributed as dist_utils
 from distill.errors import UserError
 
-TERMS = ("feature_mse", "feature_mse_image", "feature_mse_text", "feature_residual_image", "feature_residual_text",
-         "contrastive_kd", "clip", "interactive")
 TEMPERATURE_MODES = ("fixed", "teacher", "student", "own")
-_CONTRASTIVE = ("contrastive_kd", "clip", "interactive")
-_FEATURE = ("feature_mse", "feature_mse_image", "feature_mse_text")
-_RESIDUAL = ("feature_residual_image", "feature_residual_text")
-_PROJECTED = _FEATURE + _RESIDUAL + ("interactive",)  # terms that compare student features with teacher ones
+
+
+@dataclass(frozen=True)
+class Term:
+    """A registered loss term: ``fn(ctx)`` gives its unweighted value, or None when it does not
+    apply to this batch (``clip`` without real pairs). The flags say what the context must prepare."""
+
+    name: str
+    fn: Callable[["LossContext"], torch.Tensor | None]
+    doc: str
+    projected: bool = False  # compares P(student) with teacher features
+    gathers_student: bool = False  # needs every rank's student features (with gradients)
+    gathers_teacher: bool = False  # needs every rank's teacher features
+    teacher_means: bool = False  # needs the mean teacher embeddings (buffers of DistillLoss)
+
+
+TERMS: dict[str, Term] = {}  # in registration order, which is also the order of the summed losses
+
+
+def term(name: str, **flags: bool) -> Callable:
+    """Register ``fn(ctx) -> tensor | None`` as loss term ``name`` (its docstring is its description)."""
+
+    def wrap(fn: Callable[["LossContext"], torch.Tensor | None]) -> Callable:
+        if name in TERMS:
+            raise ValueError(f"loss term {name!r} is registered twice")
+        TERMS[name] = Term(name, fn, (fn.__doc__ or "").strip().splitlines()[0], **flags)
+        return fn
+
+    return wrap
+
+
+@dataclass
+class LossContext:
+    """What the terms share in one forward: (B, D) L2-normalised features, the scales, this rank's
+    own-pair column indices, and, where an active term asked for them, the projected student
+    features (B, Dt) and the gathered (N, D) features of every rank."""
+
+    loss: "DistillLoss"
+    s_img: torch.Tensor
+    s_txt: torch.Tensor
+    s_scale: torch.Tensor
+    t_img: torch.Tensor
+    t_txt: torch.Tensor
+    t_scale: torch.Tensor
+    labels: torch.Tensor
+    has_pairs: bool
+    proj_img: torch.Tensor | None = None
+    proj_txt: torch.Tensor | None = None
+    S_img: torch.Tensor | None = None
+    S_txt: torch.Tensor | None = None
+    T_img: torch.Tensor | None = None
+    T_txt: torch.Tensor | None = None
+    extra: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    _mse: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def feature_mse(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image, text) mean squared error of P(student) against the teacher, computed once."""
+        if self._mse is None:
+            self._mse = (F.mse_loss(self.proj_img, self.t_img), F.mse_loss(self.proj_txt, self.t_txt))
+        return self._mse
+
+
+# ----------------------------------------------------------------------------------- the terms
+
+
+@term("feature_mse", projected=True)
+def _feature_mse(ctx: LossContext) -> torch.Tensor:
+    """½ [mean((P s_i − t_i)²) + mean((P s_t − t_t)²)], mean over B × D_t elements."""
+    mse_img, mse_txt = ctx.feature_mse()
+    return 0.5 * (mse_img + mse_txt)
+
+
+@term("feature_mse_image", projected=True)
+def _feature_mse_image(ctx: LossContext) -> torch.Tensor:
+    """mean((P s_i − t_i)²): feature_mse's image half, for a weight per tower."""
+    return ctx.feature_mse()[0]
+
+
+@term("feature_mse_text", projected=True)
+def _feature_mse_text(ctx: LossContext) -> torch.Tensor:
+    """mean((P s_t − t_t)²): feature_mse's text half, for a weight per tower."""
+    return ctx.feature_mse()[1]
+
+
+def _residual(s_f: torch.Tensor, t_f: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    mu = mu.to(t_f.dtype)
+    return (1.0 - F.cosine_similarity(s_f - mu, t_f - mu, dim=-1, eps=1e-8)).mean()
+
+
+@term("feature_residual_image", projected=True, teacher_means=True)
+def _feature_residual_image(ctx: LossContext) -> torch.Tensor:
+    """mean_rows(1 − cos(P s_i − μ_i, t_i − μ_i)): the deviation from the teacher's mean image embedding."""
+    return _residual(ctx.proj_img, ctx.t_img, ctx.loss.teacher_image_mean)
+
+
+@term("feature_residual_text", projected=True, teacher_means=True)
+def _feature_residual_text(ctx: LossContext) -> torch.Tensor:
+    """mean_rows(1 − cos(P s_t − μ_t, t_t − μ_t)): the deviation from the teacher's mean text embedding."""
+    return _residual(ctx.proj_txt, ctx.t_txt, ctx.loss.teacher_text_mean)
+
+
+@term("contrastive_kd", gathers_student=True, gathers_teacher=True)
+def _contrastive_kd(ctx: LossContext) -> torch.Tensor:
+    """T² · ½ [KL(teacher ‖ student) image→text + text→image] over temperature-scaled similarities."""
+    a_s, a_t = ctx.loss.kd_scales(ctx.s_scale, ctx.t_scale)
+    T = ctx.loss.kd_T
+    kl = 0.0
+    for s_rows, s_cols, t_rows, t_cols in ((ctx.s_img, ctx.S_txt, ctx.t_img, ctx.T_txt),
+                                           (ctx.s_txt, ctx.S_img, ctx.t_txt, ctx.T_img)):
+        log_q = F.log_softmax(a_s / T * s_rows @ s_cols.T, dim=-1)  # (B, N) student
+        log_p = F.log_softmax(a_t / T * t_rows @ t_cols.T, dim=-1)  # (B, N) teacher target
+        kl = kl + F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+    return (T * T) * 0.5 * kl
+
+
+@term("clip", gathers_student=True)
+def _clip(ctx: LossContext) -> torch.Tensor | None:
+    """½ [CE(α_s s_i S_tᵀ, y) + CE(α_s s_t S_iᵀ, y)]: the CLIP loss on real pairs (skipped without them)."""
+    if not ctx.has_pairs:
+        return None
+    return 0.5 * (F.cross_entropy(ctx.s_scale * ctx.s_img @ ctx.S_txt.T, ctx.labels)
+                  + F.cross_entropy(ctx.s_scale * ctx.s_txt @ ctx.S_img.T, ctx.labels))
+
+
+@term("interactive", projected=True, gathers_teacher=True)
+def _interactive(ctx: LossContext) -> torch.Tensor:
+    """½ [CE(α_s P s_i T_tᵀ, y) + CE(α_s P s_t T_iᵀ, y)]: CLIP-KD's interactive contrastive loss."""
+    return 0.5 * (F.cross_entropy(ctx.s_scale * ctx.proj_img @ ctx.T_txt.T, ctx.labels)
+                  + F.cross_entropy(ctx.s_scale * ctx.proj_txt @ ctx.T_img.T, ctx.labels))
+
+
+@term("extra_text_mse")
+def _extra_text_mse(ctx: LossContext) -> torch.Tensor | None:
+    """mean((P s_x − t_x)²) over text-only rows (train.extra_texts): more texts per step for the text tower."""
+    if "student_text" not in ctx.extra:
+        return None
+    # as trained before the registry: the rows are the model's unit outputs and the cached
+    # targets as stored, neither renormalised here
+    s_x = ctx.loss.project(ctx.extra["student_text"].to(ctx.s_txt.dtype), ctx.t_txt.shape[-1])
+    return ((s_x - ctx.extra["teacher_text"].to(s_x.dtype)) ** 2).mean()
 
 
 class DistillLoss(torch.nn.Module):
@@ -55,26 +192,14 @@ class DistillLoss(torch.nn.Module):
         \text{contrastive\_kd} = T^2 \cdot \tfrac12\,[\mathrm{KL}(z^T_{i\to t}, z^S_{i\to t})
                                                   + \mathrm{KL}(z^T_{t\to i}, z^S_{t\to i})]
 
-    The other terms (labels ``y`` = the columns holding each row's own pair, ``arange(B) + rank*B``):
-
-    * ``feature_mse`` = ½ [mean((P s_i − t_i)²) + mean((P s_t − t_t)²)], mean over B × D_t elements.
-    * ``feature_mse_image`` = mean((P s_i − t_i)²) and ``feature_mse_text`` = mean((P s_t − t_t)²):
-      the two halves as terms of their own, for a weight per tower (feature_mse with weight w is
-      the same as both of these with weight w/2).
-    * ``feature_residual_image`` = mean_rows(1 − cos(P s_i − μ_i, t_i − μ_i)), and ``feature_residual_text``
-      the same with s_t, t_t, μ_t: the direction of the student's *deviation from the teacher's mean
-      embedding* against the teacher's. μ_i, μ_t are the mean teacher image / text embeddings over
-      the training set (buffers ``teacher_image_mean`` / ``teacher_text_mean``), set by the training
-      loop from the teacher cache with ``set_teacher_means``; without a cache (online teacher) they
-      are an exponential moving average (momentum 0.99) of the gathered teacher batches, updated in
-      training mode. Why: teacher embeddings sit in a narrow cone (the offline ConSE teacher's have
-      cosine ~0.85 to their mean), so the MSE is mostly paid by matching the mean and barely rewards
-      the per-image differences that zero-shot decisions are made of; this term is blind to the
-      mean and to the residual's length. Measured: benchmarks/results/offline_recipe.md.
-    * ``clip``        = ½ [CE(alpha_s s_i[rows] s_t[cols]ᵀ, y) + CE(alpha_s s_t[rows] s_i[cols]ᵀ, y)];
-      only when ``has_pairs`` (ground-truth pairs); otherwise not computed and not logged.
-    * ``interactive`` = ½ [CE(alpha_s P s_i[rows] t_t[cols]ᵀ, y) + CE(alpha_s P s_t[rows] t_i[cols]ᵀ, y)]
-      (CLIP-KD's interactive contrastive learning, Yang et al. 2024).
+    The other terms are the functions registered with ``@term`` above, each with its formula
+    (labels ``y`` = the columns holding each row's own pair, ``arange(B) + rank*B``).
+    ``feature_residual_*`` compare the student's and the teacher's *deviations from the teacher's
+    mean embedding* (buffers ``teacher_image_mean`` / ``teacher_text_mean``), set from the teacher
+    cache by ``set_teacher_means``, or without a cache an exponential moving average (momentum
+    0.99) of the gathered teacher batches: teacher embeddings sit in a narrow cone, so the MSE is
+    mostly paid by matching the mean and barely rewards the per-image differences zero-shot
+    decisions are made of.
 
     Each returned value is multiplied by its weight. Teacher tensors are detached targets.
 
@@ -84,7 +209,7 @@ class DistillLoss(torch.nn.Module):
     the single-process global-batch gradients under DDP's averaging.
 
     Args:
-        weights: term name -> weight; names from ``TERMS``.
+        weights: term name -> weight; names from ``TERMS`` (the config surface: loss.weights).
         temperature: used by ``temperature_mode="fixed"`` only (logits = cos / temperature).
         temperature_mode: "fixed" | "teacher" | "student" | "own", see above.
         kd_T: Hinton softening temperature for ``contrastive_kd`` (with the T² factor).
@@ -114,15 +239,16 @@ class DistillLoss(torch.nn.Module):
         if not kd_T > 0:
             raise UserError(f"loss.kd_T={kd_T} must be > 0 (1.0 = no softening)")
         self.weights = {k: float(v) for k, v in weights.items() if float(v) != 0.0}
+        self.active = [t for name, t in TERMS.items() if name in self.weights]  # registration order
         self.temperature = float(temperature)
         self.temperature_mode = temperature_mode
         self.kd_T = float(kd_T)
         self.student_dim, self.teacher_dim = student_dim, teacher_dim
-        needs_proj = any(k in self.weights for k in _PROJECTED)
+        needs_proj = any(t.projected or t.name == "extra_text_mse" for t in self.active)
         self.projector: torch.nn.Linear | None = None
         if needs_proj and student_dim is not None and teacher_dim is not None and int(student_dim) != int(teacher_dim):
             self.projector = torch.nn.Linear(int(student_dim), int(teacher_dim), bias=False)
-        self.uses_teacher_means = any(k in self.weights for k in _RESIDUAL)
+        self.uses_teacher_means = any(t.teacher_means for t in self.active)
         self._means_fixed = False
         if self.uses_teacher_means:
             if teacher_dim is None:
@@ -136,7 +262,7 @@ class DistillLoss(torch.nn.Module):
         return (f"weights={self.weights}, temperature_mode={self.temperature_mode}, "
                 f"temperature={self.temperature}, kd_T={self.kd_T}")
 
-    def _project(self, x: torch.Tensor, teacher_dim: int) -> torch.Tensor:
+    def project(self, x: torch.Tensor, teacher_dim: int) -> torch.Tensor:
         """(B, Ds) -> (B, Dt) L2-normalised."""
         if self.projector is not None:
             w = self.projector.weight
@@ -168,7 +294,7 @@ class DistillLoss(torch.nn.Module):
             buf.copy_(m if int(self.teacher_mean_updates) == 0 else momentum * buf + (1 - momentum) * m)
         self.teacher_mean_updates += 1
 
-    def _kd_scales(self, s_scale: torch.Tensor, t_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def kd_scales(self, s_scale: torch.Tensor, t_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mode = self.temperature_mode
         if mode == "fixed":
             a = torch.tensor(1.0 / self.temperature, device=s_scale.device, dtype=s_scale.dtype)
@@ -180,11 +306,12 @@ class DistillLoss(torch.nn.Module):
         return s_scale, t_scale  # own
 
     def forward(self, student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor | float],
-                has_pairs: bool = True) -> dict[str, torch.Tensor]:
+                has_pairs: bool = True, extra: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """student/teacher: {"image_features": (B, D), "text_features": (B, D), "logit_scale": exp'd scalar}.
+        extra: {"student_text": (E, Ds), "teacher_text": (E, Dt)} text-only rows for ``extra_text_mse``.
 
-        Returns {"<term>_loss": weighted scalar} for every term with non-zero weight (``clip`` only
-        when ``has_pairs``).
+        Returns {"<term>_loss": weighted scalar} for every term with non-zero weight that applies
+        to the batch (``clip`` only when ``has_pairs``, ``extra_text_mse`` only with ``extra``).
 
         Gradient scaling over W ranks (each with B rows, N = W*B): rank r returns
         L_r = (1/B) sum_{rows of r} l_row, so mean_r L_r equals the single-process loss L on the
@@ -206,10 +333,17 @@ class DistillLoss(torch.nn.Module):
         # H100 (benchmarks/results/losses_gpu.md) the loss values moved by up to 2e-3 in bf16,
         # while fp32 cost +5 ms at a 4096 x 4096 batch and nothing measurable at 1024.
         with torch.autocast(device_type=dev.type, enabled=False):
-            return self._forward(student, teacher, has_pairs)
+            ctx = self._context(student, teacher, has_pairs, extra or {})
+            out: dict[str, torch.Tensor] = {}
+            for t in self.active:
+                value = t.fn(ctx)
+                if value is not None:
+                    out[f"{t.name}_loss"] = self.weights[t.name] * value
+            return out
 
-    def _forward(self, student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor | float],
-                 has_pairs: bool) -> dict[str, torch.Tensor]:
+    def _context(self, student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor | float],
+                 has_pairs: bool, extra: Mapping[str, torch.Tensor]) -> LossContext:
+        """Normalise, project and gather once for all active terms."""
         dtype = torch.promote_types(student["image_features"].dtype, torch.float32)
         s_img = F.normalize(student["image_features"].to(dtype), dim=-1)  # (B, Ds)
         s_txt = F.normalize(student["text_features"].to(dtype), dim=-1)  # (B, Ds)
@@ -223,59 +357,20 @@ class DistillLoss(torch.nn.Module):
         t_scale = (t_scale.detach() if torch.is_tensor(t_scale) else torch.tensor(float(t_scale)))
         t_scale = t_scale.to(device=s_img.device, dtype=s_img.dtype).reshape(())
         B, Dt = t_img.shape
-        w = self.weights
-        out: dict[str, torch.Tensor] = {}
-
-        proj_img = proj_txt = None
-        if any(k in w for k in _PROJECTED):
-            proj_img, proj_txt = self._project(s_img, Dt), self._project(s_txt, Dt)  # (B, Dt)
-
-        # Gather once, whatever has_pairs says, so every rank joins the same collectives.
-        need_s = "contrastive_kd" in w or "clip" in w
-        need_t = "contrastive_kd" in w or "interactive" in w
-        S_img = dist_utils.gather_features(s_img, with_grad=True) if need_s else None  # (N, Ds)
-        S_txt = dist_utils.gather_features(s_txt, with_grad=True) if need_s else None  # (N, Ds)
-        T_img = dist_utils.gather_features(t_img, with_grad=False) if need_t else None  # (N, Dt)
-        T_txt = dist_utils.gather_features(t_txt, with_grad=False) if need_t else None  # (N, Dt)
         labels = torch.arange(B, device=s_img.device) + dist_utils.rank() * B  # own pair's column
-
-        if any(k in w for k in _FEATURE):
-            mse_img, mse_txt = F.mse_loss(proj_img, t_img), F.mse_loss(proj_txt, t_txt)
-            if "feature_mse" in w:
-                out["feature_mse_loss"] = w["feature_mse"] * 0.5 * (mse_img + mse_txt)
-            if "feature_mse_image" in w:
-                out["feature_mse_image_loss"] = w["feature_mse_image"] * mse_img
-            if "feature_mse_text" in w:
-                out["feature_mse_text_loss"] = w["feature_mse_text"] * mse_txt
-
-        if any(k in w for k in _RESIDUAL):
-            if self.training and not self._means_fixed:
-                g_img = T_img if T_img is not None else dist_utils.gather_features(t_img, with_grad=False)
-                g_txt = T_txt if T_txt is not None else dist_utils.gather_features(t_txt, with_grad=False)
-                self._update_teacher_means(g_img, g_txt)
-            for term, s_f, t_f, mu in (("feature_residual_image", proj_img, t_img, self.teacher_image_mean),
-                                       ("feature_residual_text", proj_txt, t_txt, self.teacher_text_mean)):
-                if term in w:
-                    mu = mu.to(t_f.dtype)
-                    cos = F.cosine_similarity(s_f - mu, t_f - mu, dim=-1, eps=1e-8)
-                    out[f"{term}_loss"] = w[term] * (1.0 - cos).mean()
-
-        if "contrastive_kd" in w:
-            a_s, a_t = self._kd_scales(s_scale, t_scale)
-            T = self.kd_T
-            kl = 0.0
-            for s_rows, s_cols, t_rows, t_cols in ((s_img, S_txt, t_img, T_txt), (s_txt, S_img, t_txt, T_img)):
-                log_q = F.log_softmax(a_s / T * s_rows @ s_cols.T, dim=-1)  # (B, N) student
-                log_p = F.log_softmax(a_t / T * t_rows @ t_cols.T, dim=-1)  # (B, N) teacher target
-                kl = kl + F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
-            out["contrastive_kd_loss"] = w["contrastive_kd"] * (T * T) * 0.5 * kl
-
-        if "clip" in w and bool(has_pairs):
-            ce = F.cross_entropy(s_scale * s_img @ S_txt.T, labels) + F.cross_entropy(s_scale * s_txt @ S_img.T, labels)
-            out["clip_loss"] = w["clip"] * 0.5 * ce
-
-        if "interactive" in w:
-            ce = (F.cross_entropy(s_scale * proj_img @ T_txt.T, labels)
-                  + F.cross_entropy(s_scale * proj_txt @ T_img.T, labels))
-            out["interactive_loss"] = w["interactive"] * 0.5 * ce
-        return out
+        ctx = LossContext(self, s_img, s_txt, s_scale, t_img, t_txt, t_scale, labels, bool(has_pairs),
+                          extra={k: v.detach() if k.startswith("teacher") else v for k, v in extra.items()})
+        if any(t.projected for t in self.active):
+            ctx.proj_img, ctx.proj_txt = self.project(s_img, Dt), self.project(s_txt, Dt)  # (B, Dt)
+        # Gather once, whatever has_pairs says, so every rank joins the same collectives.
+        if any(t.gathers_student for t in self.active):
+            ctx.S_img = dist_utils.gather_features(s_img, with_grad=True)  # (N, Ds)
+            ctx.S_txt = dist_utils.gather_features(s_txt, with_grad=True)
+        if any(t.gathers_teacher for t in self.active):
+            ctx.T_img = dist_utils.gather_features(t_img, with_grad=False)  # (N, Dt)
+            ctx.T_txt = dist_utils.gather_features(t_txt, with_grad=False)
+        if self.uses_teacher_means and self.training and not self._means_fixed:
+            g_img = ctx.T_img if ctx.T_img is not None else dist_utils.gather_features(t_img, with_grad=False)
+            g_txt = ctx.T_txt if ctx.T_txt is not None else dist_utils.gather_features(t_txt, with_grad=False)
+            self._update_teacher_means(g_img, g_txt)
+        return ctx

@@ -277,7 +277,6 @@ def train(
     seed = int(cfg.get("seed", 0))
     resample = bool(cfg.get("resample_corpus_texts", True))
     extra_texts = int(cfg.get("extra_texts", 0) or 0)
-    extra_weight = float(cfg.get("extra_texts_weight", 1.0))
     sampler = ResumableSampler(len(dataset), seed=int(cfg.get("seed", 0)), start=start_step * per_step,
                                batch_size=bs, rank=rank, world_size=world, valid=valid)
     loader = DataLoader(dataset, batch_size=bs, sampler=sampler, collate_fn=collate, drop_last=True,
@@ -360,11 +359,9 @@ def train(
                 out = {k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()}
                 s_txt_all = out["text_features"]
                 out["text_features"] = s_txt_all[:n_img]
+                extra = {"student_text": s_txt_all[n_img:], "teacher_text": t_txt[n_img:]} if extra_texts else None
                 losses = loss_fn(out, {"image_features": t_img, "text_features": t_txt[:n_img],
-                                       "logit_scale": teacher_scale}, has_pairs=batch["paired"])
-                if extra_texts:
-                    s_ex = loss_fn._project(s_txt_all[n_img:], t_txt.shape[-1])
-                    losses["extra_text_mse_loss"] = extra_weight * ((s_ex - t_txt[n_img:]) ** 2).mean()
+                                       "logit_scale": teacher_scale}, has_pairs=batch["paired"], extra=extra)
             total = sum(v for k, v in losses.items() if k.endswith("_loss"))
             if not torch.isfinite(total):
                 last_ckpt = find_checkpoint("auto", ckpt_root)

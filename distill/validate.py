@@ -169,17 +169,22 @@ def _check_loss(cfg: DictConfig) -> Iterator[str]:
     weights = _number(cfg, "loss.weights")
     if weights is None:
         return
-    try:
-        from distill.losses import TERMS
-    except ImportError:  # the loss module names its terms; without it there is nothing to compare
-        TERMS = ()
+    from distill.losses import TERMS
+
     for term, w in weights.items():
-        if TERMS and term not in TERMS:
+        if term not in TERMS:
             yield f"loss.weights.{term} is not a loss term; closest: {_closest(term, list(TERMS))}"
         if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0:
             yield f"loss.weights.{term}={w!r} must be a number >= 0"
     if weights and all(isinstance(w, (int, float)) and w == 0 for w in weights.values()):
         yield "loss.weights are all zero: nothing would be trained; give at least one term a positive weight"
+    extra_rows, extra_w = OmegaConf.select(cfg, "train.extra_texts", default=0) or 0, weights.get("extra_text_mse", 0)
+    if isinstance(extra_rows, int) and isinstance(extra_w, (int, float)):
+        if extra_rows > 0 and not extra_w:
+            yield (f"train.extra_texts={extra_rows} draws text-only rows that no loss term uses: "
+                   f"set loss.weights.extra_text_mse (e.g. +loss.weights.extra_text_mse=1.0) or train.extra_texts=0")
+        if extra_w and extra_rows <= 0:
+            yield "loss.weights.extra_text_mse needs text-only rows: set train.extra_texts (e.g. 64)"
 
 
 # data source arguments that name local files or folders

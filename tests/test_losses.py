@@ -279,3 +279,51 @@ def test_feature_residual_means_follow_a_moving_average_without_a_cache():
 def test_feature_residual_needs_the_teacher_dim():
     with pytest.raises(UserError, match="teacher_dim"):
         DistillLoss(weights={"feature_residual_image": 1.0})
+
+
+# ------------------------------------------------------------------------------- the registry
+
+
+def test_extra_text_mse_matches_hand_formula_and_needs_rows():
+    student, teacher = _feats()
+    g = torch.Generator().manual_seed(5)
+    xs = _unit(torch.randn(6, 3, generator=g, dtype=torch.float64)).requires_grad_(True)
+    xt = _unit(torch.randn(6, 4, generator=g, dtype=torch.float64))
+    loss = DistillLoss(weights={"extra_text_mse": 2.0}, student_dim=3, teacher_dim=4).double()
+    s3 = {**student, "image_features": student["image_features"][:, :3], "text_features": student["text_features"][:, :3]}
+    out = loss(s3, teacher, extra={"student_text": xs, "teacher_text": xt})
+    want = 2.0 * ((_unit(xs @ loss.projector.weight.T) - xt) ** 2).mean()
+    assert set(out) == {"extra_text_mse_loss"}
+    torch.testing.assert_close(out["extra_text_mse_loss"], want)
+    out["extra_text_mse_loss"].backward()
+    assert xs.grad is not None and loss.projector.weight.grad is not None
+    assert loss(s3, teacher) == {}  # without text-only rows the term does not apply
+
+
+def test_registry_lists_every_term_with_a_description_and_a_new_term_is_one_definition(monkeypatch):
+    from distill import losses
+
+    assert list(losses.TERMS)[:3] == ["feature_mse", "feature_mse_image", "feature_mse_text"]
+    assert {"contrastive_kd", "clip", "interactive", "extra_text_mse"} <= set(losses.TERMS)
+    assert all(t.doc for t in losses.TERMS.values())
+    monkeypatch.setattr(losses, "TERMS", dict(losses.TERMS))  # keep the real registry clean
+
+    @losses.term("image_cosine", projected=True)
+    def _image_cosine(ctx):
+        """1 − mean cos(P s_i, t_i)."""
+        return 1 - (ctx.proj_img * ctx.t_img).sum(-1).mean()
+
+    student, teacher = _feats()
+    out = DistillLoss(weights={"image_cosine": 3.0, "feature_mse": 1.0})(student, teacher)
+    assert list(out) == ["feature_mse_loss", "image_cosine_loss"]  # registration order, not weights order
+    want = 3.0 * (1 - (_unit(student["image_features"]) * teacher["image_features"]).sum(-1).mean())
+    torch.testing.assert_close(out["image_cosine_loss"], want)
+    with pytest.raises(ValueError, match="registered twice"):
+        losses.term("image_cosine")(_image_cosine)
+
+
+def test_unknown_term_is_one_line_listing_the_known_ones():
+    with pytest.raises(UserError) as e:
+        DistillLoss(weights={"feature_mes": 1.0})
+    msg = str(e.value)
+    assert "\n" not in msg and "feature_mes" in msg and "extra_text_mse" in msg and "contrastive_kd" in msg

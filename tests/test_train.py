@@ -113,9 +113,9 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, setup):
             super().__init__()
             self.inner, self.calls = _loss(), 0
 
-        def forward(self, s, t, has_pairs=True):
+        def forward(self, s, t, **kw):
             self.calls += 1
-            out = self.inner(s, t, has_pairs=has_pairs)
+            out = self.inner(s, t, **kw)
             if self.calls == 4:
                 out["feature_mse_loss"] = out["feature_mse_loss"] * float("nan")
             return out
@@ -208,7 +208,14 @@ def test_uncaptioned_images_draw_fresh_corpus_texts_and_extra_texts_resume_exact
     ds = TrainSet([ArraySource(12, captions=False)], ViewSpec(size=32, views=1), corpus=corpus)
     cache = build_or_load(tiny_teacher, ds, tmp_path / "cache", progress=False)
     tok = open_clip.SimpleTokenizer(context_length=16)
-    kw = dict(extra_texts=6, extra_texts_weight=2.0)
+    kw = dict(extra_texts=6)
+
+    def _loss():
+        from distill.losses import DistillLoss
+
+        return DistillLoss(weights={"feature_mse": 1.0, "contrastive_kd": 1.0, "extra_text_mse": 2.0},
+                           temperature_mode="fixed", temperature=0.02, student_dim=32, teacher_dim=32)
+
     full = _student()
     train(student=full, loss_fn=_loss(), dataset=ds, tokenizer=tok, cfg=_cfg(**kw), out_dir=tmp_path / "a",
           device=torch.device("cpu"), cache=cache)

@@ -74,6 +74,14 @@ def test_unknown_and_all_zero_loss_weights():
         "loss.weights are all zero: nothing would be trained; give at least one term a positive weight"]
 
 
+def test_extra_text_rows_and_their_term_come_together():
+    (p,) = _problems("train.extra_texts=8")
+    assert p.startswith("train.extra_texts=8 draws text-only rows that no loss term uses")
+    (p,) = _problems("+loss.weights.extra_text_mse=2.0")
+    assert p.startswith("loss.weights.extra_text_mse needs text-only rows")
+    check_config(_cfg("train.extra_texts=8", "+loss.weights.extra_text_mse=2.0"))
+
+
 def test_bench_without_the_reference_variant():
     [p] = _problems("bench.variants=[student_torch_fp32]")
     assert "lacks teacher_torch_fp32" in p
