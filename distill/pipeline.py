@@ -476,7 +476,9 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     report = report_mod.new_report(
         cfg.experiment_name, environment(),
         teacher={"name": getattr(teacher, "name", cfg.teacher.get("_target_")), "embed_dim": t_dim,
-                 "fingerprint": teacher.fingerprint},
+                 "fingerprint": teacher.fingerprint,
+                 **({"activation": teacher.activation, "activation_reason": getattr(teacher, "activation_reason", None)}
+                    if getattr(teacher, "activation", None) else {})},
         student={"name": cfg.student.name, "model_cfg": model_cfg},
         variants=measured["variants"], training=train_metrics, export=export_info, ceilings=measured["ceilings"],
         timing=measured["timing"],

@@ -274,6 +274,15 @@ def _flat(d: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
+def _activation_note(teacher: Mapping[str, Any]) -> str:
+    act = teacher.get("activation")
+    if not act:
+        return ""
+    name = {"quick_gelu": "QuickGELU", "gelu": "GELU"}.get(act, act)
+    why = teacher.get("activation_reason")
+    return f" (activation {name}" + (f": {why})" if why else ")")
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """report dict (schema 1, with summary) -> report.md text."""
     variants = report.get("variants", {})
@@ -281,7 +290,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     ok_names = [n for n in names if variants[n].get("status") == "ok"]
     summ = report.get("summary") or summarize(report)
     lines = [f"# Teacher vs student: {report.get('experiment', '?')}", "",
-             f"Created {report.get('created', '?')}. Teacher: `{report.get('teacher', {}).get('name', '?')}`; "
+             f"Created {report.get('created', '?')}. Teacher: `{report.get('teacher', {}).get('name', '?')}`"
+             + _activation_note(report.get("teacher", {})) + "; "
              f"student: `{report.get('student', {}).get('name', '?')}`.", "",
              "Conventions: FLOPs = 2 x MACs, per sample. Accuracy and recall in percent. Latency in ms, "
              "median and p90 of repeated timed calls after warm-up, same inputs and threads for every variant"
