@@ -20,16 +20,24 @@ def _smoke_cfg(tmp_path, *extra):
                                                         f"cache.dir={tmp_path / 'cache'}", *extra])
 
 
-def test_smoke_run_writes_report_and_loadable_onnx(tmp_path):
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One +experiment=smoke run shared by the tests that read its outputs."""
     from distill.pipeline import run
 
-    report = run(_smoke_cfg(tmp_path))
-    out = tmp_path / "run"
+    tmp = tmp_path_factory.mktemp("smoke")
+    return run(_smoke_cfg(tmp)), tmp / "run"
+
+
+def test_smoke_run_writes_report_and_loadable_onnx(smoke_run):
+    report, out = smoke_run
     data = json.loads((out / "report.json").read_text())
     assert data["schema_version"] >= 1 and data["experiment"] == "smoke"
     for key in ("environment", "teacher", "student", "training", "export", "variants", "summary"):
         assert key in data, key
-    assert (out / "report.md").read_text().count("|") > 10
+    md = (out / "report.md").read_text()
+    assert md.count("|") > 10
+    assert data["teacher"]["activation"] == "gelu" and "(activation GELU" in md
     v = data["variants"]
     for name in ("teacher_torch_fp32", "student_torch_fp32", "student_onnx_fp32", "student_onnx_int8"):
         assert v[name]["status"] == "ok", (name, v[name])
@@ -43,6 +51,35 @@ def test_smoke_run_writes_report_and_loadable_onnx(tmp_path):
         ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         ort.InferenceSession(data["export"]["onnx_int8"][f], providers=["CPUExecutionProvider"])
     assert report["variants"].keys() == v.keys()
+
+
+def test_smoke_metrics_match_the_pin(smoke_run):
+    """What the smoke experiment computes, pinned (tools/pin_smoke.py wrote the file): refactors must
+    not move it. Losses to 1e-3 relative and cosines to 2e-3 absolute (other CPUs round differently);
+    accuracy and recall to within one sample of their set."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from pin_smoke import PIN, pin_of
+
+    want, got = json.loads(PIN.read_text()), pin_of(smoke_run[1])
+    assert got["steps"] == want["steps"] and len(got["losses"]) == len(want["losses"])
+    for g, w in zip(got["losses"], want["losses"]):
+        assert g.keys() == w.keys(), (g, w)
+        for k in w:
+            assert g[k] == pytest.approx(w[k], rel=1e-3, abs=1e-5), (w["step"], k, g[k], w[k])
+    assert got["variants"].keys() == want["variants"].keys()
+    sizes = smoke_run[0]["training"]["data"]["eval_sets"]
+    one = {n: 1.0 / k for kind in sizes.values() for n, k in kind.items()}
+    for name, w in want["variants"].items():
+        g = got["variants"][name]
+        for kind in ("zeroshot", "retrieval"):
+            for set_name, metrics in w.get(kind, {}).items():
+                for k, x in metrics.items():
+                    assert abs(g[kind][set_name][k] - x) <= one[set_name] + 1e-9, (name, set_name, k, g[kind][set_name][k], x)
+        for set_name, metrics in w.get("agreement", {}).items():
+            if isinstance(metrics, dict):
+                for k, x in metrics.items():
+                    tol = 2e-3 if k == "image_cosine" else one.get(set_name, 0.05) + 1e-9
+                    assert abs(g["agreement"][set_name][k] - x) <= tol, (name, set_name, k)
 
 
 def _cli(args, tmp_path, env_extra=None):
@@ -110,3 +147,48 @@ def test_vitb32_without_weights_offline_is_one_line_exit_2(tmp_path):
     lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and "teacher.pretrained=/path/to/" in lines[0]
     assert "Traceback" not in r.stderr
+
+
+def test_csv_data_gets_an_edge_bundle_labelled_with_its_captions(tmp_path):
+    """CSV/WebDataset runs have no classification set; they used to ship no bundle at all."""
+    from PIL import Image
+
+    from distill.edge import load_bundle
+    from distill.pipeline import run
+
+    d = tmp_path / "pairs"
+    d.mkdir()
+    colours = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220)}
+    rows = ["filepath\ttitle"]
+    for i in range(12):
+        name = list(colours)[i % 3]
+        Image.new("RGB", (40, 40), colours[name]).save(d / f"{i}.png")
+        rows.append(f"{i}.png\ta {name} square")
+    (d / "pairs.tsv").write_text("\n".join(rows) + "\n")
+    report = run(_smoke_cfg(tmp_path, "data=csv", f"data.train_file={d / 'pairs.tsv'}",
+                            f"data.val_file={d / 'pairs.tsv'}", "train.steps=2",
+                            "bench.variants=[teacher_torch_fp32,student_onnx_int8]"))
+    bundle = load_bundle(report["export"]["bundle"])
+    assert bundle.labels == ["a red square", "a green square", "a blue square"]
+    assert bundle.meta["extra"]["label_source"] == "captions of csv/val"
+    (res,) = bundle.classify([d / "0.png"], top_k=3)
+    assert {r["label"] for r in res["top_k"]} == set(bundle.labels)
+
+
+def test_bundle_labels_prefer_classes_then_given_prompts_then_captions():
+    from omegaconf import OmegaConf
+
+    from distill.data import EvalSet
+    from distill.pipeline import bundle_labels
+
+    import torch
+
+    img = torch.zeros(2, 3, 8, 8)
+    ret = {"r": EvalSet("r", img, captions=["a cat", "a cat", " ", "a dog"])}
+    cls = {"c": EvalSet("c", img, labels=torch.tensor([0, 1]), classnames=["cat", "dog"], templates=["{} pic"])}
+    cfg = OmegaConf.create({"bundle_labels": None, "bundle_max_labels": 1})
+    assert bundle_labels(cfg, {"classification": cls, "retrieval": ret}) == (["cat", "dog"], ["{} pic"], "classification:c")
+    assert bundle_labels(cfg, {"classification": {}, "retrieval": ret}) == (["a cat"], ["{}"], "captions of r")
+    cfg.bundle_labels = ["a shoe", "a bag"]
+    assert bundle_labels(cfg, {"classification": {}, "retrieval": ret})[0] == ["a shoe", "a bag"]
+    assert bundle_labels(OmegaConf.create({}), {"classification": {}, "retrieval": {}}) is None
