@@ -8,7 +8,8 @@ import torch
 from distill.cache import build_or_load
 from distill.data import TrainSet, ViewSpec
 from distill.errors import UserError
-from distill.train import TrainingDiverged, cosine_schedule, param_groups, train
+from distill.engine.optim import cosine_schedule, param_groups
+from distill.train import DistillTask, TrainingDiverged, train
 from tests.conftest import TINY_TEACHER_CFG, ArraySource
 
 STUDENT_CFG = dict(embed_dim=32, vision_cfg=dict(width=32, layers=1, head_width=16, patch_size=8, image_size=32),
@@ -28,13 +29,15 @@ def _loss():
 
 
 def _cfg(**kw):
-    cfg = dict(steps=6, batch_size=4, optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3,
-                                                 "weight_decay": 0.1},
-               scheduler={"_target_": "distill.train.cosine_schedule", "_partial_": True, "warmup_steps": 2},
-               num_workers=0, seed=0, log_every=1, eval_every=0, ckpt_every=0, resume="never",
-               tensorboard=False, progress=False)
-    cfg.update(kw)
-    return cfg
+    """conf/train/default.yaml (the one place defaults live) with small-test settings on top; an
+    optimizer with its own ``_target_`` replaces the default node instead of merging into it."""
+    from distill.engine.config import defaults
+
+    base = dict(steps=6, batch_size=4, optimizer={"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.999], "eps": 1e-8},
+                scheduler={"warmup_steps": 2}, num_workers=0, seed=0, log_every=1, eval_every=0, ckpt_every=0,
+                resume="never", tensorboard=False, progress=False)
+    replaced = {k: kw.pop(k) for k in list(kw) if isinstance(kw[k], dict) and "_target_" in kw[k]}
+    return {**defaults(**{**base, **kw}), **replaced}
 
 
 @pytest.fixture
@@ -147,7 +150,7 @@ def test_early_stopping_restores_best(tmp_path, setup):
 
 def test_param_groups_and_schedule():
     s = _student()
-    decay, no_decay = param_groups([s], 0.1)
+    decay, no_decay = param_groups([s], 0.1)  # no towers given: the two base groups
     names = {id(p): n for n, p in s.named_parameters()}
     assert all(p.ndim >= 2 for p in decay["params"])
     assert any(names[id(p)] == "logit_scale" for p in no_decay["params"]) and no_decay["weight_decay"] == 0
@@ -166,7 +169,7 @@ def test_param_groups_and_schedule():
 
 def test_lr_scale_gives_the_text_tower_its_own_learning_rate(tmp_path, setup):
     s = _student()
-    groups = param_groups([s], 0.1, lr=1e-3, lr_scale={"text": 2.0, "image": 1.0})
+    groups = param_groups([s], 0.1, lr=1e-3, lr_scale={"text": 2.0, "image": 1.0}, tower_of=DistillTask.tower_of)
     names = {id(p): n for n, p in s.named_parameters()}
     text = [g for g in groups if g.get("tower") == "text"]
     assert [g["weight_decay"] for g in text] == [0.1, 0.0] and all(g["lr"] == pytest.approx(2e-3) for g in text)
@@ -187,7 +190,7 @@ def test_lr_scale_gives_the_text_tower_its_own_learning_rate(tmp_path, setup):
 
 
 def test_bf16_on_cpu_only_where_the_cpu_has_native_bf16(tmp_path, setup, monkeypatch, caplog):
-    import distill.train as train_mod
+    import distill.engine.precision as train_mod
 
     ds, cache, tok = setup
     kw = dict(loss_fn=_loss(), dataset=ds, tokenizer=tok, device=torch.device("cpu"), cache=cache)
