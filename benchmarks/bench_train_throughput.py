@@ -35,6 +35,7 @@ from distill.data import TrainSet, ViewSpec, build_corpus  # noqa: E402
 from distill.losses import DistillLoss  # noqa: E402
 from distill.students import build_student  # noqa: E402
 from distill.teachers.open_clip_teacher import OpenClipTeacher  # noqa: E402
+from distill.engine.config import defaults  # noqa: E402
 from distill.train import train  # noqa: E402
 
 # Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets.
@@ -84,11 +85,10 @@ def main() -> None:
             student, _ = build_student(512, vision, text)
             loss = DistillLoss(weights={"feature_mse": 1.0, "contrastive_kd": 1.0}, temperature_mode="fixed",
                                temperature=0.02, student_dim=512, teacher_dim=512)
-            cfg = dict(steps=args.steps, batch_size=args.batch_size, num_workers=args.workers, seed=0,
-                       optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-4},
-                       scheduler={"_target_": "distill.train.cosine_schedule", "_partial_": True, "warmup_steps": 1},
-                       log_every=1, eval_every=0, ckpt_every=0, resume="never", tensorboard=False, progress=True,
-                       compile=args.compile, precision=precision)
+            cfg = defaults(steps=args.steps, batch_size=args.batch_size, num_workers=args.workers, seed=0,
+                           optimizer={"lr": 1e-4}, scheduler={"warmup_steps": 1},
+                           log_every=1, eval_every=0, ckpt_every=0, resume="never", tensorboard=False, progress=True,
+                           compile=args.compile, precision=precision)
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             # one warm-up step is excluded: run steps+1, then time from the per-step split
