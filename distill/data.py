@@ -30,6 +30,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from distill import preprocess
 from distill.errors import UserError
 from distill.imageio import SkipLog, try_open
 from distill.sources import ImageSource
@@ -42,15 +43,14 @@ def _stable_int(*parts: object) -> int:
     return int.from_bytes(h[:8], "little")
 
 
-def eval_view(img: Image.Image, size: int) -> torch.Tensor:
+def eval_view(img: Image.Image, size: int, spec: dict[str, Any] | None = None) -> torch.Tensor:
     """PIL RGB -> (3, size, size) float in [0, 1]: bicubic short-side resize, centre crop.
 
-    The same steps as open_clip's eval preprocessing and as distill.edge's numpy version
-    (both call PIL's bicubic resize), minus the mean/std normalisation.
+    ``distill.preprocess.eval_pixels`` (the code the edge runtime runs, same numbers as torchvision's
+    Resize + CenterCrop + to_tensor, i.e. open_clip's eval transform) by ``spec`` (default: the
+    project's spec at ``size``), minus the mean/std normalisation.
     """
-    img = TF.resize(img, size, interpolation=InterpolationMode.BICUBIC)
-    img = TF.center_crop(img, [size, size])
-    return TF.to_tensor(img)
+    return torch.from_numpy(preprocess.eval_pixels(img, spec or preprocess.default_spec(size)))
 
 
 def augmented_view(img: Image.Image, size: int, seed: int, scale: tuple[float, float] = (0.6, 1.0),

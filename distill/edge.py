@@ -10,20 +10,28 @@ Bundle (a folder written by ``distill.export.write_bundle``):
     tokenizer/                  bpe_simple_vocab_16e6.txt.gz + tokenizer.json (context_length)
     class_embeddings.npy        (C,D) float32, L2-normalised rows (zero-shot classifier)
     labels.json                 C label strings
-    preprocess.json             size, mean, std, interpolation, resize_mode
+    preprocess.json             the preprocessing spec (distill.preprocess): size, mean, std,
+                                interpolation, resize_mode and the rgb conversion rules
     bundle.json                 format_version, embed_dim, files {relative path: sha256}, producer
 
-Preprocessing (the project's convention, the same as open_clip's eval transform): PIL -> RGB ->
-resize the shortest side to S (PIL bicubic) -> centre crop S x S -> /255 -> (x - mean) / std.
-torchvision's Resize/CenterCrop on PIL images call the same PIL resize, so torch and edge match.
+Preprocessing is ``distill.preprocess``, the same code the training and evaluation data go through,
+following the bundle's preprocess.json: decode -> RGB (transparency composited on white, 16/32-bit
+rescaled by range, huge images reduced) -> resize the shortest side to S (PIL bicubic) -> centre crop
+S x S -> /255 -> (x - mean) / std. A preprocess.json without rgb rules (older bundles) gets the
+project's rules, which are what every student was trained with.
+
+Batching: with the int8 model images go through one at a time by default, because ORT's dynamic
+int8 computes activation scales over the whole batch, so an image's scores would otherwise depend on
+the other images in its batch; fp32 batches 16 by default. ``--batch-size`` overrides both.
 
 Classification scores are CLIP's: softmax over ``logit_scale * cosine`` (logit_scale from
 bundle.json, 100 by default) across all labels; the raw cosine is reported next to each score.
 
 CLI (exit codes: 0 all good, 1 some images could not be read (one stderr line each; the rest are
 still processed), 2 bad bundle or usage (one stderr line)):
-    python -m distill.edge classify --bundle DIR [--precision auto|int8|fp32] [--top-k 5] [--json] IMAGE...
-    python -m distill.edge embed --bundle DIR (--images IMG... | --texts TEXT...) -o out.npy
+    python -m distill.edge classify --bundle DIR [--precision auto|int8|fp32] [--top-k 5] [--batch-size N]
+                                    [--json] IMAGE...
+    python -m distill.edge embed --bundle DIR [--batch-size N] (--images IMG... | --texts TEXT...) -o out.npy
 """
 
 from __future__ import annotations
@@ -37,15 +45,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
 
+from distill import preprocess as _pre
 from distill.errors import UserError
+from distill.preprocess import preprocess_image  # noqa: F401 - the public name benchmarks import from here
 
 SUPPORTED_FORMAT_VERSIONS = (1,)
 REBUILD_HINT = ("rebuild the bundle (re-run the export stage: python -m distill ... export.bundle=true, "
                 "or distill.export.write_bundle) or copy the whole folder again")
-_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
-             "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+FP32_BATCH_SIZE = 16
 
 
 class BundleError(UserError):
@@ -58,35 +66,6 @@ def _sha256(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def preprocess_image(img: Image.Image, spec: dict[str, Any]) -> np.ndarray:
-    """PIL image -> (3, S, S) float32, normalised with spec's mean/std (open_clip eval transform, numpy)."""
-    size = int(spec["size"] if not isinstance(spec["size"], (list, tuple)) else spec["size"][0])
-    resample = _RESAMPLE[spec.get("interpolation", "bicubic")]
-    mode = spec.get("resize_mode", "shortest")
-    img = img.convert("RGB")
-    w, h = img.size
-    if mode == "shortest":
-        # torchvision Resize(int): the short side becomes S, the long side int(S * long / short)
-        if w <= h:
-            new_w, new_h = size, int(size * h / w)
-        else:
-            new_w, new_h = int(size * w / h), size
-        if (new_w, new_h) != (w, h):
-            img = img.resize((new_w, new_h), resample)
-        # torchvision CenterCrop: offsets rounded half to even, as in int(round(x))
-        left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
-        img = img.crop((left, top, left + size, top + size))
-    elif mode == "squash":
-        img = img.resize((size, size), resample)
-    else:
-        raise BundleError(f"preprocess.json resize_mode {mode!r} is not supported (use shortest or squash); "
-                          + REBUILD_HINT)
-    x = np.asarray(img, dtype=np.float32) / 255.0  # (S, S, 3)
-    mean = np.asarray(spec["mean"], dtype=np.float32)
-    std = np.asarray(spec["std"], dtype=np.float32)
-    return np.ascontiguousarray(((x - mean) / std).transpose(2, 0, 1))  # (3, S, S)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -122,14 +101,20 @@ class Bundle:
     def logit_scale(self) -> float:
         return float(self.meta.get("logit_scale", 100.0))
 
-    def load_image(self, path: str | Path) -> np.ndarray:
-        """One image file -> (3, S, S) float32 normalised. Raises on unreadable files."""
-        with Image.open(path) as img:
-            img.load()  # decode now, so a truncated file fails here and not later
-            return preprocess_image(img, self.preprocess)
+    @property
+    def default_batch_size(self) -> int:
+        # ORT's dynamic int8 quantizes activations with scales computed over the whole batch, so one
+        # image per run is the only way an image's int8 scores do not depend on the other images.
+        return 1 if self.precision == "int8" else FP32_BATCH_SIZE
 
-    def _embed_images(self, paths: Sequence[str | Path], batch_size: int = 16
+    def load_image(self, path: str | Path) -> np.ndarray:
+        """One image file -> (3, S, S) float32 normalised, exactly as the training/eval data are
+        preprocessed (distill.preprocess). Raises on unreadable files."""
+        return _pre.load_image(path, self.preprocess)
+
+    def _embed_images(self, paths: Sequence[str | Path], batch_size: int | None = None
                       ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+        batch_size = self.default_batch_size if batch_size is None else max(1, int(batch_size))
         rows: list[np.ndarray] = []
         ok: list[int] = []
         errors: list[tuple[str, str]] = []
@@ -154,10 +139,11 @@ class Bundle:
         emb = np.concatenate(rows) if rows else np.zeros((0, self.embed_dim), np.float32)
         return emb, ok, errors
 
-    def embed_images(self, paths: Sequence[str | Path], batch_size: int = 16
+    def embed_images(self, paths: Sequence[str | Path], batch_size: int | None = None
                      ) -> tuple[np.ndarray, list[tuple[str, str]]]:
         """Image files -> ((N_ok, D) float32 L2-normalised, in input order of the readable files,
-        [(path, reason), ...] for the files that could not be read)."""
+        [(path, reason), ...] for the files that could not be read). batch_size None: 1 for int8
+        (scores independent of the other images), 16 for fp32."""
         emb, _, errors = self._embed_images(paths, batch_size)
         return emb, errors
 
@@ -178,14 +164,18 @@ class Bundle:
                for i in range(0, len(texts), batch_size)]
         return _unit(np.concatenate(out)) if out else np.zeros((0, self.embed_dim), np.float32)
 
-    def classify(self, paths: Sequence[str | Path], top_k: int = 5, batch_size: int = 16) -> list[dict[str, Any]]:
-        """Zero-shot top-k per image, one result per input path, in order.
+    def classify(self, paths: Sequence[str | Path], top_k: int = 5, batch_size: int | None = None
+                 ) -> list[dict[str, Any]]:
+        """Zero-shot top-k per image, one result per input path, in order. batch_size None: 1 for
+        int8 (an image's scores do not depend on the other images), 16 for fp32.
 
         Each result: {"image", "top_k": [{"label", "score", "cosine"}, ...]} where score is the
         softmax over logit_scale * cosine across all labels; or {"image", "error"} if unreadable.
         """
         emb, ok, errors = self._embed_images(paths, batch_size)
-        cos = emb @ self.class_embeddings.T  # (N_ok, C)
+        cos = np.zeros((len(emb), len(self.labels)), np.float32)  # (N_ok, C)
+        for r, e in enumerate(emb):  # one matrix-vector product per image: BLAS may round (N, D) @ (D, C) by N
+            cos[r] = self.class_embeddings @ e
         logits = self.logit_scale * cos
         prob = np.exp(logits - logits.max(-1, keepdims=True))
         prob /= prob.sum(-1, keepdims=True)
@@ -254,7 +244,10 @@ def load_bundle(path: str | Path, precision: str = "auto", *, threads: int | Non
         raise BundleError(f"{root}: bundle has no {image_file}; use --precision fp32 or rebuild with int8 enabled")
     emb = np.load(root / "class_embeddings.npy").astype(np.float32)
     labels = json.loads((root / "labels.json").read_text())
-    pre = json.loads((root / "preprocess.json").read_text())
+    try:
+        pre = _pre.check_spec(json.loads((root / "preprocess.json").read_text()))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise BundleError(f"{root / 'preprocess.json'}: {_one_line(e)}; " + REBUILD_HINT) from None
     if emb.ndim != 2 or emb.shape[1] != embed_dim or emb.shape[0] != len(labels):
         raise BundleError(f"class_embeddings.npy shape {emb.shape} disagrees with embed_dim {embed_dim} and "
                           f"{len(labels)} labels; " + REBUILD_HINT)
@@ -270,6 +263,11 @@ def load_bundle(path: str | Path, precision: str = "auto", *, threads: int | Non
 
 # ---------------------------------------------------------------------------- CLI
 
+BATCH_HELP = ("images per ONNX run (default: 1 with the int8 model, because dynamic int8 computes its "
+              "activation scales over the whole batch and an image's scores would change with the other "
+              "images; 16 with fp32)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m distill.edge", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -278,12 +276,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--precision", default="auto", choices=["auto", "int8", "fp32"])
     c.add_argument("--top-k", type=int, default=5)
     c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
     c.add_argument("--json", action="store_true", help="one JSON object per image (JSON Lines)")
     c.add_argument("images", nargs="+")
     e = sub.add_parser("embed", help="L2-normalised embeddings to a .npy file (readable inputs only, in order)")
     e.add_argument("--bundle", required=True)
     e.add_argument("--precision", default="auto", choices=["auto", "int8", "fp32"])
     e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
     g = e.add_mutually_exclusive_group(required=True)
     g.add_argument("--images", nargs="+")
     g.add_argument("--texts", nargs="+")
@@ -301,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bundle = load_bundle(args.bundle, args.precision, threads=args.threads)
         failed = 0
         if args.cmd == "classify":
-            for r in bundle.classify(args.images, top_k=args.top_k):
+            for r in bundle.classify(args.images, top_k=args.top_k, batch_size=args.batch_size):
                 if "error" in r:
                     failed += 1
                     print(f"error: {r['image']}: {r['error']}", file=sys.stderr)
@@ -311,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"{r['image']}: " + ", ".join(f"{t['label']} {t['score']:.4f}" for t in r["top_k"]))
         else:
             if args.images:
-                emb, errors = bundle.embed_images(args.images)
+                emb, errors = bundle.embed_images(args.images, batch_size=args.batch_size)
                 for p, why in errors:
                     print(f"error: {p}: {why}", file=sys.stderr)
                 failed = len(errors)

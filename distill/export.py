@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
+from distill import preprocess as preprocess_spec
 from distill.errors import ExportCheckError, UserError
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,10 @@ _TWO_GB = 2 ** 31 - 2 ** 24  # protobuf's 2 GiB limit, with headroom for the gra
 
 def default_preprocess(size: int, mean: Sequence[float] = OPENAI_DATASET_MEAN,
                        std: Sequence[float] = OPENAI_DATASET_STD) -> dict[str, Any]:
-    """The project's eval preprocessing as an open_clip preprocess_cfg dict (also the bundle's preprocess.json)."""
-    return {"size": int(size), "mean": [float(m) for m in mean], "std": [float(s) for s in std],
-            "interpolation": "bicubic", "resize_mode": "shortest"}
+    """The project's eval preprocessing spec (``distill.preprocess.default_spec``): an open_clip
+    preprocess_cfg dict plus the ``rgb`` conversion rules (open_clip ignores keys it does not know);
+    also the bundle's preprocess.json."""
+    return preprocess_spec.default_spec(size, mean, std)
 
 
 def _plain(obj: Any) -> Any:
@@ -426,12 +428,18 @@ def write_bundle(out_dir: str | Path, *, image_onnx: str | Path, image_int8_onnx
     """Write the edge bundle folder that ``distill.edge.load_bundle`` reads.
 
     class_embeddings: (C, D) float32, one L2-normalised row per label (normalised here if not).
+    preprocess: the spec the student's training/eval data used (at least ``size``; the rest defaults
+    to ``default_preprocess``), written complete to preprocess.json so the edge runtime follows it.
     Layout: image_encoder.onnx, [image_encoder.int8.onnx], [text_encoder.onnx], tokenizer/,
     class_embeddings.npy, labels.json, preprocess.json, bundle.json (format version, embed_dim,
     files with sha256, producer versions).
     """
     from distill.tokenizer_np import NumpyTokenizer
 
+    try:  # validate before anything is written: the edge runtime refuses a spec it cannot follow exactly
+        pre = preprocess_spec.check_spec(_plain(preprocess))
+    except preprocess_spec.SpecError as e:
+        raise UserError(f"bundle preprocess spec: {e}") from None
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
@@ -453,7 +461,6 @@ def write_bundle(out_dir: str | Path, *, image_onnx: str | Path, image_int8_onnx
                         f"rebuild class embeddings with the exported student's text tower")
     np.save(out / "class_embeddings.npy", emb)
     (out / "labels.json").write_text(json.dumps(list(labels), indent=1, ensure_ascii=False))
-    pre = {**default_preprocess(int(preprocess["size"])), **_plain(preprocess)}
     (out / "preprocess.json").write_text(json.dumps(pre, indent=1))
     NumpyTokenizer(context_length=context_length).save(out / "tokenizer")
     files += [out / "class_embeddings.npy", out / "labels.json", out / "preprocess.json",

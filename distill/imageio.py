@@ -11,19 +11,19 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from PIL import Image, ImageFile
+
+from distill import preprocess
 
 log = logging.getLogger(__name__)
 
-# Above this many pixels an image is decoded at reduced size (JPEG draft) or reduced after
+# Above this many pixels on a side an image is decoded at reduced size (JPEG draft) or reduced after
 # decoding; PIL refuses files beyond 2x its own MAX_IMAGE_PIXELS as decompression bombs, and we
-# count those as skips rather than crash.
-MAX_SIDE = 4096
+# count those as skips rather than crash. The rule lives in distill.preprocess (shared with the edge).
+MAX_SIDE = preprocess.MAX_SIDE
 
 
 @dataclass
@@ -54,45 +54,19 @@ class SkipLog:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB. Transparency goes onto white (stamps and logos are drawn on
-    white, and black would turn every RGBA stamp into a silhouette); 16/32-bit greys are scaled
-    by their actual range instead of being clipped at 255 (PIL's convert('L') clips)."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
-        img = Image.fromarray(a.round().astype(np.uint8), "L")
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("LA", "La", "PA"):
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "RGBa"):
-        bg = Image.new("RGB", img.size, (255, 255, 255))
-        bg.paste(img, mask=img.getchannel("A"))
-        return bg
-    if img.mode != "RGB":
-        img = img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
-    return img
+    """Any PIL mode -> 8-bit RGB by the project's rules (``distill.preprocess.to_rgb``): transparency
+    goes onto white (stamps and logos are drawn on white, and black would turn every RGBA stamp into a
+    silhouette); 16/32-bit greys are scaled by their actual range instead of being clipped at 255."""
+    return preprocess.to_rgb(img)
 
 
 def load_rgb(path: str | os.PathLike | Any) -> Image.Image:
-    """Open a file (path or binary file object) as RGB, fully decoded. Raises on unreadable input."""
-    if isinstance(path, (str, os.PathLike)):
-        if not os.path.exists(path):
-            raise FileNotFoundError("file not found")
-        if os.path.getsize(path) == 0:
-            raise ValueError("empty file (0 bytes)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img = Image.open(path)
-        w, h = img.size
-        if max(w, h) > MAX_SIDE and img.format == "JPEG":
-            img.draft("RGB", (MAX_SIDE, MAX_SIDE))  # decode at 1/2, 1/4, 1/8 scale: cheap
-        img.load()  # truncated files raise here (LOAD_TRUNCATED_IMAGES stays False)
-    if max(img.size) > MAX_SIDE:
-        factor = int(np.ceil(max(img.size) / MAX_SIDE))
-        img = img.reduce(factor) if img.mode in ("RGB", "RGBA", "L", "LA", "CMYK") else img
-    return to_rgb(img)
+    """Open a file (path or binary file object) as RGB, fully decoded. Raises on unreadable input.
+
+    The same function the edge runtime uses (``distill.preprocess.open_rgb``), so a device sees the
+    pixels the student was trained on.
+    """
+    return preprocess.open_rgb(path)
 
 
 def try_open(source: Any, i: int, skips: SkipLog) -> Image.Image | None:

@@ -17,6 +17,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from distill.export import default_preprocess, export_onnx, write_bundle
+from distill.imageio import load_rgb
 from distill.quantize import quantize_dynamic_onnx
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +88,8 @@ def test_cli_classify_matches_pytorch_student(student_bundle):
     assert [g["image"] for g in got] == images
     tf = T.Compose([T.Resize(SIZE, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(SIZE), T.ToTensor(),
                     T.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)])
-    x = torch.stack([tf(Image.open(p).convert("RGB")) for p in images])
+    # the training data's RGB rule (transparency onto white), not PIL's convert("RGB") (onto black)
+    x = torch.stack([tf(load_rgb(p)) for p in images])
     with torch.no_grad():
         probs = (100.0 * torch.nn.functional.normalize(model.encode_image(x), dim=-1) @ cls.T).softmax(-1)
     for g, p in zip(got, probs):
@@ -149,3 +151,44 @@ def test_bad_bundle_exits_2_with_one_line(student_bundle, tmp_path, damage):
     assert r.stderr.count("\n") == 1 and "rebuild" in r.stderr
     name = {"missing": "class_embeddings.npy", "modified": "labels.json", "no_bundle": "bundle.json"}[damage]
     assert name in r.stderr
+
+
+def _contrast_pngs(folder: Path) -> list[str]:
+    """Four images of very different pixel ranges, so per-batch int8 activation scales differ."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, scale in enumerate([10, 60, 255, 0]):
+        p = folder / f"contrast{i}.png"
+        Image.fromarray((rng.random((40, 48, 3)) * scale).astype(np.uint8)).save(p)
+        paths.append(str(p))
+    return paths
+
+
+def test_int8_scores_do_not_depend_on_the_other_images(student_bundle, tmp_path):
+    _, _, bundle = student_bundle
+    from distill.edge import load_bundle
+
+    images = _contrast_pngs(tmp_path)
+    b = load_bundle(bundle, "auto")
+    assert b.precision == "int8" and b.default_batch_size == 1
+    alone = [b.classify([p], top_k=6)[0]["top_k"] for p in images]
+    together = b.classify(images, top_k=6)
+    assert [r["top_k"] for r in together] == alone  # bit-identical scores and cosines
+    emb_alone = np.concatenate([b.embed_images([p])[0] for p in images])
+    assert np.array_equal(b.embed_images(images)[0], emb_alone)
+    # why the default is 1: a shared batch shares dynamic int8's activation scales, and the scores move
+    batched = b.classify(images, top_k=6, batch_size=len(images))
+    assert any(r["top_k"] != a for r, a in zip(batched, alone))
+    # the CLI uses the same default
+    one = _run("classify", "--bundle", str(bundle), "--top-k", "6", "--json", images[0])
+    many = _run("classify", "--bundle", str(bundle), "--top-k", "6", "--json", *images)
+    assert one.returncode == many.returncode == 0, one.stderr + many.stderr
+    assert json.loads(one.stdout.splitlines()[0]) == json.loads(many.stdout.splitlines()[0])
+    assert "dynamic int8" in " ".join(_run("classify", "--help").stdout.split())
+
+
+def test_fp32_keeps_batching(student_bundle):
+    _, _, bundle = student_bundle
+    from distill.edge import FP32_BATCH_SIZE, load_bundle
+
+    assert load_bundle(bundle, "fp32").default_batch_size == FP32_BATCH_SIZE > 1
