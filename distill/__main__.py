@@ -1,4 +1,5 @@
-"""`python -m distill +experiment=NAME`: compose the Hydra config and call pipeline.run.
+"""`python -m distill +experiment=NAME`: compose the Hydra config and call pipeline.run;
+`python -m distill list`: print every registered part (distill/catalog.py).
 
 This file only composes. A UserError becomes one line per problem on stderr and exit
 code 2; Hydra's own errors (unknown experiment or key) are printed by Hydra and exit 1.
@@ -55,6 +56,10 @@ def _user_error(e: BaseException | None, kind: type) -> BaseException | None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["list"]:  # not a Hydra override: the catalogue of registered parts
+        from distill.catalog import main as list_main
+
+        sys.exit(list_main(sys.argv[2:]))
     _hydra_main()
 
 

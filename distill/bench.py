@@ -1,6 +1,6 @@
 """Measure every deployment variant the same way: latency, throughput, accuracy, agreement, size.
 
-Conventions (DESIGN 7): warm up, synchronise, time with ``time.perf_counter``, repeat, report
+Conventions: warm up, synchronise, time with ``time.perf_counter``, repeat, report
 median and p90 as a flat dict of rounded numbers, and record what it ran on (``environment``).
 Accuracy-type numbers are fractions in [0, 1] (distill/metrics.py); FLOPs are 2 x MACs
 (distill/flops.py). No function here asserts a timing: these are measurements, not tests.

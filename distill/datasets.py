@@ -508,3 +508,7 @@ def english_words(min_len: int = 3, limit: int | None = None, seed: int = 0) -> 
         words = sorted(words, key=lambda w: _stable_fraction(f"{seed}:{w}"))[:limit]
     return words
 
+
+
+# The data sources a config can name as a ``_target_`` (python -m distill list prints them).
+SOURCES = {f.__name__: f for f in (CsvPairs, ClassFolder, WebDatasetShards, fashion_mnist, tuxpaint, repeat, mixup)}

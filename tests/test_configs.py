@@ -1,4 +1,4 @@
-"""Every config file composes and its objects instantiate (DESIGN: every config is tested).
+"""Every config file composes and its objects instantiate: a config no test builds can break unseen.
 
 Each group option is composed into the full config (on top of the smoke experiment where the
 option needs a base) and built through the pipeline's own stage functions, so a config that

@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
-# Real offline data sets (DESIGN.md, Offline facts): Fashion-MNIST, Tux Paint stamps, and an English
+# Real offline data sets, installed from Debian packages: Fashion-MNIST, Tux Paint stamps, and an English
 # word list (wamerican) for the text corpus of the offline experiment.
 need_apt=""
 dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || need_apt="$need_apt dataset-fashion-mnist"

@@ -45,7 +45,7 @@ def hash_state_dict(state: dict[str, torch.Tensor], extra: Iterable[str] = ()) -
 
 
 def freeze(module: torch.nn.Module) -> torch.nn.Module:
-    """Freeze once: no gradients, eval mode (DESIGN convention 5)."""
+    """Freeze once: no gradients, eval mode, so a teacher can never be trained by accident."""
     module.requires_grad_(False)
     module.eval()
     return module
