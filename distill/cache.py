@@ -183,6 +183,78 @@ def load_cache(path: Path) -> TeacherCache:
     )
 
 
+def _load_hit(final: Path, fp: str, n: int) -> TeacherCache | None:
+    if not (final / "manifest.json").exists():
+        return None
+    cache = load_cache(final)
+    if cache.manifest.get("fingerprint") != fp or cache.image_emb.shape[0] != n:
+        raise RuntimeError(f"cache entry {final} does not match its fingerprint; delete it and rerun")
+    log.info("teacher cache hit: %s", final)
+    return cache
+
+
+def _progress_state(part: Path, fp: str) -> dict[str, Any]:
+    """The build's progress.json, or a fresh state (and an emptied folder) when it belongs to another build."""
+    progress_file = part / "progress.json"
+    state = json.loads(progress_file.read_text()) if progress_file.exists() else {}
+    if state.get("fingerprint") != fp:
+        state = {"fingerprint": fp, "done_chunks": [], "text_done": False, "skipped": {}, "seconds": 0.0}
+        for f in part.iterdir():
+            f.unlink()
+    return state
+
+
+def _encode_texts(teacher: Teacher, dataset: TrainSet, part: Path, state: dict[str, Any], batch_size: int) -> None:
+    if state["text_done"]:
+        return
+    txt = np.lib.format.open_memmap(part / "text_emb.npy", mode="w+", dtype=np.float16,
+                                    shape=(len(dataset.texts), teacher.embed_dim))
+    for s in range(0, len(dataset.texts), batch_size):
+        txt[s:s + batch_size] = teacher.encode_text(dataset.texts[s:s + batch_size]).cpu().numpy()
+    txt.flush()
+    del txt
+    state["text_done"] = True
+    _write_json_atomic(part / "progress.json", state)
+
+
+def _encode_chunk(teacher: Teacher, dataset: TrainSet, lo: int, hi: int, img: np.ndarray, valid: np.ndarray,
+                  state: dict[str, Any], batch_size: int, num_workers: int, device: torch.device | str, bar) -> None:
+    """Embed items ``lo`` to ``hi`` - 1 into ``img``; unreadable ones are marked invalid and recorded."""
+    loader = DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=collate)
+    valid[lo:hi] = True
+    for batch in loader:
+        for j in batch["skipped"]:
+            valid[j] = False
+            state["skipped"][str(j)] = dataset.key(j)
+        if len(batch["index"]):
+            img[batch["index"].numpy()] = teacher.encode_image(batch["image"].to(device)).cpu().numpy()  # (B, D)
+        bar.update(len(batch["index"]) + len(batch["skipped"]))
+    img.flush()
+    valid.flush()
+
+
+def _manifest(teacher: Teacher, dataset: TrainSet, fp: str, data_fp: str, identity: list[dict[str, Any]],
+              state: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "format": CACHE_FORMAT,
+        "fingerprint": fp,
+        "teacher_fingerprint": teacher.fingerprint,
+        "data_fingerprint": data_fp,
+        "file_identity": FILE_IDENTITY,
+        "data_identity": identity,
+        "views": dataset.spec.describe(),
+        "items": len(dataset),
+        "texts": len(dataset.texts),
+        "embed_dim": teacher.embed_dim,
+        "logit_scale": float(teacher.logit_scale),
+        "dtype": "float16",
+        "skipped": len(state["skipped"]),
+        "skipped_first": list(state["skipped"].values())[:5],
+        "build_seconds": round(state["seconds"], 2),
+    }
+
+
 def build_or_load(
     teacher: Teacher,
     dataset: TrainSet,
@@ -203,92 +275,42 @@ def build_or_load(
     identity = data_identity(dataset)  # once per call: it stats and reads every data file
     data_fp = dataset.fingerprint()
     fp = _fingerprint(teacher.fingerprint, data_fp, identity)
-    root = Path(root)
+    root, n = Path(root), len(dataset)
     final = root / fp
-    if (final / "manifest.json").exists():
-        cache = load_cache(final)
-        if cache.manifest.get("fingerprint") != fp or cache.image_emb.shape[0] != len(dataset):
-            raise RuntimeError(f"cache entry {final} does not match its fingerprint; delete it and rerun")
-        log.info("teacher cache hit: %s", final)
-        return cache
-
+    hit = _load_hit(final, fp, n)
+    if hit is not None:
+        return hit
     _log_data_change(root, teacher.fingerprint, data_fp, identity)
     part = root / f"{fp}.partial"
     part.mkdir(parents=True, exist_ok=True)
-    n, t, d = len(dataset), len(dataset.texts), teacher.embed_dim
-    n_chunks = (n + chunk_size - 1) // chunk_size
-    progress_file = part / "progress.json"
-    state = json.loads(progress_file.read_text()) if progress_file.exists() else {}
-    if state.get("fingerprint") != fp:
-        state = {"fingerprint": fp, "done_chunks": [], "text_done": False, "skipped": {}, "seconds": 0.0}
-        for f in part.iterdir():
-            f.unlink()
+    state = _progress_state(part, fp)
     mode = "r+" if (part / "image_emb.npy").exists() else "w+"
-    img = np.lib.format.open_memmap(part / "image_emb.npy", mode=mode, dtype=np.float16, shape=(n, d))
+    img = np.lib.format.open_memmap(part / "image_emb.npy", mode=mode, dtype=np.float16, shape=(n, teacher.embed_dim))
     valid = np.lib.format.open_memmap(part / "valid.npy", mode=mode, dtype=np.bool_, shape=(n,))
     t0 = time.perf_counter()
-
-    if not state["text_done"]:
-        txt = np.lib.format.open_memmap(part / "text_emb.npy", mode="w+", dtype=np.float16, shape=(t, d))
-        for s in range(0, t, batch_size):
-            txt[s:s + batch_size] = teacher.encode_text(dataset.texts[s:s + batch_size]).cpu().numpy()
-        txt.flush()
-        del txt
-        state["text_done"] = True
-        _write_json_atomic(progress_file, state)
-
-    done = set(state["done_chunks"])
-    todo = [c for c in range(n_chunks) if c not in done]
+    _encode_texts(teacher, dataset, part, state, batch_size)
+    n_chunks = (n + chunk_size - 1) // chunk_size
+    todo = [c for c in range(n_chunks) if c not in set(state["done_chunks"])]
     bar = tqdm(total=n, initial=n - sum(min(chunk_size, n - c * chunk_size) for c in todo),
                desc=f"teacher cache {fp[:8]}", unit="img", disable=not progress)
-    new_chunks = 0
-    for c in todo:
-        lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
-        loader = DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=batch_size,
-                            num_workers=num_workers, collate_fn=collate)
-        valid[lo:hi] = True
-        for batch in loader:
-            for j in batch["skipped"]:
-                valid[j] = False
-                state["skipped"][str(j)] = dataset.key(j)
-            if len(batch["index"]):
-                emb = teacher.encode_image(batch["image"].to(device)).cpu().numpy()  # (B, D)
-                img[batch["index"].numpy()] = emb
-            bar.update(len(batch["index"]) + len(batch["skipped"]))
-        img.flush()
-        valid.flush()
+    for new_chunks, c in enumerate(todo, start=1):
+        _encode_chunk(teacher, dataset, c * chunk_size, min(n, (c + 1) * chunk_size), img, valid, state,
+                      batch_size, num_workers, device, bar)
         state["done_chunks"].append(c)
         state["seconds"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        _write_json_atomic(progress_file, state)
-        new_chunks += 1
+        _write_json_atomic(part / "progress.json", state)
         if _stop_after_chunks is not None and new_chunks >= _stop_after_chunks and len(state["done_chunks"]) < n_chunks:
             bar.close()
             raise KeyboardInterrupt(f"cache build interrupted after {new_chunks} chunks (test hook)")
     bar.close()
     del img, valid
     if state["skipped"]:
-        first = list(state["skipped"].values())[:5]
-        log.warning("teacher cache: skipped %d unreadable images, first: %s", len(state["skipped"]), first)
-    manifest = {
-        "format": CACHE_FORMAT,
-        "fingerprint": fp,
-        "teacher_fingerprint": teacher.fingerprint,
-        "data_fingerprint": data_fp,
-        "file_identity": FILE_IDENTITY,
-        "data_identity": identity,
-        "views": dataset.spec.describe(),
-        "items": n,
-        "texts": t,
-        "embed_dim": d,
-        "logit_scale": float(teacher.logit_scale),
-        "dtype": "float16",
-        "skipped": len(state["skipped"]),
-        "skipped_first": list(state["skipped"].values())[:5],
-        "build_seconds": round(state["seconds"], 2),
-    }
+        log.warning("teacher cache: skipped %d unreadable images, first: %s", len(state["skipped"]),
+                    list(state["skipped"].values())[:5])
+    manifest = _manifest(teacher, dataset, fp, data_fp, identity, state)
     _write_json_atomic(part / "manifest.json", manifest)
-    progress_file.unlink()
+    (part / "progress.json").unlink()
     if final.exists():  # a concurrent builder finished first; ours is identical by construction
         shutil.rmtree(part)
     else:
