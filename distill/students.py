@@ -55,33 +55,10 @@ def build_student(
     Returns:
         (model, model_cfg) with model_cfg = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu"}.
     """
-    vision, text = dict(vision), dict(text)
-    width, heads = int(vision["width"]), int(vision["heads"])
-    if width % heads:
-        raise UserError(f"student.vision.width={width} is not divisible by heads={heads}: pick heads dividing width")
-    image_size, patch_size = int(vision["image_size"]), int(vision["patch_size"])
-    if image_size % patch_size:
-        raise UserError(f"student.vision.image_size={image_size} is not a multiple of patch_size={patch_size}")
-    vision_cfg = {"image_size": image_size, "layers": int(vision["layers"]), "width": width,
-                  "head_width": width // heads, "patch_size": patch_size,
-                  "mlp_ratio": float(vision.get("mlp_ratio", 4.0))}
-    for key in _VISION_EXTRAS:  # open_clip VisionCfg fields passed through as given
-        if vision.get(key) is not None:
-            vision_cfg[key] = vision[key]
-    unknown = set(vision) - {"width", "layers", "heads", "patch_size", "image_size", "mlp_ratio", *_VISION_EXTRAS}
-    if unknown:
-        raise UserError(f"student.builder.vision has unknown keys {sorted(unknown)}: use width, layers, heads, "
-                        f"patch_size, image_size, mlp_ratio or one of {list(_VISION_EXTRAS)}")
-
-    mode = text.get("mode", "distilled")
+    vision_cfg = _vision_cfg(dict(vision))
+    text, mode = dict(text), text.get("mode", "distilled")
     if mode == "distilled":
-        tw, th = int(text["width"]), int(text["heads"])
-        if tw % th:
-            raise UserError(f"student.text.width={tw} is not divisible by heads={th}: pick heads dividing width")
-        text_cfg: dict[str, Any] = {"context_length": int(text.get("context_length", 77)),
-                                    "vocab_size": int(text.get("vocab_size", 49408)),
-                                    "width": tw, "heads": th, "layers": int(text["layers"]),
-                                    "mlp_ratio": float(text.get("mlp_ratio", 4.0))}
+        text_cfg = _distilled_text_cfg(text)
     elif mode == "teacher":
         teacher_model = _require_open_clip(teacher_model)
         text_cfg = dict(teacher_text_cfg) if teacher_text_cfg is not None else text_cfg_of(teacher_model)
@@ -95,13 +72,40 @@ def build_student(
         quick_gelu = teacher_qg
     else:
         raise UserError(f"student.text.mode={mode!r} is unknown: use 'distilled' or 'teacher'")
-
     model_cfg = {"embed_dim": int(embed_dim), "vision_cfg": vision_cfg, "text_cfg": text_cfg,
                  "quick_gelu": bool(quick_gelu)}
     model = open_clip.model.CLIP(**_copy_cfg(model_cfg))
     if mode == "teacher":
         attach_teacher_text_tower(model, teacher_model)
     return model, model_cfg
+
+
+def _vision_cfg(vision: dict[str, Any]) -> dict[str, Any]:
+    """student.builder.vision -> open_clip's vision_cfg, with one-line errors for shapes that cannot work."""
+    width, heads = int(vision["width"]), int(vision["heads"])
+    if width % heads:
+        raise UserError(f"student.vision.width={width} is not divisible by heads={heads}: pick heads dividing width")
+    image_size, patch_size = int(vision["image_size"]), int(vision["patch_size"])
+    if image_size % patch_size:
+        raise UserError(f"student.vision.image_size={image_size} is not a multiple of patch_size={patch_size}")
+    unknown = set(vision) - {"width", "layers", "heads", "patch_size", "image_size", "mlp_ratio", *_VISION_EXTRAS}
+    if unknown:
+        raise UserError(f"student.builder.vision has unknown keys {sorted(unknown)}: use width, layers, heads, "
+                        f"patch_size, image_size, mlp_ratio or one of {list(_VISION_EXTRAS)}")
+    cfg = {"image_size": image_size, "layers": int(vision["layers"]), "width": width,
+           "head_width": width // heads, "patch_size": patch_size, "mlp_ratio": float(vision.get("mlp_ratio", 4.0))}
+    for key in _VISION_EXTRAS:  # open_clip VisionCfg fields passed through as given
+        if vision.get(key) is not None:
+            cfg[key] = vision[key]
+    return cfg
+
+
+def _distilled_text_cfg(text: dict[str, Any]) -> dict[str, Any]:
+    tw, th = int(text["width"]), int(text["heads"])
+    if tw % th:
+        raise UserError(f"student.text.width={tw} is not divisible by heads={th}: pick heads dividing width")
+    return {"context_length": int(text.get("context_length", 77)), "vocab_size": int(text.get("vocab_size", 49408)),
+            "width": tw, "heads": th, "layers": int(text["layers"]), "mlp_ratio": float(text.get("mlp_ratio", 4.0))}
 
 
 def _copy_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -360,8 +364,20 @@ def inherit_from_teacher(
     student = _require_inherit_teacher(student)
     cp = _Copier(student)
     e = _embed_index(student, teacher, channels)
+    _inherit_vision(cp, student, teacher, e, layers, channels)
+    _inherit_text(cp, student, teacher, e, layers, channels)
+    cp.put("logit_scale", teacher.logit_scale, [])
+    if student.logit_bias is not None and teacher.logit_bias is not None:
+        cp.put("logit_bias", teacher.logit_bias, [])
+    for name in cp.params:
+        cp.report.setdefault(name, "random")
+    counts = {k: sum(v == k for v in cp.report.values()) for k in ("inherited", "sliced", "random")}
+    log.info("inheritance (layers=%s, channels=%s): %s", layers, channels, counts)
+    return cp.report
 
-    # vision tower
+
+def _inherit_vision(cp: "_Copier", student: open_clip.model.CLIP, teacher: open_clip.model.CLIP, e: torch.Tensor,
+                    layers: str, channels: str) -> None:
     sv, tv = student.visual, teacher.visual
     s_blocks, t_blocks = sv.transformer.resblocks, tv.transformer.resblocks
     rv = _residual_index(t_blocks, sv.transformer.width, channels)
@@ -387,7 +403,9 @@ def inherit_from_teacher(
         cp.put("visual.proj", tv.proj, [rv, e])
     _inherit_blocks(cp, "visual.transformer.resblocks", s_blocks, t_blocks, rv, layers, channels)
 
-    # text tower
+
+def _inherit_text(cp: "_Copier", student: open_clip.model.CLIP, teacher: open_clip.model.CLIP, e: torch.Tensor,
+                  layers: str, channels: str) -> None:
     rt = _residual_index(teacher.transformer.resblocks, student.transformer.width, channels)
     if student.token_embedding.num_embeddings == teacher.token_embedding.num_embeddings:
         cp.put("token_embedding.weight", teacher.token_embedding.weight, [None, rt])
@@ -405,15 +423,6 @@ def inherit_from_teacher(
             cp.put("text_projection.bias", tp.bias, [e])
     _inherit_blocks(cp, "transformer.resblocks", student.transformer.resblocks, teacher.transformer.resblocks,
                     rt, layers, channels)
-
-    cp.put("logit_scale", teacher.logit_scale, [])
-    if student.logit_bias is not None and teacher.logit_bias is not None:
-        cp.put("logit_bias", teacher.logit_bias, [])
-    for name in cp.params:
-        cp.report.setdefault(name, "random")
-    counts = {k: sum(v == k for v in cp.report.values()) for k in ("inherited", "sliced", "random")}
-    log.info("inheritance (layers=%s, channels=%s): %s", layers, channels, counts)
-    return cp.report
 
 
 def _require_inherit_teacher(model: Any) -> open_clip.model.CLIP:
