@@ -219,9 +219,9 @@ def file_size_mb(paths: str | Path | Iterable[str | Path]) -> float:
 
 def _ort_matmul_session(kind: str, n: int, threads: int):
     import numpy as np
-    import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
+
+    from distill.onnx_tools import session
 
     rng = np.random.default_rng(0)
     if kind == "int8":  # what ORT dynamic quantisation runs: uint8 activations x int8 weights -> int32
@@ -238,10 +238,7 @@ def _ort_matmul_session(kind: str, n: int, threads: int):
                               [helper.make_tensor_value_info("Y", y_type, [n, n])], initializer=[w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = session(model.SerializeToString(), threads=threads)
     return lambda: sess.run(None, {"A": feed})
 
 

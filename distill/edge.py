@@ -37,7 +37,6 @@ still processed), 2 bad bundle or usage (one stderr line)):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from distill import onnx_tools
 from distill import preprocess as _pre
 from distill.errors import UserError
 from distill.preprocess import preprocess_image  # noqa: F401 - the public name benchmarks import from here
@@ -58,14 +58,6 @@ FP32_BATCH_SIZE = 16
 
 class BundleError(UserError):
     """The bundle folder is missing, incomplete, modified or inconsistent. One line; exit code 2."""
-
-
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -193,16 +185,10 @@ class Bundle:
 
 
 def _session(path: Path, threads: int | None, providers: Sequence[str] | None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = int(threads)
     try:
-        return ort.InferenceSession(str(path), so, providers=list(providers or ["CPUExecutionProvider"]))
-    except Exception as e:  # noqa: BLE001
-        raise BundleError(f"{path.name}: onnxruntime cannot load it ({_one_line(e)[:160]}); {REBUILD_HINT}") from None
+        return onnx_tools.session(path, threads, providers)
+    except onnx_tools.OnnxFileError as e:
+        raise BundleError(f"{e}; {REBUILD_HINT}") from None
 
 
 def load_bundle(path: str | Path, precision: str = "auto", *, threads: int | None = None,
@@ -233,7 +219,7 @@ def load_bundle(path: str | Path, precision: str = "auto", *, threads: int | Non
         f = root / rel
         if not f.is_file():
             raise BundleError(f"{f}: missing from the bundle; " + REBUILD_HINT)
-        if verify and _sha256(f) != digest:
+        if verify and onnx_tools.sha256_file(f) != digest:
             raise BundleError(f"{f}: sha256 does not match bundle.json (modified or partly copied); " + REBUILD_HINT)
     if precision == "auto":
         precision = "int8" if "image_encoder.int8.onnx" in files else "fp32"

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -28,6 +27,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from distill import preprocess as preprocess_spec
 from distill.errors import ExportCheckError, UserError
+from distill.onnx_tools import check_file, external_data, output_dim, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -281,47 +281,23 @@ def check_onnx_file(path: str | Path, reference: Callable[[torch.Tensor], torch.
                     image_size: int = 224, context_length: int = 77, vocab_size: int = 49408,
                     parity_tol: float = 0.9999, batches: Sequence[int] = (1, 3), seed: int = 1234,
                     exporter: str = "dynamo") -> dict[str, float]:
-    """onnx.checker, then onnxruntime vs ``reference`` (the PyTorch tower) on fresh random inputs.
+    """onnx.checker, then onnxruntime vs ``reference`` (the PyTorch tower) on fresh random inputs
+    (``distill.onnx_tools.check_file``).
 
     Returns {"min_cosine", "max_abs_err"} over all rows of all batches; raises ExportCheckError
     (one line: file, what was measured, what to try) when a check fails.
     """
-    import onnx
-    import onnxruntime as ort
+    inputs = [(random_inputs(kind, b, image_size=image_size, context_length=context_length, vocab_size=vocab_size,
+                             seed=seed + k),) for k, b in enumerate(batches)]
 
-    path = Path(path)
-    try:
-        onnx.checker.check_model(str(path), full_check=False)
-    except Exception as e:  # noqa: BLE001
-        raise ExportCheckError(f"{path.name}: onnx.checker failed ({str(e).splitlines()[0][:160]}); "
-                               f"re-export with the other exporter (exporter='legacy') or opset 18") from None
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    min_cos, max_err = 1.0, 0.0
-    for k, b in enumerate(batches):
-        x = random_inputs(kind, b, image_size=image_size, context_length=context_length, vocab_size=vocab_size,
-                          seed=seed + k)
-        try:
-            got = sess.run(None, {name: x})[0]
-        except Exception as e:  # noqa: BLE001 - e.g. a batch dimension fixed at export
-            raise ExportCheckError(f"{path.name}: onnxruntime failed at batch {b} ({str(e).splitlines()[0][:160]}); "
-                                   f"the batch axis may be static: re-export with exporter='legacy'") from None
+    def torch_reference(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            ref = reference(torch.from_numpy(x)).float().numpy()
-        if got.shape != ref.shape:
-            raise ExportCheckError(f"{path.name}: output shape {got.shape} != PyTorch {ref.shape} at batch {b}; "
-                                   f"re-export with exporter='legacy'")
-        cos = (got * ref).sum(-1) / np.maximum(np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1), 1e-12)
-        min_cos = min(min_cos, float(cos.min()))
-        max_err = max(max_err, float(np.abs(got - ref).max()))
-    if not min_cos >= parity_tol:
-        other = "legacy" if exporter == "dynamo" else "dynamo"
-        raise ExportCheckError(f"{path.name}: onnxruntime vs PyTorch min cosine {min_cos:.6f} < {parity_tol} "
-                               f"(max abs err {max_err:.2e}, batches {list(batches)}, {exporter} exporter); "
-                               f"try exporter='{other}' or another opset, or check the model for ops ORT lacks")
-    return {"min_cosine": min_cos, "max_abs_err": max_err}
+            return reference(torch.from_numpy(x)).float().numpy()
+
+    other = "legacy" if exporter == "dynamo" else "dynamo"
+    return check_file(path, inputs, torch_reference, tol=parity_tol,
+                      hint=f"{exporter} exporter: try exporter='{other}' or another opset, "
+                           f"or check the model for ops ORT lacks")
 
 
 def export_onnx(model: torch.nn.Module, out_dir: str | Path, *, image_size: int, context_length: int,
@@ -370,52 +346,12 @@ def export_onnx(model: torch.nn.Module, out_dir: str | Path, *, image_size: int,
 
 # ---------------------------------------------------------------------------- edge bundle
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def onnx_io(path: str | Path) -> dict[str, Any]:
-    """Input/output names and shapes of an ONNX file (symbolic dims as strings)."""
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
-    inits = {i.name for i in m.graph.initializer}
-
-    def dims(v):
-        return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in v.type.tensor_type.shape.dim]
-
-    return {"inputs": {v.name: dims(v) for v in m.graph.input if v.name not in inits},
-            "outputs": {v.name: dims(v) for v in m.graph.output},
-            "external_data": sorted({e.value for i in m.graph.initializer for e in i.external_data if e.key == "location"})}
-
-
-def onnx_output_dim(path: str | Path) -> int:
-    """D of an encoder file's (B, D) output: from the graph when static, else by running batch 1 (legacy
-    exports can leave D symbolic)."""
-    io_ = onnx_io(path)
-    (d,) = io_["outputs"].values()
-    if isinstance(d[-1], int) and d[-1] > 0:
-        return int(d[-1])
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    inp = sess.get_inputs()[0]
-    shape = [1] + [int(x) for x in inp.shape[1:]]
-    dtype = np.int64 if "int64" in inp.type else np.float32
-    return int(sess.run(None, {inp.name: np.zeros(shape, dtype)})[0].shape[-1])
-
-
 def _copy_onnx(src: str | Path, dst: Path) -> list[Path]:
     """Copy an ONNX file and any external-data files it names (same relative location)."""
     src = Path(src)
     shutil.copyfile(src, dst)
     copied = [dst]
-    for loc in onnx_io(src)["external_data"]:
+    for loc in external_data(src):
         shutil.copyfile(src.parent / loc, dst.parent / loc)
         copied.append(dst.parent / loc)
     return copied
@@ -455,7 +391,7 @@ def write_bundle(out_dir: str | Path, *, image_onnx: str | Path, image_int8_onnx
         if src is None:
             continue
         files += _copy_onnx(src, out / role)
-        dims[role] = onnx_output_dim(out / role)
+        dims[role] = output_dim(out / role)
     if len(set(dims.values()) | {emb.shape[1]}) != 1:
         raise UserError(f"embedding sizes disagree: class_embeddings D={emb.shape[1]}, ONNX {dims}; "
                         f"rebuild class embeddings with the exported student's text tower")

@@ -19,7 +19,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 from distill.errors import UserError
 
 OPEN_CLIP_TEACHER = "distill.teachers.open_clip_teacher.OpenClipTeacher"
-ONNX_TEACHER = "distill.teachers.onnx_teacher.OnnxTeacher"
+ONNX_TEACHERS = ("distill.teachers.onnx_teacher.OnnxDualEncoder", "distill.teachers.onnx_teacher.OnnxTeacher")
 REFERENCE_VARIANT = "teacher_torch_fp32"
 
 
@@ -127,7 +127,7 @@ def _check_teacher(cfg: DictConfig) -> Iterator[str]:
     target = _number(cfg, "teacher._target_")
     if target == OPEN_CLIP_TEACHER:
         yield from _check_open_clip_teacher(cfg)
-    elif target == ONNX_TEACHER:
+    elif target in ONNX_TEACHERS:
         for key in ("bundle", "image_onnx", "text_onnx"):
             path = _number(cfg, f"teacher.{key}")
             if path and not Path(path).exists():

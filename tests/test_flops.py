@@ -109,7 +109,7 @@ def test_local_dir_and_onnx_teachers_get_params_and_flops(tmp_path, tiny_teacher
     from distill import flops
     from distill.export import export_onnx, save_open_clip_dir
     from distill.pipeline import teacher_stats
-    from distill.teachers.onnx_teacher import OnnxTeacher
+    from distill.teachers.onnx_teacher import OnnxDualEncoder
     from distill.teachers.open_clip_teacher import OpenClipTeacher
 
     ref_p, ref_f, _ = teacher_stats(tiny_teacher)
@@ -120,7 +120,7 @@ def test_local_dir_and_onnx_teachers_get_params_and_flops(tmp_path, tiny_teacher
     assert teacher_stats(local)[:2] == (ref_p, ref_f)
 
     info = export_onnx(tiny_teacher.model, tmp_path / "onnx", image_size=32, context_length=16)
-    onnx_t = OnnxTeacher(image_onnx=info["image"]["path"], text_onnx=info["text"]["path"])
+    onnx_t = OnnxDualEncoder(image_onnx=info["image"]["path"], text_onnx=info["text"]["path"])
     p, f, files = teacher_stats(onnx_t)
     assert f == ref_f  # the graph count agrees with the analytic one
     for k in ("image", "text", "total"):  # exporters fold a few constants into or out of the graph

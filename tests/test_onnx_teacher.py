@@ -1,4 +1,4 @@
-"""OnnxTeacher: an exported tiny student as a teacher matches the torch model."""
+"""OnnxDualEncoder (alias OnnxTeacher): an exported tiny student as a teacher matches the torch model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from distill.encoders import normalize_images
 from distill.errors import UserError
 from distill.export import default_preprocess, export_onnx, write_bundle
 from distill.teachers.base import Teacher
-from distill.teachers.onnx_teacher import OnnxTeacher
+from distill.teachers.onnx_teacher import OnnxDualEncoder, OnnxTeacher
 
 SIZE, CTX = 32, 16
 CFG = dict(embed_dim=32, vision_cfg=dict(width=64, layers=2, head_width=32, patch_size=16, image_size=SIZE),
@@ -35,7 +35,7 @@ def _min_cos(a, b):
 
 def test_matches_torch_student(exported):
     model, info, _ = exported
-    t = OnnxTeacher(image_onnx=info["image"]["path"], text_onnx=info["text"]["path"])
+    t = OnnxDualEncoder(image_onnx=info["image"]["path"], text_onnx=info["text"]["path"])
     assert isinstance(t, Teacher)
     assert (t.embed_dim, t.image_size, t.logit_scale, t.tokenizer.context_length) == (32, SIZE, 100.0, CTX)
     g = torch.Generator().manual_seed(0)
@@ -55,14 +55,14 @@ def test_matches_torch_student(exported):
 
 def test_fingerprint_tracks_files_and_spec(exported, tmp_path):
     _, info, out = exported
-    a = OnnxTeacher(image_onnx=info["image"]["path"], text_onnx=info["text"]["path"])
-    b = OnnxTeacher(image_onnx=info["image"]["path"], text_onnx=info["text"]["path"])
-    c = OnnxTeacher(image_onnx=info["image"]["path"], text_onnx=info["text"]["path"],
+    a = OnnxDualEncoder(image_onnx=info["image"]["path"], text_onnx=info["text"]["path"])
+    b = OnnxDualEncoder(image_onnx=info["image"]["path"], text_onnx=info["text"]["path"])
+    c = OnnxDualEncoder(image_onnx=info["image"]["path"], text_onnx=info["text"]["path"],
                     preprocess=default_preprocess(SIZE, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
     torch.manual_seed(1)
     other = export_onnx(open_clip.model.CLIP(**CFG).eval(), tmp_path, image_size=SIZE, context_length=CTX,
                         exporter="legacy", towers=("image",))
-    d = OnnxTeacher(image_onnx=other["image"]["path"], text_onnx=info["text"]["path"])
+    d = OnnxDualEncoder(image_onnx=other["image"]["path"], text_onnx=info["text"]["path"])
     assert a.fingerprint == b.fingerprint and len({a.fingerprint, c.fingerprint, d.fingerprint}) == 3
 
 
@@ -73,13 +73,21 @@ def test_from_bundle_and_errors(exported, tmp_path):
     bundle = write_bundle(tmp_path / "b", image_onnx=info["image"]["path"], text_onnx=info["text"]["path"],
                           class_embeddings=cls, labels=["cat", "dog"], preprocess=default_preprocess(SIZE),
                           context_length=CTX)
-    t = OnnxTeacher(bundle=str(bundle))
-    direct = OnnxTeacher(image_onnx=info["image"]["path"], text_onnx=info["text"]["path"])
+    t = OnnxDualEncoder(bundle=str(bundle))
+    direct = OnnxDualEncoder(image_onnx=info["image"]["path"], text_onnx=info["text"]["path"])
     x = torch.rand(2, 3, SIZE, SIZE)
     assert _min_cos(t.encode_image(x), direct.encode_image(x)) > 1 - 1e-6
     assert _min_cos(t.encode_text(TEXTS), direct.encode_text(TEXTS)) > 1 - 1e-6
     with pytest.raises(UserError, match="needs both encoders"):
-        OnnxTeacher(image_onnx=info["image"]["path"])
+        OnnxDualEncoder(image_onnx=info["image"]["path"])
     (bundle / "text_encoder.onnx").write_bytes(b"garbage")
     with pytest.raises(UserError, match="text_encoder.onnx: sha256"):
-        OnnxTeacher(bundle=str(bundle))
+        OnnxDualEncoder(bundle=str(bundle))
+
+
+def test_old_name_is_the_same_class(exported):
+    _, info, _ = exported
+    assert OnnxTeacher is OnnxDualEncoder  # configs written before the rename keep working
+    t = OnnxDualEncoder(image_onnx=info["image"]["path"], text_onnx=info["text"]["path"], threads=1)
+    assert t._img.get_session_options().intra_op_num_threads == 1
+    assert t._img.get_providers() == ["CPUExecutionProvider"]

