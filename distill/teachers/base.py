@@ -16,10 +16,25 @@ import torch
 
 @runtime_checkable
 class Teacher(Protocol):
+    """Every hook the pipeline calls on a teacher; a new teacher implements all of them."""
+
+    name: str  # what the report calls it
     embed_dim: int  # D, size of the shared embedding space
     image_size: int  # side of the square input the image encoder expects
     logit_scale: float  # exp(logit_scale), e.g. 100.0 for CLIP
     fingerprint: str  # stable hex digest of architecture + weights (+ config that changes outputs)
+    model: torch.nn.Module | None  # the open_clip CLIP (weight inheritance, a shared text tower); None otherwise
+    activation: str | None  # "gelu" | "quick_gelu" for transformer teachers, None where it does not apply
+
+    def stats(self) -> dict:
+        """{"params": {"image", "text", "total"}, "flops": {"image", "text"} per sample (2 x MACs),
+        "files": [what ships]}; an empty dict for a figure the teacher cannot count."""
+        ...
+
+    def export_onnx(self, out_dir: str, threads: int | None = None):
+        """The teacher as ONNX fp32 files in ``out_dir``, returned as an OnnxDualEncoder (the
+        teacher_onnx_fp32 variant); raises when the teacher cannot be exported."""
+        ...
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) float RGB in [0, 1] -> (B, D) float32, L2-normalised, on CPU or images.device."""

@@ -177,6 +177,7 @@ class ConSETeacher:
         self.batch_size = int(batch_size)
         self.image_chunk = int(image_chunk) if image_chunk else (4 if self.device.type == "cpu" else None)
         self.name = f"conse-efficientnet-{variant}-minilm"
+        self.model, self.activation = None, None  # not an open_clip model; no transformer activation to choose
 
         # channels_last: oneDNN's depthwise convolutions run ~1.5x faster on CPU in NHWC (same outputs)
         enet = _load_efficientnet(variant)

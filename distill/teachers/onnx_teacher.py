@@ -86,6 +86,7 @@ class OnnxDualEncoder:
         self._mean = np.asarray(self.preprocess["mean"], np.float32).reshape(1, 3, 1, 1)
         self._inv_std = 1.0 / np.asarray(self.preprocess["std"], np.float32).reshape(1, 3, 1, 1)
         self.name = f"onnx:{self.image_onnx.name}"
+        self.model, self.activation = None, None  # the graphs carry their own activation
         h = hashlib.sha256()
         for f in (self.image_onnx, self.text_onnx):
             for part in [f] + [f.parent / loc for loc in onnx_tools.external_data(f)]:
@@ -94,6 +95,10 @@ class OnnxDualEncoder:
                 "context_length": self.tokenizer.context_length, "vocab": self.tokenizer.vocab_size}
         h.update(json.dumps(spec, sort_keys=True).encode())
         self.fingerprint = h.hexdigest()[:16]
+
+    def export_onnx(self, out_dir: str, threads: int | None = None) -> "OnnxDualEncoder":
+        """Already ONNX: the files are used where they are."""
+        return self
 
     def stats(self) -> dict[str, Any]:
         """{"params", "flops", "files"} counted from the two graphs (distill.flops), batch 1."""
