@@ -22,8 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from distill.metrics import (agreement, classify_logits, retrieval_recall, top1_agreement, zero_shot_accuracy,
-                             zero_shot_classifier)
+from distill import evaluation
 
 __all__ = ["environment", "time_fn", "peak_rss_mb", "measure_peak_rss", "count_params", "file_size_mb",
            "matmul_ceiling", "Variant", "measure_variants"]
@@ -314,33 +313,6 @@ class Variant:
             raise ValueError(f"variant {self.name}: precision must be 'fp32' or 'int8', got {self.precision!r}")
 
 
-def _encode_images(encoder: Any, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
-    return torch.cat([torch.as_tensor(encoder.encode_image(images[i:i + batch])).float().cpu()
-                      for i in range(0, images.shape[0], batch)])
-
-
-def _encode_texts(encoder: Any, texts: Sequence[str], batch: int = 256) -> torch.Tensor:
-    return torch.cat([torch.as_tensor(encoder.encode_text(list(texts[i:i + batch]))).float().cpu()
-                      for i in range(0, len(texts), batch)])
-
-
-def _flatten_captions(spec: Mapping[str, Any]) -> tuple[list[str], list[int] | None]:
-    caps = spec["captions"]
-    if "image_for_text" in spec:
-        return list(caps), list(spec["image_for_text"])
-    if caps and not isinstance(caps[0], str):  # several captions per image
-        flat, owner = [], []
-        for i, group in enumerate(caps):
-            flat += list(group)
-            owner += [i] * len(group)
-        return flat, owner
-    return list(caps), None
-
-
-def _round(d: Mapping[str, float], digits: int = 6) -> dict[str, float]:
-    return {k: round(float(v), digits) for k, v in d.items()}
-
-
 def _timed_calls(enc: Any, batch_sizes: Sequence[int], timing_images: dict,
                  text: list[str]) -> dict[str, Callable[[], Any]]:
     """The calls a variant is timed on: {"image_b{B}": encode a batch of B, "text_b1": one caption}."""
@@ -354,29 +326,19 @@ def _timed_calls(enc: Any, batch_sizes: Sequence[int], timing_images: dict,
 
 def _accuracy_and_memory(v: Variant, eval_sets: Mapping[str, Any], calls: Mapping[str, Callable[[], Any]]
                          ) -> tuple[dict, dict]:
-    """-> (row without timing, embeddings/logits kept for agreement). Peak memory covers the eval
-    and one call of every timed shape (the largest batch is usually the peak)."""
-    enc = v.encoder
+    """-> (row without timing, evaluation results kept for agreement). Peak memory covers the eval
+    (distill.evaluation, streamed) and one call of every timed shape (the largest batch is usually the peak)."""
     row: dict[str, Any] = {"status": "ok", "role": v.role, "runtime": v.runtime, "precision": v.precision,
                            "params": dict(v.params), "flops": dict(v.flops),
                            "size_mb": file_size_mb(v.files) if v.files else None}
-    kept: dict[str, dict[str, torch.Tensor]] = {"image_emb": {}, "logits": {}}
+    kept: dict[str, dict] = {}
 
     def body() -> None:
         for call in calls.values():
             call()
-        zs, rt = {}, {}
-        for name, spec in eval_sets.get("classification", {}).items():
-            emb = _encode_images(enc, spec["images"])  # (N, D)
-            clf = zero_shot_classifier(enc.encode_text, spec["classnames"], spec["templates"])  # (C, D)
-            zs[name] = _round(zero_shot_accuracy(emb, clf, spec["labels"]))
-            kept["image_emb"][name], kept["logits"][name] = emb, classify_logits(emb, clf)
-        for name, spec in eval_sets.get("retrieval", {}).items():
-            emb = _encode_images(enc, spec["images"])
-            caps, owner = _flatten_captions(spec)
-            rt[name] = _round(retrieval_recall(emb, _encode_texts(enc, caps), image_for_text=owner))
-            kept["image_emb"][f"retrieval/{name}"] = emb
-        row["zeroshot"], row["retrieval"] = zs, rt
+        kept.update(evaluation.evaluate(v.encoder, eval_sets, image_batch=32, text_batch=256))
+        row["zeroshot"] = {name: r.row() for name, r in kept["classification"].items()}
+        row["retrieval"] = {name: r.row() for name, r in kept["retrieval"].items()}
 
     row["memory"] = measure_peak_rss(body)
     return row, kept
@@ -423,13 +385,15 @@ def measure_variants(variants: Sequence[Variant], eval_sets: Mapping[str, Any], 
                      own_reference: Mapping[str, str] | None = None, seed: int = 0) -> dict[str, dict]:
     """Measure each variant the same way; -> {variant name: report row} (schema in distill/report.py).
 
-    eval_sets: {"classification": {name: {"images": (N,3,H,W) [0,1], "labels": (N,), "classnames",
-    "templates"}}, "retrieval": {name: {"images": (N,3,H,W), "captions": N strings, or N lists of
-    strings, or M strings plus "image_for_text": M ints}}}.
+    eval_sets: {"classification": {name: EvalSet or {"images": (N,3,H,W) [0,1], "labels": (N,),
+    "classnames", "templates"}}, "retrieval": {name: EvalSet or {"images": (N,3,H,W), "captions": N
+    strings, or N lists of strings, or M strings plus "image_for_text": M ints}}} (distill.evaluation;
+    an EvalSet is streamed chunk by chunk, a tensor is sliced).
 
     Every variant sees the same timing inputs (seeded uniform images at its ``image_size``, one
-    fixed caption), the same eval tensors and ``threads`` torch threads. Per variant: zero-shot
-    top1/top5, retrieval R@1/5/10 both ways and peak memory (one variant at a time); then encode_image
+    fixed caption), the same eval images and ``threads`` torch threads. Per variant: zero-shot
+    top1/top5, retrieval R@1/5/10 both ways, with bootstrap 95% intervals for top1 and R@K stored next
+    to them ("top1_ci95": [lo, hi]), and peak memory (one variant at a time); then encode_image
     latency at each batch size and encode_text latency at batch 1, throughput at the largest batch and
     achieved GFLOP/s (with the share of ``ceilings`` from ``matmul_ceiling`` when given).
 
@@ -506,11 +470,6 @@ def _agreement(kept: Mapping[str, dict], name: str, reference: str) -> dict[str,
     if ref is None:
         return {"reference": reference, "note": "reference variant failed or is not measured"}
     agr: dict[str, Any] = {"reference": reference}
-    for set_name, emb in kept[name]["image_emb"].items():
-        ref_emb = ref["image_emb"][set_name]
-        entry = agr.setdefault(set_name, {})
-        # cosine only between embeddings of the same size (none between e.g. a 768-d and a 512-d space)
-        entry["image_cosine"] = round(agreement(emb, ref_emb), 6) if emb.shape == ref_emb.shape else None
-        if set_name in kept[name]["logits"]:
-            entry["top1"] = round(top1_agreement(kept[name]["logits"][set_name], ref["logits"][set_name]), 6)
+    for set_name, entry in evaluation.agreement(kept[name], ref).items():
+        agr[set_name] = {k: None if x is None else round(x, 6) for k, x in entry.items()}
     return agr

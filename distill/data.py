@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
@@ -273,45 +273,98 @@ class ResumableSampler(Sampler[int]):
             yield from chunk[self.rank * self.bs:(self.rank + 1) * self.bs]
 
 
-@dataclass
 class EvalSet:
-    """An evaluation set held in memory: (N, 3, S, S) [0, 1] images and labels or captions."""
+    """An evaluation set: labels or captions in memory, images decoded when needed, chunk by chunk.
 
-    name: str
-    images: torch.Tensor
-    labels: torch.Tensor | None = None
-    classnames: list[str] | None = None
-    templates: list[str] | None = None
-    captions: list[str] | None = None
-    skipped: int = 0
-    keys: list[str] = field(default_factory=list)
+    Images come either from ``source`` (its readable items ``indices``, through ``eval_view`` at
+    ``size`` px, as ``load_eval_set`` builds it) or from an in-memory (N, 3, S, S) [0, 1] tensor given
+    as ``images`` (tests, hand-made sets). ``chunks`` streams them (what evaluation uses, so a 10k-image
+    set never sits in memory as pixels), ``head`` gives a small batch, and ``images`` decodes them all
+    at once for callers that want one tensor (bit-identical to the chunks).
+    """
+
+    def __init__(self, name: str, images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                 classnames: list[str] | None = None, templates: list[str] | None = None,
+                 captions: list[str] | None = None, skipped: int = 0, keys: list[str] | None = None, *,
+                 source: ImageSource | None = None, indices: Sequence[int] | None = None,
+                 size: int | None = None) -> None:
+        if (images is None) == (source is None):
+            raise ValueError("EvalSet needs exactly one of images (a tensor) or source (with indices and size)")
+        self.name, self.labels, self.classnames, self.templates = name, labels, classnames, templates
+        self.captions, self.skipped, self.keys = captions, skipped, list(keys or [])
+        self.source, self.size, self._tensor = source, size, images
+        self.indices = list(range(len(images))) if images is not None else list(indices or [])
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __repr__(self) -> str:
+        return f"EvalSet({self.name!r}, {len(self)} images, {'in memory' if self._tensor is not None else 'streamed'})"
+
+    def _decode(self, start: int, stop: int) -> torch.Tensor:
+        """Images ``start`` to ``stop`` - 1 (positions in the set) as (B, 3, S, S), with the eval transform."""
+        if self._tensor is not None:
+            return self._tensor[start:stop]
+        out = torch.empty(0, 3, self.size, self.size)
+        for p in range(start, stop):
+            img = try_open(self.source, self.indices[p], SkipLog(keep=0))
+            if img is None:  # it was readable when the set was loaded: the data changed under the run
+                raise UserError(f"eval set {self.name}: image {self.keys[p] if self.keys else p} became unreadable "
+                                f"after loading; restore the data or rerun")
+            view = eval_view(img, self.size)
+            if p == start:  # filled in place, not stacked from a list: no second copy of the chunk
+                out = torch.empty((stop - start, *view.shape), dtype=view.dtype)
+            out[p - start] = view
+        return out
+
+    def chunks(self, chunk_size: int = 256) -> Iterator[torch.Tensor]:
+        """The images in order, ``chunk_size`` at a time, each (B, 3, S, S) [0, 1]."""
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be >= 1")
+        for i in range(0, len(self), chunk_size):
+            yield self._decode(i, min(i + chunk_size, len(self)))
+
+    def head(self, n: int = 8) -> torch.Tensor:
+        """The first ``n`` images (fewer if the set is smaller): a small batch, e.g. for timing."""
+        return self._decode(0, min(n, len(self)))
+
+    @property
+    def images(self) -> torch.Tensor:
+        """Every image as one (N, 3, S, S) tensor, decoded on each access: for small sets only."""
+        return self._tensor if self._tensor is not None else self._decode(0, len(self))
 
 
 def load_eval_set(name: str, source: ImageSource, size: int, templates: Sequence[str] | None = None) -> EvalSet:
-    """Materialise a (small) evaluation set at ``size`` px with the eval transform."""
+    """An evaluation set over ``source`` at ``size`` px with the eval transform.
+
+    Opens every image once to find the readable ones (unreadable ones are counted in ``skipped`` and
+    logged, as training does) and keeps their labels or captions; pixels are decoded again, chunk by
+    chunk, when the set is evaluated (``EvalSet.chunks``).
+    """
     skips = SkipLog()
-    imgs, labels, caps, keys = [], [], [], []
+    indices, labels, caps, keys = [], [], [], []
     for i in range(len(source)):
-        img = try_open(source, i, skips)
-        if img is None:
+        if try_open(source, i, skips) is None:
             continue
-        imgs.append(eval_view(img, size))
+        indices.append(i)
         keys.append(source.key(i))
         if source.labels is not None:
             labels.append(int(source.labels[i]))
         if source.captions is not None:
             caps.append(source.captions[i])
-    if not imgs:
+    if not indices:
         raise UserError(f"evaluation set {name} has no readable image ({skips.summary()})")
     if skips.count:
         log.warning("eval set %s: %s", name, skips.summary())
     return EvalSet(
         name=name,
-        images=torch.stack(imgs),
         labels=torch.tensor(labels) if source.labels is not None else None,
         classnames=list(source.classnames) if source.classnames is not None else None,
         templates=list(templates) if templates else None,
         captions=caps if source.captions is not None else None,
         skipped=skips.count,
         keys=keys,
+        source=source,
+        indices=indices,
+        size=size,
     )

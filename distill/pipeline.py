@@ -97,7 +97,8 @@ def eval_prompts(data_cfg: DictConfig, classnames: dict[str, list[str]]) -> list
 
 
 def build_data(cfg: DictConfig) -> tuple[TrainSet, dict[str, dict[str, EvalSet]], dict[str, Any]]:
-    """Training set (sources + corpus + view spec) and in-memory evaluation sets."""
+    """Training set (sources + corpus + view spec) and evaluation sets (labels and captions in memory,
+    images streamed from their sources when evaluated: distill.data.EvalSet)."""
     size = int(cfg.image_size)
     eval_sets: dict[str, dict[str, EvalSet]] = {"classification": {}, "retrieval": {}}
     classnames: dict[str, list[str]] = {}
@@ -128,7 +129,7 @@ def build_data(cfg: DictConfig) -> tuple[TrainSet, dict[str, dict[str, EvalSet]]
         "corpus_texts": len(trainset.corpus),
         "eval_prompts_excluded_from_corpus": len(excluded),
         "sources": [getattr(s, "name", type(s).__name__) for s in sources],
-        "eval_sets": {k: {n: len(e.images) for n, e in v.items()} for k, v in eval_sets.items()},
+        "eval_sets": {k: {n: len(e) for n, e in v.items()} for k, v in eval_sets.items()},
         "eval_skipped": {n: e.skipped for v in eval_sets.values() for n, e in v.items()},
     }
     return trainset, eval_sets, info
@@ -179,33 +180,25 @@ def student_tokenizer(model_cfg: dict[str, Any]):
 
 
 def make_evaluator(eval_sets: dict[str, dict[str, EvalSet]], tokenizer, image_size: int, device: torch.device):
-    """A callback for the training loop: zero-shot top-1/5 and retrieval recall of the student."""
-    from distill import metrics
+    """A callback for the training loop: the student's zero-shot top-1/5 and retrieval recall
+    (``evaluate_encoder``, the bench's evaluation path)."""
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         enc = ClipEncoder(model, tokenizer, image_size, device=device)
-        return evaluate_encoder(enc, eval_sets, metrics)
+        return evaluate_encoder(enc, eval_sets)
 
     return evaluate
 
 
 def evaluate_encoder(enc: Any, eval_sets: dict[str, dict[str, EvalSet]], metrics: Any = None,
                      batch_size: int = 64) -> dict[str, float]:
-    """Flat metrics dict, e.g. {"fashion-mnist/test/top1": 0.31, "tuxpaint/val/i2t_r5": 0.4}."""
-    if metrics is None:
-        from distill import metrics
-    out: dict[str, float] = {}
-    for name, es in eval_sets["classification"].items():
-        emb = torch.cat([enc.encode_image(es.images[i:i + batch_size]) for i in range(0, len(es.images), batch_size)])
-        clf = metrics.zero_shot_classifier(enc.encode_text, es.classnames, es.templates or ["a photo of a {}."])
-        for k, v in metrics.zero_shot_accuracy(emb, clf, es.labels).items():
-            out[f"{name}/{k}"] = v
-    for name, es in eval_sets["retrieval"].items():
-        img = torch.cat([enc.encode_image(es.images[i:i + batch_size]) for i in range(0, len(es.images), batch_size)])
-        txt = torch.cat([enc.encode_text(es.captions[i:i + batch_size]) for i in range(0, len(es.captions), batch_size)])
-        for k, v in metrics.retrieval_recall(img, txt).items():
-            out[f"{name}/{k}"] = v
-    return out
+    """Flat metrics dict, e.g. {"fashion-mnist/test/top1": 0.31, "tuxpaint/val/i2t_r5": 0.4}, from
+    ``distill.evaluation.evaluate`` (streamed, ``batch_size`` images and captions per call). No
+    intervals: the training log and TensorBoard take floats. ``metrics`` is ignored (older callers pass it)."""
+    from distill import evaluation
+
+    results = evaluation.evaluate(enc, eval_sets, image_batch=batch_size, text_batch=batch_size, resamples=0)
+    return evaluation.flat_metrics(results)
 
 
 def export_stage(cfg: DictConfig, student: torch.nn.Module, model_cfg: dict[str, Any], out_dir: Path,

@@ -25,8 +25,9 @@ them as percent with 2 decimals; FLOPs are 2 x MACs per sample; latency in milli
           "latency_rounds": {"image_b1": [median of each interleaved round], ...},
           "throughput_img_s": float,                                      # at the largest batch
           "achieved": {"image_b1_gflops_s", "image_b1_ceiling_share", ..., "ceiling": key},
-          "zeroshot": {set: {"top1", "top5"}},
-          "retrieval": {set: {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"}},
+          "zeroshot": {set: {"top1", "top1_ci95": [lo, hi], "top5"}},
+          "retrieval": {set: {"i2t_r1", "i2t_r1_ci95": [lo, hi], ..., "t2i_r10", "t2i_r10_ci95": [lo, hi]}},
+                       # *_ci95: percentile-bootstrap 95% interval over the test images (distill.evaluation)
           "agreement": {"reference": name, set: {"image_cosine", "top1"}},
           "agreement_own": same, against the variant's own reference (e.g. its fp32 form), optional
           "memory": {"peak_rss_mb", "delta_mb"}
@@ -197,6 +198,12 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
 
+def _pct_ci(metrics: Mapping[str, Any], key: str) -> str:
+    """A metric in percent with its 95% interval when the report has one: "41.20 [38.10, 44.00]"."""
+    ci = metrics.get(f"{key}_ci95")
+    return _pct(metrics.get(key)) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -243,11 +250,12 @@ def _variant_rows(variants: Mapping[str, dict]) -> list[tuple[str, Any]]:
             rows.append((f"achieved image GFLOP/s b{b} (share of ceiling)", lambda v, b=b: achieved(v, b)))
     for s in _sets(ok, "zeroshot"):
         rows.append((f"zero-shot {s} top1 / top5 (%)", lambda v, s=s: (
-            f"{_pct(v.get('zeroshot', {}).get(s, {}).get('top1'))} / {_pct(v.get('zeroshot', {}).get(s, {}).get('top5'))}")))
+            f"{_pct_ci(v.get('zeroshot', {}).get(s, {}), 'top1')} / "
+            f"{_pct(v.get('zeroshot', {}).get(s, {}).get('top5'))}")))
     for s in _sets(ok, "retrieval"):
         for d in ("i2t", "t2i"):
             rows.append((f"{s} {d} R@1 / R@5 / R@10 (%)", lambda v, s=s, d=d: " / ".join(
-                _pct(v.get("retrieval", {}).get(s, {}).get(f"{d}_r{k}")) for k in (1, 5, 10))))
+                _pct_ci(v.get("retrieval", {}).get(s, {}), f"{d}_r{k}") for k in (1, 5, 10))))
     agr_sets = [k for v in ok.values() for k in v.get("agreement", {}) if isinstance(v["agreement"][k], dict)]
     ref_name = next((v["agreement"].get("reference") for v in ok.values() if "agreement" in v), None)
     for s in dict.fromkeys(agr_sets):
@@ -293,7 +301,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
              f"Created {report.get('created', '?')}. Teacher: `{report.get('teacher', {}).get('name', '?')}`"
              + _activation_note(report.get("teacher", {})) + "; "
              f"student: `{report.get('student', {}).get('name', '?')}`.", "",
-             "Conventions: FLOPs = 2 x MACs, per sample. Accuracy and recall in percent. Latency in ms, "
+             "Conventions: FLOPs = 2 x MACs, per sample. Accuracy and recall in percent, with "
+             "[95% interval] where measured (percentile bootstrap over the test images). Latency in ms, "
              "median and p90 of repeated timed calls after warm-up, same inputs and threads for every variant"
              + _timing_note(report.get("timing")) + ".", ""]
     lines += ["## Environment", "", "```"]

@@ -96,7 +96,7 @@ def test_measure_variants_isolates_failures_and_computes_metrics():
     assert t["achieved"]["image_b2_gflops_s"] == pytest.approx(rate, abs=0.01)
     assert t["achieved"]["ceiling"] == "torch_fp32_gflops"
     # the red image and the blue image are classified right; captions retrieve their images
-    assert t["zeroshot"]["colours"] == {"top1": 1.0, "top5": 1.0}
+    assert t["zeroshot"]["colours"] == {"top1": 1.0, "top1_ci95": [1.0, 1.0], "top5": 1.0}
     assert t["retrieval"]["pairs"]["i2t_r1"] == 1.0 and t["retrieval"]["pairs"]["t2i_r1"] == 1.0
     # agreement of an encoder with itself
     assert t["agreement"]["colours"] == {"image_cosine": pytest.approx(1.0), "top1": 1.0}
@@ -110,7 +110,11 @@ def test_measure_variants_isolates_failures_and_computes_metrics():
     emb = enc.encode_image(sets["images"])
     expected = zero_shot_accuracy(emb, zero_shot_classifier(enc.encode_text, CLASSES, sets["templates"]),
                                   sets["labels"])
-    assert s["zeroshot"]["colours"] == pytest.approx(expected, abs=1e-6)
+    assert {k: s["zeroshot"]["colours"][k] for k in expected} == pytest.approx(expected, abs=1e-6)
+    lo, hi = s["zeroshot"]["colours"]["top1_ci95"]
+    assert lo <= expected["top1"] <= hi
+    assert {f"{k}_ci95" for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")} <= set(
+        s["retrieval"]["pairs"])
     ref_emb = ColourEncoder().encode_image(sets["images"])
     assert s["agreement"]["colours"]["image_cosine"] == pytest.approx(
         float(F.cosine_similarity(emb, ref_emb).mean()), abs=1e-6)

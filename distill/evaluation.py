@@ -1,0 +1,166 @@
+"""One evaluation path: zero-shot top-1/top-5, retrieval R@1/5/10 both ways, bootstrap intervals
+and agreement with a reference encoder. Training-time evaluation (``distill.pipeline.make_evaluator``)
+and the bench (``distill.bench.measure_variants``) both call ``evaluate``.
+
+Images are streamed: an eval set is decoded ``chunk_size`` images at a time and each chunk is
+encoded in batches of ``image_batch``, so only the (N, D) embeddings stay in memory, never the
+(N, 3, S, S) pixels. The chunk size is rounded to a multiple of the batch size, so the encoder sees
+exactly the batches an all-at-once pass would give it (ORT dynamic int8 quantises activations per
+batch, so batch boundaries change its numbers).
+
+An eval set is a ``distill.data.EvalSet``, or a mapping (the bench's form):
+``{"images": (N, 3, H, W) tensor or an EvalSet, "labels": (N,), "classnames", "templates"}`` for
+classification; ``{"images", "captions": N strings, or N lists of strings, or M strings plus
+"image_for_text": M ints}`` for retrieval.
+
+Numbers are fractions in [0, 1] (distill/metrics.py). Intervals are percentile-bootstrap 95%
+intervals over the test images (``metrics.bootstrap_ci``; the same seeded draws for every encoder),
+for top-1 and every R@K.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+
+from distill import metrics
+
+__all__ = ["DEFAULT_TEMPLATES", "SetResult", "evaluate", "evaluate_classification", "evaluate_retrieval",
+           "encode_images", "encode_texts", "flatten_captions", "flat_metrics", "agreement"]
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+CI_KEYS = ("top1", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+
+
+@dataclass
+class SetResult:
+    """One encoder on one eval set: metrics (fractions), their 95% intervals, and what agreement needs."""
+
+    metrics: dict[str, float]
+    ci95: dict[str, tuple[float, float]]
+    image_emb: torch.Tensor  # (N, D) float32 on the CPU
+    logits: torch.Tensor | None = None  # (N, C) zero-shot cosine logits, classification only
+
+    def row(self, digits: int = 6) -> dict[str, Any]:
+        """Rounded metrics for report.json, each interval next to its metric: {"top1", "top1_ci95": [lo, hi], ...}."""
+        out: dict[str, Any] = {}
+        for k, v in self.metrics.items():
+            out[k] = round(float(v), digits)
+            if k in self.ci95:
+                out[f"{k}_ci95"] = [round(float(x), digits) for x in self.ci95[k]]
+        return out
+
+
+def _get(es: Any, key: str, default: Any = None) -> Any:
+    return es.get(key, default) if isinstance(es, Mapping) else getattr(es, key, default)
+
+
+def image_chunks(es: Any, chunk_size: int = 256) -> Iterator[torch.Tensor]:
+    """An eval set's images (EvalSet, mapping with "images", or a bare tensor) ``chunk_size`` at a time."""
+    src = es["images"] if isinstance(es, Mapping) else es
+    if hasattr(src, "chunks"):  # an EvalSet: decode lazily, never all at once
+        yield from src.chunks(chunk_size)
+        return
+    for i in range(0, src.shape[0], chunk_size):
+        yield src[i:i + chunk_size]
+
+
+def encode_images(encoder: Any, es: Any, batch_size: int = 32, chunk_size: int = 256) -> torch.Tensor:
+    """(N, D) float32 CPU embeddings of an eval set's images, streamed (see the module docstring)."""
+    chunk = max(batch_size, chunk_size // batch_size * batch_size)  # whole batches per chunk
+    out = []
+    for x in image_chunks(es, chunk):
+        out += [torch.as_tensor(encoder.encode_image(x[i:i + batch_size])).float().cpu()
+                for i in range(0, x.shape[0], batch_size)]
+        del x  # free this chunk before the next one is decoded: one chunk of pixels at a time
+    return torch.cat(out)
+
+
+def encode_texts(encoder: Any, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """(M, D) float32 CPU embeddings of ``texts``, ``batch_size`` at a time."""
+    return torch.cat([torch.as_tensor(encoder.encode_text(list(texts[i:i + batch_size]))).float().cpu()
+                      for i in range(0, len(texts), batch_size)])
+
+
+def flatten_captions(captions: Sequence[Any], image_for_text: Sequence[int] | None = None
+                     ) -> tuple[list[str], list[int] | None]:
+    """Captions as (M strings, image of each or None when caption i belongs to image i)."""
+    if image_for_text is not None:
+        return list(captions), list(image_for_text)
+    if captions and not isinstance(captions[0], str):  # several captions per image
+        flat, owner = [], []
+        for i, group in enumerate(captions):
+            flat += list(group)
+            owner += [i] * len(group)
+        return flat, owner
+    return list(captions), None
+
+
+def _intervals(hits: Mapping[str, torch.Tensor], n: int, owners: Mapping[str, Any] | None,
+               resamples: int, seed: int) -> dict[str, tuple[float, float]]:
+    chosen = {k: v for k, v in hits.items() if k in CI_KEYS}
+    if resamples < 1 or not chosen:
+        return {}
+    return metrics.bootstrap_ci(chosen, n, owners, resamples=resamples, seed=seed)
+
+
+def evaluate_classification(encoder: Any, es: Any, *, image_batch: int = 32, chunk_size: int = 256,
+                            resamples: int = 1000, seed: int = 0) -> SetResult:
+    """Zero-shot top-1/top-5 with a class-name x template classifier (``metrics.zero_shot_classifier``)."""
+    emb = encode_images(encoder, es, image_batch, chunk_size)  # (N, D)
+    templates = list(_get(es, "templates") or DEFAULT_TEMPLATES)
+    clf = metrics.zero_shot_classifier(encoder.encode_text, list(_get(es, "classnames")), templates)  # (C, D)
+    hits = metrics.zero_shot_hits(emb, clf, _get(es, "labels"))
+    scores = {k: float(h.float().mean()) for k, h in hits.items()}
+    return SetResult(scores, _intervals(hits, emb.shape[0], None, resamples, seed), emb,
+                     metrics.classify_logits(emb, clf))
+
+
+def evaluate_retrieval(encoder: Any, es: Any, *, image_batch: int = 32, text_batch: int = 256,
+                       chunk_size: int = 256, resamples: int = 1000, seed: int = 0) -> SetResult:
+    """Image->text and text->image R@1/5/10; intervals resample images, each with all its captions."""
+    emb = encode_images(encoder, es, image_batch, chunk_size)
+    caps, owner = flatten_captions(_get(es, "captions"), _get(es, "image_for_text"))
+    hits = metrics.retrieval_hits(emb, encode_texts(encoder, caps, text_batch), image_for_text=owner)
+    scores = {k: float(h.float().mean()) for k, h in hits.items()}
+    owners = {k: metrics.caption_owners(emb.shape[0], len(caps), owner) for k in hits if k.startswith("t2i")}
+    return SetResult(scores, _intervals(hits, emb.shape[0], owners, resamples, seed), emb)
+
+
+def evaluate(encoder: Any, eval_sets: Mapping[str, Mapping[str, Any]], *, image_batch: int = 32,
+             text_batch: int = 256, chunk_size: int = 256, resamples: int = 1000,
+             seed: int = 0) -> dict[str, dict[str, SetResult]]:
+    """Every eval set: {"classification": {name: SetResult}, "retrieval": {name: SetResult}}.
+
+    ``encoder``: ``encode_image((B, 3, H, W) [0, 1]) -> (B, D)`` and ``encode_text(list[str]) -> (B, D)``
+    (tensors or arrays, any device). ``resamples=0`` skips the intervals (training-time evaluation).
+    """
+    opts = {"image_batch": image_batch, "chunk_size": chunk_size, "resamples": resamples, "seed": seed}
+    return {"classification": {n: evaluate_classification(encoder, es, **opts)
+                               for n, es in (eval_sets.get("classification") or {}).items()},
+            "retrieval": {n: evaluate_retrieval(encoder, es, text_batch=text_batch, **opts)
+                          for n, es in (eval_sets.get("retrieval") or {}).items()}}
+
+
+def flat_metrics(results: Mapping[str, Mapping[str, SetResult]]) -> dict[str, float]:
+    """{"fashion-mnist/test/top1": 0.31, "tuxpaint/val/i2t_r5": 0.4, ...}: the training log's form."""
+    return {f"{name}/{k}": v for sets in results.values() for name, r in sets.items() for k, v in r.metrics.items()}
+
+
+def agreement(results: Mapping[str, Mapping[str, SetResult]], reference: Mapping[str, Mapping[str, SetResult]]
+              ) -> dict[str, dict[str, float | None]]:
+    """Per eval set (retrieval sets as "retrieval/<name>"): {"image_cosine": mean cosine of matching image
+    embeddings (None when the embedding sizes differ), "top1": share of equal zero-shot argmax
+    (classification only)} of ``results`` against the ``reference`` encoder's results."""
+    out: dict[str, dict[str, float | None]] = {}
+    for kind, sets in results.items():
+        for name, r in sets.items():
+            ref = reference[kind][name]
+            entry = out.setdefault(name if kind == "classification" else f"retrieval/{name}", {})
+            same = r.image_emb.shape == ref.image_emb.shape  # no cosine between e.g. 768-d and 512-d spaces
+            entry["image_cosine"] = metrics.agreement(r.image_emb, ref.image_emb) if same else None
+            if r.logits is not None and ref.logits is not None:
+                entry["top1"] = metrics.top1_agreement(r.logits, ref.logits)
+    return out
