@@ -307,10 +307,6 @@ class Variant:
     def __post_init__(self) -> None:
         if self.role not in ("teacher", "student"):
             raise ValueError(f"variant {self.name}: role must be 'teacher' or 'student', got {self.role!r}")
-        if self.runtime not in ("torch", "onnxruntime"):
-            raise ValueError(f"variant {self.name}: runtime must be 'torch' or 'onnxruntime', got {self.runtime!r}")
-        if self.precision not in ("fp32", "int8"):
-            raise ValueError(f"variant {self.name}: precision must be 'fp32' or 'int8', got {self.precision!r}")
 
 
 def _timed_calls(enc: Any, batch_sizes: Sequence[int], timing_images: dict,

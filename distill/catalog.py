@@ -47,14 +47,11 @@ def catalog() -> dict[str, list[tuple[str, str]]]:
     from distill.__main__ import config_dir
     from distill.datasets import SOURCES
     from distill.losses import TERMS
+    from distill.variants import VARIANTS
 
     out: dict[str, list[tuple[str, str]]] = {"loss terms": [(t.name, _sentence(t.doc)) for t in TERMS.values()]}
-    try:
-        from distill.variants import VARIANTS
-
-        out["deployment variants"] = [(v.name, v.doc) for v in VARIANTS.values()]
-    except ImportError:  # the registry is optional while it is being introduced
-        pass
+    out["deployment variants"] = [(v.name, f"{v.role}, {v.runtime} {v.precision}: {_sentence(v.doc)}")
+                                  for v in VARIANTS.values()]
     out["data sources"] = [(name, _first_line(f)) for name, f in SOURCES.items()]
     conf = Path(config_dir())
     for section, group in GROUPS.items():

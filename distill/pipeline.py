@@ -7,7 +7,6 @@ Each stage is a plain function of plain inputs, so tests can call any stage alon
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import random
@@ -16,14 +15,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import open_clip
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from distill import bench, evaluation, export, flops, metrics, runs, students, validate
+from distill import distributed as dist_utils
+from distill import report as report_mod
+from distill.cache import TeacherCache, build_or_load, text_embeddings
 from distill.data import EvalSet, TrainSet, ViewSpec, build_corpus, load_eval_set
 from distill.encoders import ClipEncoder
-from distill import runs, validate
 from distill.errors import UserError
+from distill.train import train
+from distill.variants import VARIANTS, VariantContext
 
 log = logging.getLogger("distill")
 
@@ -49,7 +55,6 @@ def resolve_out_dir(cfg: DictConfig, out_dir: str | os.PathLike | None) -> tuple
     if out_dir is None:
         out_dir = cfg.get("out_dir")
     if out_dir is None:
-        from hydra.core.hydra_config import HydraConfig
 
         hc = HydraConfig.get()
         out_dir = hc.runtime.output_dir
@@ -140,9 +145,7 @@ def build_student_stage(cfg: DictConfig, teacher: Any, cache_dir: str | None = N
     """The narrow student (open_clip CLIP) and its open_clip model_cfg; optional inheritance and
     teacher-informed token table (its teacher embeddings kept under ``cache_dir`` when given;
     ``token_init=False`` skips it, for DDP ranks > 0, which receive rank 0's initial weights)."""
-    from distill import students
-
-    teacher_model = getattr(teacher, "model", None)
+    teacher_model = teacher.model
     kwargs: dict[str, Any] = {"embed_dim": int(cfg.get("embed_dim") or teacher.embed_dim)}
     if cfg.builder.text.get("mode") == "teacher":
         kwargs["teacher_model"] = teacher_model
@@ -161,8 +164,6 @@ def build_student_stage(cfg: DictConfig, teacher: Any, cache_dir: str | None = N
         if cache_dir is None:
             info = students.init_tokens_from_teacher(model, teacher.encode_text, tok)
         else:
-            from distill.cache import text_embeddings
-
             ids, texts = students.token_texts(model, tok)
             feats = text_embeddings(teacher, texts, cache_dir, desc="teacher tokens")
             info = students.init_tokens_from_embeddings(model, ids, torch.from_numpy(feats))
@@ -174,8 +175,6 @@ def build_student_stage(cfg: DictConfig, teacher: Any, cache_dir: str | None = N
 
 
 def student_tokenizer(model_cfg: dict[str, Any]):
-    import open_clip
-
     return open_clip.SimpleTokenizer(context_length=int(model_cfg["text_cfg"].get("context_length", 77)))
 
 
@@ -195,63 +194,48 @@ def evaluate_encoder(enc: Any, eval_sets: dict[str, dict[str, EvalSet]], metrics
     """Flat metrics dict, e.g. {"fashion-mnist/test/top1": 0.31, "tuxpaint/val/i2t_r5": 0.4}, from
     ``distill.evaluation.evaluate`` (streamed, ``batch_size`` images and captions per call). No
     intervals: the training log and TensorBoard take floats. ``metrics`` is ignored (older callers pass it)."""
-    from distill import evaluation
-
     results = evaluation.evaluate(enc, eval_sets, image_batch=batch_size, text_batch=batch_size, resamples=0)
     return evaluation.flat_metrics(results)
 
 
-def export_stage(cfg: DictConfig, student: torch.nn.Module, model_cfg: dict[str, Any], out_dir: Path,
-                 eval_sets: dict[str, dict[str, EvalSet]], trainset: TrainSet, tokenizer) -> dict[str, Any]:
-    """open_clip folder, ONNX fp32 (+ parity), ONNX int8, torch int8, and the edge bundle."""
-    from distill import export, quantize
-    from distill.encoders import normalize_images
-
-    student = student.cpu().eval()
-    size = int(model_cfg["vision_cfg"]["image_size"])
-    ctx = int(model_cfg["text_cfg"].get("context_length", 77))
-    exp_dir = out_dir / "export"
-    info: dict[str, Any] = {}
+def export_stage(cfg: DictConfig, variants: list[str], student: torch.nn.Module, model_cfg: dict[str, Any],
+                 out_dir: Path, eval_sets: dict[str, dict[str, EvalSet]], trainset: TrainSet, tokenizer,
+                 teacher: Any = None, threads: int | None = None) -> tuple[dict[str, Any], VariantContext]:
+    """The open_clip folder, each configured variant's export step (distill.variants), then the
+    edge bundle from what they wrote. Returns report["export"] and the context the bench reuses."""
+    ctx = VariantContext(cfg=cfg, student=student.cpu().eval(), model_cfg=model_cfg, export_dir=out_dir / "export",
+                         tokenizer=tokenizer, teacher=teacher, trainset=trainset, threads=threads)
     if cfg.open_clip:
-        info["open_clip_dir"] = str(export.save_open_clip_dir(student, model_cfg, exp_dir / "open_clip"))
-    if cfg.onnx:
-        onnx_dir = exp_dir / "onnx"
-        info["onnx"] = export.export_onnx(student, onnx_dir, image_size=size, context_length=ctx,
-                                          opset=int(cfg.opset), parity_tol=float(cfg.parity_min_cosine),
-                                          patch_embed=str(cfg.get("patch_embed", "matmul")),
-                                          attention=str(cfg.get("attention", "matmul")))
-        if cfg.int8.dynamic:
-            mode = cfg.int8.mode
-            kw = {} if mode == "default" else {"mode": mode}
-            info["onnx_int8"] = {
-                t: str(quantize.quantize_dynamic_onnx(info["onnx"][t]["path"], onnx_dir / f"{t}_encoder.int8.onnx", **kw))
-                for t in ("image", "text")
-            }
-        if cfg.int8.static:
-            n = int(cfg.int8.calibration_images)
-            idx = list(range(0, len(trainset), max(1, len(trainset) // n)))[:n]
-            views = [v for v in (trainset.load_view(j) for j in idx) if v is not None]
-            calib = [normalize_images(v[None]).numpy() for v in views]
-            info["onnx_image_static_int8"] = str(quantize.quantize_static_onnx(
-                info["onnx"]["image"]["path"], onnx_dir / "image_encoder.static_int8.onnx", calib))
-        labels = bundle_labels(cfg, eval_sets) if cfg.bundle else None
-        if labels is not None:
-            names, templates, source = labels
-            from distill import metrics
+        ctx.require("student_torch_fp32")
+    failed: dict[str, str] = {}
+    for name in variants:
+        try:
+            ctx.require(name)
+        except Exception as e:
+            if not VARIANTS[name].optional:
+                raise
+            log.warning("variant %s: export failed: %s", name, e)  # reported failed; the rest still run
+            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    ctx.built["failed"] = failed
+    labels = bundle_labels(cfg, eval_sets) if cfg.bundle else None
+    if labels is not None and "onnx" in ctx.info:
+        ctx.info["bundle"] = str(_write_bundle(ctx, *labels))
+    elif cfg.bundle:
+        log.warning("no edge bundle: it needs the student_onnx_fp32 variant and a label set (a classification "
+                    "eval set, export.bundle_labels or retrieval captions)")
+    return ctx.info, ctx
 
-            enc = ClipEncoder(student, tokenizer, size)
-            clf = metrics.zero_shot_classifier(enc.encode_text, names, templates)
-            info["bundle"] = str(export.write_bundle(
-                exp_dir / "bundle", image_onnx=info["onnx"]["image"]["path"],
-                image_int8_onnx=(info.get("onnx_int8") or {}).get("image"), text_onnx=info["onnx"]["text"]["path"],
-                class_embeddings=clf.cpu().numpy().astype(np.float32), labels=list(names),
-                preprocess=export.default_preprocess(size), context_length=ctx,
-                extra={"classification_set" if source.startswith("classification:") else "label_source":
-                       source.split(":", 1)[1] if source.startswith("classification:") else source}))
-        elif cfg.bundle:
-            log.warning("no edge bundle: no classification eval set, export.bundle_labels or retrieval captions "
-                        "to label with; set export.bundle_labels=[...]")
-    return info
+
+def _write_bundle(ctx: VariantContext, names: list[str], templates: list[str], source: str) -> Path:
+    enc = ClipEncoder(ctx.student, ctx.tokenizer, ctx.image_size)
+    clf = metrics.zero_shot_classifier(enc.encode_text, names, templates)
+    where = ({"classification_set": source.split(":", 1)[1]} if source.startswith("classification:")
+             else {"label_source": source})
+    return export.write_bundle(
+        ctx.export_dir / "bundle", image_onnx=ctx.info["onnx"]["image"]["path"],
+        image_int8_onnx=(ctx.info.get("onnx_int8") or {}).get("image"), text_onnx=ctx.info["onnx"]["text"]["path"],
+        class_embeddings=clf.cpu().numpy().astype(np.float32), labels=list(names),
+        preprocess=export.default_preprocess(ctx.image_size), context_length=ctx.context_length, extra=where)
 
 
 def bundle_labels(cfg: DictConfig, eval_sets: dict[str, dict[str, EvalSet]]
@@ -277,86 +261,43 @@ def bundle_labels(cfg: DictConfig, eval_sets: dict[str, dict[str, EvalSet]]
     return None
 
 
-def bench_stage(cfg: DictConfig, teacher: Any, student: torch.nn.Module, model_cfg: dict[str, Any],
-                export_info: dict[str, Any], eval_sets: dict[str, dict[str, EvalSet]], tokenizer,
-                out_dir: Path) -> dict[str, Any]:
-    """Measure every variant the same way (distill.bench.measure_variants)."""
-    from distill import bench, flops, quantize
-
-    size = int(model_cfg["vision_cfg"]["image_size"])
+def bench_stage(cfg: DictConfig, variants: list[str], ctx: VariantContext,
+                eval_sets: dict[str, dict[str, EvalSet]], teacher: Any) -> dict[str, Any]:
+    """Build each configured variant's encoder and measure them all the same way (distill.bench)."""
     threads = int(cfg.threads)
     torch.set_num_threads(threads)
-    student = student.cpu().eval()
-    s_params = {"image": bench.count_params(student.visual),
-                "total": bench.count_params(student)}
-    s_params["text"] = s_params["total"] - s_params["image"]
-    s_flops = flops.clip_flops(model_cfg)
-    variants: list[bench.Variant] = []
-
-    def add(name: str, role: str, runtime: str, precision: str, make_encoder, params, fl, files) -> None:
-        if name not in cfg.variants:
-            return
+    stats = {"teacher": teacher.stats(), "student": _student_stats(ctx.student, ctx.model_cfg)}
+    onnx_teacher = ctx.built.get("teacher_onnx_fp32")
+    if not stats["teacher"]["flops"] and onnx_teacher is not None:  # towers the analytic count cannot model
+        stats["teacher"] = {**stats["teacher"], "flops": onnx_teacher.stats()["flops"]}
+    rows = []
+    for name in variants:
+        spec = VARIANTS[name]
         try:
-            enc = make_encoder()
+            if name in ctx.built["failed"]:
+                raise RuntimeError(ctx.built["failed"][name])
+            enc, files = spec.encoder(ctx), spec.files(ctx)
         except Exception as e:  # a variant that cannot be built is reported failed; the rest still run
             log.warning("variant %s failed to build: %s", name, e)
-            enc = _Unbuildable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        files = list(getattr(enc, "files", None) or files)  # an encoder built here knows its files
-        variants.append(bench.Variant(name=name, role=role, runtime=runtime, precision=precision, encoder=enc,
-                                      params=params, flops=fl, files=files))
-
-    t_params, t_flops, t_files = teacher_stats(teacher)
-    add("teacher_torch_fp32", "teacher", "torch", "fp32", lambda: teacher, t_params, t_flops, t_files)
-    if cfg.get("teacher_onnx", True):
-        def teacher_onnx():
-            if not hasattr(teacher, "export_onnx"):
-                raise RuntimeError(f"{type(teacher).__name__} has no ONNX export")
-            enc = teacher.export_onnx(str(out_dir / "export" / "teacher_onnx"), threads=threads)
-            if not t_flops and hasattr(enc, "stats"):  # towers the analytic count cannot model
-                t_flops.update(enc.stats()["flops"])  # the same dict the torch variant holds
-            return enc
-        add("teacher_onnx_fp32", "teacher", "onnxruntime", "fp32", teacher_onnx, t_params, t_flops, [])
-    add("student_torch_fp32", "student", "torch", "fp32", lambda: ClipEncoder(student, tokenizer, size),
-        s_params, s_flops, [str(Path(export_info.get("open_clip_dir", ".")) / "open_clip_model.safetensors")])
-    add("student_torch_int8", "student", "torch", "int8",
-        lambda: ClipEncoder(quantize.torch_dynamic_int8(copy.deepcopy(student)), tokenizer, size),
-        s_params, s_flops, [])
-    from distill.teachers.onnx_teacher import OnnxTeacher
-
-    onnx = export_info.get("onnx") or {}
-    pre = None
-    if onnx:
-        from distill.export import default_preprocess
-
-        pre = default_preprocess(size)
-        tok_dir = Path(export_info["bundle"]) / "tokenizer" if export_info.get("bundle") else None
-        files = [onnx["image"]["path"], onnx["text"]["path"]]
-        add("student_onnx_fp32", "student", "onnxruntime", "fp32",
-            lambda: OnnxTeacher(image_onnx=files[0], text_onnx=files[1], tokenizer_dir=tok_dir, preprocess=pre,
-                                threads=threads), s_params, s_flops, files)
-        q = export_info.get("onnx_int8") or {}
-        if q:
-            qfiles = [q["image"], q["text"]]
-            add("student_onnx_int8", "student", "onnxruntime", "int8",
-                lambda: OnnxTeacher(image_onnx=qfiles[0], text_onnx=qfiles[1], tokenizer_dir=tok_dir,
-                                    preprocess=pre, threads=threads), s_params, s_flops, qfiles)
-    sets = {
-        "classification": {n: {"images": e.images, "labels": e.labels, "classnames": e.classnames,
-                               "templates": e.templates or ["a photo of a {}."]}
-                           for n, e in eval_sets["classification"].items()},
-        "retrieval": {n: {"images": e.images, "captions": e.captions} for n, e in eval_sets["retrieval"].items()},
-    }
+            enc, files = _Unbuildable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"), []
+        st = stats[spec.role]
+        rows.append(bench.Variant(name=name, role=spec.role, runtime=spec.runtime, precision=spec.precision,
+                                  encoder=enc, params=st["params"], flops=st["flops"],
+                                  files=files or list(st.get("files", []))))
     ceilings = bench.matmul_ceiling(threads) if cfg.get("ceilings", True) else None
     timing = {"threads": threads, "batch_sizes": list(cfg.batch_sizes), "warmup": int(cfg.warmup),
-              "repeats": int(cfg.repeats), "rounds": int(cfg.get("rounds", 1)),
-              "settle_s": float(cfg.get("settle_s", 0.5))}
-    rows = bench.measure_variants(
-        variants, sets, batch_sizes=tuple(cfg.batch_sizes), threads=threads, reference="teacher_torch_fp32",
-        warmup=timing["warmup"], repeats=timing["repeats"], rounds=timing["rounds"],
-        settle_s=timing["settle_s"], ceilings=ceilings,
-        own_reference={"student_torch_int8": "student_torch_fp32", "student_onnx_int8": "student_onnx_fp32",
-                       "student_onnx_fp32": "student_torch_fp32", "teacher_onnx_fp32": "teacher_torch_fp32"})
-    return {"variants": rows, "ceilings": ceilings, "timing": timing}
+              "repeats": int(cfg.repeats), "rounds": int(cfg.rounds), "settle_s": float(cfg.settle_s)}
+    measured = bench.measure_variants(
+        rows, eval_sets, batch_sizes=tuple(cfg.batch_sizes), threads=threads, reference=validate.REFERENCE_VARIANT,
+        warmup=timing["warmup"], repeats=timing["repeats"], rounds=timing["rounds"], settle_s=timing["settle_s"],
+        ceilings=ceilings, own_reference={n: VARIANTS[n].reference for n in variants if VARIANTS[n].reference in variants})
+    return {"variants": measured, "ceilings": ceilings, "timing": timing}
+
+
+def _student_stats(student: torch.nn.Module, model_cfg: dict[str, Any]) -> dict[str, Any]:
+    p = {"image": bench.count_params(student.visual), "total": bench.count_params(student)}
+    p["text"] = p["total"] - p["image"]
+    return {"params": p, "flops": flops.clip_flops(model_cfg), "files": []}
 
 
 class _Unbuildable:
@@ -373,39 +314,9 @@ class _Unbuildable:
     encode_text = encode_image
 
 
-def teacher_stats(teacher: Any) -> tuple[dict[str, int], dict[str, int], list[str]]:
-    """Params and FLOPs of a teacher: its own ``stats()`` when it has one (ConSE, ONNX), else
-    counted from its open_clip modules: FLOPs analytically from the named config or, for
-    ``local-dir:``/``hf-hub:`` models, from the config read off the modules (flops.model_cfg_from_module).
-    FLOPs stay empty for towers that count cannot model; bench_stage then counts the teacher's ONNX export."""
-    from distill import bench, flops
-
-    if hasattr(teacher, "stats"):
-        s = teacher.stats()
-        return s["params"], s["flops"], s.get("files", [])
-    model = getattr(teacher, "model", None)
-    if model is None or not hasattr(model, "visual"):
-        return {}, {}, []
-    p = {"image": bench.count_params(model.visual), "total": bench.count_params(model)}
-    p["text"] = p["total"] - p["image"]
-    model_cfg = getattr(teacher, "model_cfg", None) or flops.model_cfg_from_module(model)
-    try:
-        fl = flops.clip_flops(model_cfg) if model_cfg is not None else {}
-    except ValueError as e:  # timm / HF towers: counted on the ONNX export instead
-        log.info("teacher FLOPs: %s", e)
-        fl = {}
-    return p, fl, []
-
-
 # ------------------------------------------------------------------------------------------ run
 def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run every stage in order; write report.json / report.md into the run folder; return the report."""
-    from distill import distributed as dist_utils
-    from distill import report as report_mod
-    from distill.bench import environment
-    from distill.cache import build_or_load
-    from distill.train import train
-
     validate.check_config(cfg)  # before any expensive stage: every config problem, one line each
     distributed = dist_utils.setup_from_env()
     out, pinned = resolve_out_dir(cfg, out_dir)
@@ -425,16 +336,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     teacher = build_teacher(cfg.teacher, device)
     log.info("stage data")
     trainset, eval_sets, data_info = build_data(cfg.data)
-    cache = None
-    if cfg.cache.enabled:
-        log.info("stage cache: %d items", len(trainset))
-        if main_proc:
-            cache = build_or_load(teacher, trainset, cfg.cache.dir, chunk_size=int(cfg.cache.chunk_size),
-                                  batch_size=int(cfg.cache.batch_size), num_workers=int(cfg.cache.num_workers),
-                                  device=device)
-        dist_utils.barrier()
-        if not main_proc:
-            cache = build_or_load(teacher, trainset, cfg.cache.dir, progress=False, device=device)
+    cache = cache_stage(cfg.cache, teacher, trainset, device) if cfg.cache.enabled else None
     log.info("stage student")
     # reseed: building the cache draws random numbers that loading it does not, and the student's
     # initial weights must not depend on whether the cache already existed
@@ -443,46 +345,70 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     student, model_cfg = build_student_stage(cfg.student, teacher, cache_dir=cfg.cache.dir if cfg.cache.enabled else None,
                                              token_init=main_proc)
     tokenizer = student_tokenizer(model_cfg)
-    t_dim = teacher.embed_dim
-    s_dim = int(model_cfg["embed_dim"])
-    loss_fn = instantiate(cfg.loss, student_dim=s_dim, teacher_dim=t_dim, _convert_="all")
     log.info("stage train")
-    image_size = int(model_cfg["vision_cfg"]["image_size"])
-    evaluator = make_evaluator(eval_sets, tokenizer, image_size, device)
-    train_metrics = train(student=student, loss_fn=loss_fn, dataset=trainset, tokenizer=tokenizer,
-                          cfg=OmegaConf.to_container(cfg.train, resolve=True), out_dir=out, device=device,
-                          teacher=teacher if cache is None else None, cache=cache, evaluate=evaluator,
-                          image_size=image_size)
+    train_metrics = train_stage(cfg, teacher, student, model_cfg, tokenizer, trainset, eval_sets, cache, out, device)
     train_metrics["data"] = data_info
-    if cache is not None:
-        train_metrics["cache"] = {"path": str(cache.path), "build_seconds": cache.manifest.get("build_seconds"),
-                                  "skipped": cache.manifest.get("skipped")}
-    if not main_proc:
-        dist_utils.cleanup()
-        return {"train": train_metrics}
     dist_utils.cleanup()
+    if not main_proc:
+        return {"train": train_metrics}
 
     log.info("stage export")
-    export_info = export_stage(cfg.export, student, model_cfg, out, eval_sets, trainset, tokenizer)
+    variants = list(cfg.variants)
+    export_info, ctx = export_stage(cfg.export, variants, student, model_cfg, out, eval_sets, trainset, tokenizer,
+                                    teacher=teacher, threads=int(cfg.bench.threads))
     log.info("stage bench")
-    measured = bench_stage(cfg.bench, teacher, student, model_cfg, export_info, eval_sets, tokenizer, out)
-    report = report_mod.new_report(
-        cfg.experiment_name, environment(),
-        teacher={"name": getattr(teacher, "name", cfg.teacher.get("_target_")), "embed_dim": t_dim,
-                 "fingerprint": teacher.fingerprint,
-                 **({"activation": teacher.activation, "activation_reason": getattr(teacher, "activation_reason", None)}
-                    if getattr(teacher, "activation", None) else {})},
-        student={"name": cfg.student.name, "model_cfg": model_cfg},
-        variants=measured["variants"], training=train_metrics, export=export_info, ceilings=measured["ceilings"],
-        timing=measured["timing"],
-        command="python -m distill " + " ".join(_overrides()))
-    report["summary"] = report_mod.summarize(report)
-    report["targets"] = evaluate_targets(report, _plain(cfg.bench.get("targets")))
-    report_mod.write_report(report, out)
+    measured = bench_stage(cfg.bench, variants, ctx, eval_sets, teacher)
+    report = report_stage(cfg, teacher, model_cfg, measured, train_metrics, export_info, out)
     if train_metrics["steps"] >= int(cfg.train.steps) or train_metrics.get("early_stopped"):
         runs.mark_finished(out, cfg)  # a run stopped by train.stop_after_steps stays resumable
     log.info("report written to %s", out / "report.md")
     print(f"report: {out / 'report.md'}")
+    return report
+
+
+def cache_stage(cfg: DictConfig, teacher: Any, trainset: TrainSet, device: torch.device) -> TeacherCache:
+    """The teacher's embeddings of every training view and text: rank 0 builds, the others load."""
+    log.info("stage cache: %d items", len(trainset))
+    cache = None
+    if dist_utils.rank() == 0:
+        cache = build_or_load(teacher, trainset, cfg.dir, chunk_size=int(cfg.chunk_size), batch_size=int(cfg.batch_size),
+                              num_workers=int(cfg.num_workers), device=device)
+    dist_utils.barrier()
+    if cache is None:
+        cache = build_or_load(teacher, trainset, cfg.dir, progress=False, device=device)
+    return cache
+
+
+def train_stage(cfg: DictConfig, teacher: Any, student: torch.nn.Module, model_cfg: dict[str, Any], tokenizer,
+                trainset: TrainSet, eval_sets: dict[str, dict[str, EvalSet]], cache: TeacherCache | None,
+                out: Path, device: torch.device) -> dict[str, Any]:
+    """Distil into the student (distill.train on the engine); returns the training figures."""
+    loss_fn = instantiate(cfg.loss, student_dim=int(model_cfg["embed_dim"]), teacher_dim=teacher.embed_dim,
+                          _convert_="all")
+    image_size = int(model_cfg["vision_cfg"]["image_size"])
+    result = train(student=student, loss_fn=loss_fn, dataset=trainset, tokenizer=tokenizer,
+                   cfg=OmegaConf.to_container(cfg.train, resolve=True), out_dir=out, device=device,
+                   teacher=teacher if cache is None else None, cache=cache,
+                   evaluate=make_evaluator(eval_sets, tokenizer, image_size, device), image_size=image_size)
+    if cache is not None:
+        result["cache"] = {"path": str(cache.path), "build_seconds": cache.manifest.get("build_seconds"),
+                           "skipped": cache.manifest.get("skipped")}
+    return result
+
+
+def report_stage(cfg: DictConfig, teacher: Any, model_cfg: dict[str, Any], measured: dict[str, Any],
+                 train_metrics: dict[str, Any], export_info: dict[str, Any], out: Path) -> dict[str, Any]:
+    """report.json / report.md (and plots) in the run folder, with the summary and the targets."""
+    t = {"name": teacher.name, "embed_dim": teacher.embed_dim, "fingerprint": teacher.fingerprint}
+    if teacher.activation:
+        t.update(activation=teacher.activation, activation_reason=getattr(teacher, "activation_reason", None))
+    report = report_mod.new_report(
+        cfg.experiment_name, bench.environment(), teacher=t, student={"name": cfg.student.name, "model_cfg": model_cfg},
+        variants=measured["variants"], training=train_metrics, export=export_info, ceilings=measured["ceilings"],
+        timing=measured["timing"], command="python -m distill " + " ".join(_overrides()))
+    report["summary"] = report_mod.summarize(report)
+    report["targets"] = evaluate_targets(report, _plain(cfg.bench.get("targets")))
+    report_mod.write_report(report, out)
     return report
 
 
@@ -492,7 +418,6 @@ def evaluate_targets(report: dict[str, Any], targets: dict[str, Any]) -> dict[st
     The keys name entries of ``report["summary"]`` (nested keys joined by '.'); a target whose
     figure is missing is reported as not met, never silently dropped.
     """
-    from distill import report as report_mod
 
     out = {}
     for key, spec in targets.items():
@@ -510,7 +435,6 @@ def _plain(node: Any) -> dict[str, Any]:
 
 def _overrides() -> list[str]:
     try:
-        from hydra.core.hydra_config import HydraConfig
 
         return list(HydraConfig.get().overrides.task)
     except Exception:  # called without Hydra (tests): no command line to record

@@ -136,7 +136,7 @@ def summarize(report: Mapping[str, Any]) -> dict[str, Any]:
         out["r5_retained"][name] = {
             k: {d: _ratio(v.get(f"{d}_r5"), t.get("retrieval", {}).get(k, {}).get(f"{d}_r5")) for d in ("i2t", "t2i")}
             for k, v in s.get("retrieval", {}).items()}
-    for runtime in ("onnxruntime", "torch"):
+    for runtime in dict.fromkeys(v["runtime"] for v in students.values()):
         fp = next((v for v in students.values() if v["runtime"] == runtime and v["precision"] == "fp32"), None)
         q = next((v for v in students.values() if v["runtime"] == runtime and v["precision"] == "int8"), None)
         if fp and q:

@@ -244,10 +244,16 @@ def _check_bench(cfg: DictConfig) -> Iterator[str]:
     bad = [b for b in sizes if not isinstance(b, int) or b < 1]
     if bad:
         yield f"bench.batch_sizes has {bad}: use positive integers, e.g. bench.batch_sizes=[1,32]"
-    variants = _number(cfg, "bench.variants")
-    if variants is not None and REFERENCE_VARIANT not in variants:
-        yield (f"bench.variants={list(variants)} lacks {REFERENCE_VARIANT}, the reference every ratio in the "
-               f"report is taken against: add it")
+    variants = _number(cfg, "variants")
+    if variants is not None:
+        from distill.variants import VARIANTS
+
+        for name in variants:
+            if name not in VARIANTS:
+                yield f"variants: {name} is not a deployment variant; closest: {_closest(name, list(VARIANTS))}"
+        if REFERENCE_VARIANT not in variants:
+            yield (f"variants={list(variants)} lacks {REFERENCE_VARIANT}, the reference every ratio in the "
+                   f"report is taken against: add it")
     threads = _number(cfg, "bench.threads")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         yield f"bench.threads={threads!r} must be a positive integer"

@@ -18,9 +18,11 @@ def test_list_command_prints_every_registered_part():
                        timeout=120)
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    for section in ("loss terms:", "data sources:", *(f"{s}:" for s in GROUPS)):
+    for section in ("loss terms:", "deployment variants:", "data sources:", *(f"{s}:" for s in GROUPS)):
         assert section in out, section
-    for name in TERMS:
+    from distill.variants import VARIANTS
+
+    for name in [*TERMS, *VARIANTS]:
         assert f"  {name} " in out, name
     for section, group in GROUPS.items():
         for yaml in (REPO / "conf" / group).glob("*.yaml"):

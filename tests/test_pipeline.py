@@ -118,7 +118,7 @@ VITB32_MECHANICS = [
     "teacher.pretrained=null", "data=smoke", "data.train.corpus.imagenet_classes=false",
     "+data.train.corpus.extra=[a photo of a shoe.,a photo of a dog.,a photo of a shirt.,a photo of a bag.]",
     "train=smoke", "train.steps=2", "train.batch_size=4", "bench=quick",
-    "bench.variants=[teacher_torch_fp32,student_torch_fp32,student_onnx_fp32,student_onnx_int8]",
+    "variants=[teacher_torch_fp32,student_torch_fp32,student_onnx_fp32,student_onnx_int8]",
 ]
 
 
@@ -167,7 +167,7 @@ def test_csv_data_gets_an_edge_bundle_labelled_with_its_captions(tmp_path):
     (d / "pairs.tsv").write_text("\n".join(rows) + "\n")
     report = run(_smoke_cfg(tmp_path, "data=csv", f"data.train_file={d / 'pairs.tsv'}",
                             f"data.val_file={d / 'pairs.tsv'}", "train.steps=2",
-                            "bench.variants=[teacher_torch_fp32,student_onnx_int8]"))
+                            "variants=[teacher_torch_fp32,student_onnx_int8]"))
     bundle = load_bundle(report["export"]["bundle"])
     assert bundle.labels == ["a red square", "a green square", "a blue square"]
     assert bundle.meta["extra"]["label_source"] == "captions of csv/val"

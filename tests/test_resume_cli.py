@@ -14,8 +14,7 @@ from safetensors.torch import load_file
 STEPS = 120
 # the smoke experiment with a longer run and a light export/bench, so three runs stay quick
 ARGS = ["+experiment=smoke", f"train.steps={STEPS}", "train.ckpt_every=10", "train.progress=false",
-        "export.onnx=false", "export.bundle=false", "bench.variants=[teacher_torch_fp32,student_torch_fp32]",
-        "bench.teacher_onnx=false"]
+        "export.bundle=false", "variants=[teacher_torch_fp32,student_torch_fp32]"]
 
 
 def _env(tmp_path):

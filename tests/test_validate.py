@@ -82,9 +82,11 @@ def test_extra_text_rows_and_their_term_come_together():
     check_config(_cfg("train.extra_texts=8", "+loss.weights.extra_text_mse=2.0"))
 
 
-def test_bench_without_the_reference_variant():
-    [p] = _problems("bench.variants=[student_torch_fp32]")
+def test_variants_must_be_registered_and_include_the_reference():
+    [p] = _problems("variants=[student_torch_fp32]")
     assert "lacks teacher_torch_fp32" in p
+    [p] = _problems("variants=[teacher_torch_fp32,student_onnx_int9]")
+    assert p.startswith("variants: student_onnx_int9 is not a deployment variant; closest: student_onnx_int8")
 
 
 def test_cli_reports_every_problem_before_any_stage(tmp_path):

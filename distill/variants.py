@@ -1,0 +1,199 @@
+"""Deployment variants, registered by name: each is an export step (what it writes into the run's
+``export/`` folder) and an encoder that runs what it exported, with its role, runtime and
+precision. ``variants:`` in the config lists the ones a run builds and measures; export_stage,
+bench_stage and the report loop over that list, so a new format is one ``register`` call here.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VariantContext:
+    """What export steps and encoders share in one run; ``info`` becomes report["export"]."""
+
+    cfg: Any  # the export config group
+    student: torch.nn.Module
+    model_cfg: dict[str, Any]
+    export_dir: Path
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    teacher: Any = None
+    trainset: Any = None
+    threads: int | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    built: dict[str, Any] = field(default_factory=dict)  # objects an export step made for its encoder
+    done: set[str] = field(default_factory=set)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model_cfg["vision_cfg"]["image_size"])
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model_cfg["text_cfg"].get("context_length", 77))
+
+    def require(self, name: str) -> None:
+        """Run variant ``name``'s export step once (a variant built on another's files asks for it)."""
+        if name not in self.done:
+            VARIANTS[name].export(self)
+            self.done.add(name)
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    name: str
+    role: str  # "teacher" | "student"
+    runtime: str  # "torch" | "onnxruntime" | ...
+    precision: str  # "fp32" | "int8" | ...
+    doc: str
+    export: Callable[[VariantContext], None]
+    encoder: Callable[[VariantContext], Any]
+    files: Callable[[VariantContext], list[str]] = lambda ctx: []
+    reference: str | None = None  # the variant its agreement is measured against (None: the reference teacher)
+    optional: bool = False  # an export failure marks the variant failed instead of stopping the run
+
+
+VARIANTS: dict[str, VariantSpec] = {}
+
+
+def register(spec: VariantSpec) -> VariantSpec:
+    if spec.name in VARIANTS:
+        raise ValueError(f"variant {spec.name!r} is registered twice")
+    if spec.role not in ("teacher", "student"):
+        raise ValueError(f"variant {spec.name}: role must be 'teacher' or 'student', got {spec.role!r}")
+    VARIANTS[spec.name] = spec
+    return spec
+
+
+def _nothing(ctx: VariantContext) -> None:
+    """No files: the variant runs from memory."""
+
+
+# ------------------------------------------------------------------------------------- teacher
+
+
+def _teacher_onnx_export(ctx: VariantContext) -> None:
+    if not hasattr(ctx.teacher, "export_onnx"):
+        raise RuntimeError(f"{type(ctx.teacher).__name__} has no ONNX export")
+    enc = ctx.teacher.export_onnx(str(ctx.export_dir / "teacher_onnx"), threads=ctx.threads)
+    ctx.built["teacher_onnx_fp32"] = enc
+    ctx.info["teacher_onnx"] = {"image": str(enc.image_onnx), "text": str(enc.text_onnx)}
+
+
+register(VariantSpec("teacher_torch_fp32", "teacher", "torch", "fp32", "The teacher as built, in PyTorch (the reference).",
+                     _nothing, lambda ctx: ctx.teacher))
+register(VariantSpec("teacher_onnx_fp32", "teacher", "onnxruntime", "fp32",
+                     "The teacher exported to ONNX fp32: what a user would deploy without distilling.",
+                     _teacher_onnx_export, lambda ctx: ctx.built["teacher_onnx_fp32"],
+                     files=lambda ctx: list(ctx.built["teacher_onnx_fp32"].stats()["files"]),
+                     reference="teacher_torch_fp32", optional=True))
+
+
+# ------------------------------------------------------------------------------------- student
+
+
+def _student_encoder(model: torch.nn.Module, ctx: VariantContext) -> Any:
+    from distill.encoders import ClipEncoder
+
+    return ClipEncoder(model, ctx.tokenizer, ctx.image_size)
+
+
+def _open_clip_export(ctx: VariantContext) -> None:
+    from distill.export import save_open_clip_dir
+
+    ctx.info["open_clip_dir"] = str(save_open_clip_dir(ctx.student, ctx.model_cfg, ctx.export_dir / "open_clip"))
+
+
+def _onnx_export(ctx: VariantContext) -> None:
+    from distill.export import export_onnx
+
+    cfg = ctx.cfg
+    ctx.info["onnx"] = export_onnx(ctx.student, ctx.export_dir / "onnx", image_size=ctx.image_size,
+                                   context_length=ctx.context_length, opset=int(cfg.opset),
+                                   parity_tol=float(cfg.parity_min_cosine), patch_embed=str(cfg.patch_embed),
+                                   attention=str(cfg.attention))
+
+
+def _onnx_int8_export(ctx: VariantContext) -> None:
+    from distill.quantize import quantize_dynamic_onnx
+
+    ctx.require("student_onnx_fp32")
+    mode = ctx.cfg.int8.mode
+    kw = {} if mode == "default" else {"mode": mode}
+    ctx.info["onnx_int8"] = {t: str(quantize_dynamic_onnx(ctx.info["onnx"][t]["path"],
+                                                          ctx.export_dir / "onnx" / f"{t}_encoder.int8.onnx", **kw))
+                             for t in ("image", "text")}
+
+
+def _onnx_static_int8_export(ctx: VariantContext) -> None:
+    from distill.encoders import normalize_images
+    from distill.quantize import quantize_static_onnx
+
+    ctx.require("student_onnx_int8")  # the text tower ships as dynamic int8
+    n = int(ctx.cfg.int8.calibration_images)
+    idx = list(range(0, len(ctx.trainset), max(1, len(ctx.trainset) // n)))[:n]
+    views = [v for v in (ctx.trainset.load_view(j) for j in idx) if v is not None]
+    calib = [normalize_images(v[None]).numpy() for v in views]
+    ctx.info["onnx_image_static_int8"] = str(quantize_static_onnx(
+        ctx.info["onnx"]["image"]["path"], ctx.export_dir / "onnx" / "image_encoder.static_int8.onnx", calib))
+
+
+def _onnx_encoder(image: str, text: str, ctx: VariantContext) -> Any:
+    from distill.export import default_preprocess
+    from distill.teachers.onnx_teacher import OnnxDualEncoder
+
+    return OnnxDualEncoder(image_onnx=image, text_onnx=text, preprocess=default_preprocess(ctx.image_size),
+                           threads=ctx.threads)
+
+
+def _onnx_files(ctx: VariantContext) -> list[str]:
+    return [ctx.info["onnx"]["image"]["path"], ctx.info["onnx"]["text"]["path"]]
+
+
+register(VariantSpec("student_torch_fp32", "student", "torch", "fp32",
+                     "The student in PyTorch, saved as an open_clip local-dir checkpoint.",
+                     _open_clip_export, lambda ctx: _student_encoder(ctx.student, ctx),
+                     files=lambda ctx: [str(Path(ctx.info["open_clip_dir"]) / "open_clip_model.safetensors")]))
+register(VariantSpec("student_torch_int8", "student", "torch", "int8",
+                     "torch.ao dynamic int8 of the student's Linear layers, in memory (not exportable).",
+                     _nothing, lambda ctx: _student_encoder(_torch_int8(ctx.student), ctx),
+                     reference="student_torch_fp32"))
+register(VariantSpec("student_onnx_fp32", "student", "onnxruntime", "fp32",
+                     "Both towers as ONNX fp32, checked against PyTorch on export (parity_min_cosine).",
+                     _onnx_export, lambda ctx: _onnx_encoder(*_onnx_files(ctx), ctx), files=_onnx_files,
+                     reference="student_torch_fp32"))
+register(VariantSpec("student_onnx_int8", "student", "onnxruntime", "int8",
+                     "onnxruntime dynamic int8 of both ONNX towers (export.int8.mode).",
+                     _onnx_int8_export,
+                     lambda ctx: _onnx_encoder(ctx.info["onnx_int8"]["image"], ctx.info["onnx_int8"]["text"], ctx),
+                     files=lambda ctx: [ctx.info["onnx_int8"]["image"], ctx.info["onnx_int8"]["text"]],
+                     reference="student_onnx_fp32"))
+register(VariantSpec("student_onnx_static_int8", "student", "onnxruntime", "int8",
+                     "Static (QDQ) int8 image tower calibrated on training views, dynamic int8 text tower.",
+                     _onnx_static_int8_export,
+                     lambda ctx: _onnx_encoder(ctx.info["onnx_image_static_int8"], ctx.info["onnx_int8"]["text"], ctx),
+                     files=lambda ctx: [ctx.info["onnx_image_static_int8"], ctx.info["onnx_int8"]["text"]],
+                     reference="student_onnx_fp32"))
+
+
+def _torch_int8(student: torch.nn.Module) -> torch.nn.Module:
+    from distill.quantize import torch_dynamic_int8
+
+    return torch_dynamic_int8(copy.deepcopy(student))
+
+
+def unknown(names: list[str]) -> list[str]:
+    return [n for n in names if n not in VARIANTS]
+
+
+__all__ = ["VARIANTS", "VariantContext", "VariantSpec", "register", "unknown", "np"]
