@@ -205,7 +205,8 @@ def _shapes_by_running(model: Any, known: Mapping[str, Any]) -> dict[str, tuple[
     legacy exporter): run the graph once in onnxruntime on zero inputs and read the shapes."""
     import numpy as np
     import onnx
-    import onnxruntime as ort
+
+    from distill.onnx_tools import session
 
     missing = sorted({n for n in _operands(model) if known.get(n) is None})
     m = onnx.ModelProto()
@@ -214,7 +215,7 @@ def _shapes_by_running(model: Any, known: Mapping[str, Any]) -> dict[str, tuple[
     for name in missing:
         if name not in outputs:
             m.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = session(m.SerializeToString())
     feeds = {}
     for inp in sess.get_inputs():
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(
