@@ -95,7 +95,8 @@ register(VariantSpec("teacher_torch_fp32", "teacher", "torch", "fp32", "The teac
 register(VariantSpec("teacher_onnx_fp32", "teacher", "onnxruntime", "fp32",
                      "The teacher exported to ONNX fp32: what a user would deploy without distilling.",
                      _teacher_onnx_export, lambda ctx: ctx.built["teacher_onnx_fp32"],
-                     files=lambda ctx: list(ctx.built["teacher_onnx_fp32"].stats()["files"]),
+                     files=lambda ctx: list(getattr(ctx.built["teacher_onnx_fp32"], "files", None)
+                                            or ctx.built["teacher_onnx_fp32"].stats()["files"]),
                      reference="teacher_torch_fp32", optional=True))
 
 

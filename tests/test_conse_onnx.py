@@ -61,6 +61,10 @@ def test_protocol_attributes_and_files(pair):
     for tower in ("image", "text"):  # the export's own check against the PyTorch graphs
         assert onx.meta["parity"][tower]["min_cosine"] >= 0.9999
     assert onx.meta["teacher_fingerprint"] == teacher.fingerprint
+    s, ref = onx.stats(), teacher.stats()  # the graphs count what the torch teacher counts
+    assert s["files"] == onx.files and onx.export_onnx("unused") is onx
+    assert abs(s["flops"]["image"] / ref["flops"]["image"] - 1) < 0.02, (s["flops"], ref["flops"])
+    assert abs(s["params"]["total"] / ref["params"]["total"] - 1) < 0.05, (s["params"], ref["params"])
 
 
 def test_image_parity_real_photos(pair):

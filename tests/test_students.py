@@ -331,7 +331,7 @@ def test_student_stage_token_init_uses_and_fills_the_text_cache(tmp_path):
     from distill.pipeline import build_student_stage
 
     class Teacher:
-        embed_dim, fingerprint = 48, "letters"
+        embed_dim, fingerprint, model = 48, "letters", None
 
         def __init__(self):
             self.encode, self.calls = _letter_teacher(48), 0

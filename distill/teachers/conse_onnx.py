@@ -235,6 +235,7 @@ class ConSEOnnx:
     """
 
     name = "conse-onnx"
+    model, activation = None, None  # not an open_clip model; the graphs carry their own activations
 
     def __init__(self, out_dir: str | Path, threads: int | None = None, providers: Sequence[str] | None = None,
                  batch_size: int = 64) -> None:
@@ -275,6 +276,22 @@ class ConSEOnnx:
         spec = {k: self.meta.get(k) for k in ("image_size", "mean", "std", "max_len")}
         h.update(json.dumps(spec, sort_keys=True).encode())
         self.fingerprint = h.hexdigest()[:16]
+
+    def stats(self) -> dict[str, Any]:
+        """Params from the graphs' initializers, FLOPs from the graphs at batch 1 and 16 text tokens
+        (the torch teacher's convention, distill.teachers.conse.TEXT_TOKENS), and the two files."""
+        from distill.flops import onnx_flops, onnx_params
+
+        text_inputs = onnx_tools.io_names(self.text_onnx)[0]
+        p = {"image": onnx_params(self.image_onnx), "text": onnx_params(self.text_onnx)}
+        return {"params": {**p, "total": p["image"] + p["text"]},
+                "flops": {"image": int(onnx_flops(self.image_onnx)),
+                          "text": int(onnx_flops(self.text_onnx, input_shapes={n: (1, 16) for n in text_inputs}))},
+                "files": list(self.files)}
+
+    def export_onnx(self, out_dir: str, threads: int | None = None) -> "ConSEOnnx":
+        """Already ONNX: the files are used where they are."""
+        return self
 
     def preprocess(self, images: torch.Tensor) -> np.ndarray:
         """(B, 3, H, W) [0, 1] -> (B, 3, S, S) float32 numpy, normalised as the teacher does."""
