@@ -398,10 +398,8 @@ def measure_variants(variants: Sequence[Variant], eval_sets: Mapping[str, Any], 
     p90 are over all timed calls of all rounds, and each round's median is kept under
     "latency_rounds". On a small shared machine a background burst lasts seconds: timed in one block,
     it lands on one variant and flips a ratio; interleaved, it is spread over all of them. Each visit
-    starts with a ``settle_s`` pause: the previous variant's thread pool (torch's OpenMP workers,
-    ORT's spinning intra-op threads) keeps spinning for a while after its last call and would
-    otherwise take the cores from the next variant (measured on 2 cores without the pause: a 2 ms
-    ORT int8 call read 4-7 ms in the rounds that followed a torch variant).
+    starts with a ``settle_s`` pause, so that the previous variant's spinning thread pool (torch's
+    OpenMP workers, ORT's intra-op threads) parks before the next variant is timed.
 
     Agreement with the ``reference`` variant: mean cosine of image embeddings on the eval images
     (when the embedding sizes match) and top-1 zero-shot agreement. ``own_reference`` maps a variant
@@ -430,10 +428,25 @@ def measure_variants(variants: Sequence[Variant], eval_sets: Mapping[str, Any], 
             rows[v.name], kept[v.name] = _accuracy_and_memory(v, eval_sets, calls[v.name])
         except Exception as err:  # one broken variant must not hide the others
             rows[v.name] = _failed(v, err)
+    _time_interleaved(variants, rows, calls, rounds=rounds, per_round=math.ceil(repeats / rounds), warmup=warmup,
+                      settle_s=settle_s, batch_sizes=batch_sizes, ceilings=ceilings)
+    for name, row in rows.items():
+        if row["status"] != "ok":
+            continue
+        row["agreement"] = _agreement(kept, name, reference)
+        if own_reference and name in own_reference:
+            row["agreement_own"] = _agreement(kept, name, own_reference[name])
+    return rows
+
+
+def _time_interleaved(variants: Sequence[Variant], rows: dict[str, dict], calls: Mapping[str, dict], *, rounds: int,
+                      per_round: int, warmup: int, settle_s: float, batch_sizes: Sequence[int],
+                      ceilings: Mapping[str, float] | None) -> None:
+    """Time every working variant in ``rounds`` rotated rounds and add the timing fields to its row;
+    a variant that raises while timed becomes a failed row."""
     timed = [v for v in variants if rows[v.name]["status"] == "ok"]
     samples = {v.name: {k: [] for k in calls[v.name]} for v in timed}
     round_medians = {v.name: {k: [] for k in calls[v.name]} for v in timed}
-    per_round = math.ceil(repeats / rounds)
     for r in range(rounds):
         shift = r % max(1, len(timed))
         for v in timed[shift:] + timed[:shift]:  # rotated: no variant always runs first after a switch
@@ -451,13 +464,6 @@ def measure_variants(variants: Sequence[Variant], eval_sets: Mapping[str, Any], 
     for v in timed:
         if rows[v.name]["status"] == "ok":
             rows[v.name].update(_timing_fields(v, samples[v.name], round_medians[v.name], batch_sizes, ceilings))
-    for name, row in rows.items():
-        if row["status"] != "ok":
-            continue
-        row["agreement"] = _agreement(kept, name, reference)
-        if own_reference and name in own_reference:
-            row["agreement_own"] = _agreement(kept, name, own_reference[name])
-    return rows
 
 
 def _agreement(kept: Mapping[str, dict], name: str, reference: str) -> dict[str, Any]:

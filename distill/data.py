@@ -43,6 +43,14 @@ def _stable_int(*parts: object) -> int:
     return int.from_bytes(h[:8], "little")
 
 
+def imagenet_classnames() -> list[str]:
+    """The 1000 ImageNet-1k class names in label order: the first synonym of timm's WordNet
+    description ("goldfish, Carassius auratus" -> "goldfish")."""
+    from timm.data import ImageNetInfo
+
+    return [d.split(",")[0].strip() for d in ImageNetInfo().label_descriptions()]
+
+
 def eval_view(img: Image.Image, size: int, spec: dict[str, Any] | None = None) -> torch.Tensor:
     """PIL RGB -> (3, size, size) float in [0, 1]: bicubic short-side resize, centre crop.
 
@@ -100,10 +108,7 @@ def build_corpus(
     banned = {norm(t) for t in exclude}
     texts: list[str] = []
     if imagenet_classes:
-        from timm.data import ImageNetInfo
-
-        names = [ImageNetInfo().index_to_description(i).split(",")[0].strip() for i in range(1000)]
-        texts += [t.format(n) for t in templates for n in names]
+        texts += [t.format(n) for t in templates for n in imagenet_classnames()]
     texts += list(extra)
     if words:
         from distill.datasets import english_words

@@ -127,12 +127,10 @@ class MatMulAttention(torch.nn.Module):
 
     Same weights (read from the wrapped module at call time), same outputs up to float rounding;
     it drops into open_clip's ResidualAttentionBlock as ``attn`` (called ``attn(q, k, v,
-    need_weights=False, attn_mask=...)``, returns ``(out, None)``). Exported at opset 20,
-    torch's decomposition of nn.MultiheadAttention is ~45 nodes per layer (51 Transposes and 69
-    Reshapes for six layers, many from reshapes of the dynamic batch); this is ~13, with one
-    packed QKV projection and 4 Transposes. Measured on a w384/d6/p32 student, dynamic int8, batch 1:
-    1.06x faster than with torch's form (benchmarks/results/onnx_export_variants.md). Cross-attention (key is not query) goes
-    to the wrapped module unchanged.
+    need_weights=False, attn_mask=...)``, returns ``(out, None)``). Exported, it is about a third of
+    the nodes of torch's decomposition of nn.MultiheadAttention (one packed QKV projection, few
+    Transposes), which onnxruntime runs faster (benchmarks/results/onnx_export_variants.md).
+    Cross-attention (key is not query) goes to the wrapped module unchanged.
     """
 
     def __init__(self, mha: torch.nn.MultiheadAttention) -> None:

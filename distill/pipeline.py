@@ -121,7 +121,7 @@ def build_data(cfg: DictConfig) -> tuple[TrainSet, dict[str, dict[str, EvalSet]]
             eval_sets[kind][item.name] = es
     tc = cfg.train
     sources = [instantiate(s, _convert_="all") for s in tc.sources]
-    corpus_cfg = _plain(tc.get("corpus"))
+    corpus_cfg = _as_dict(tc.get("corpus"))
     excluded = eval_prompts(cfg, classnames)
     corpus = build_corpus(**corpus_cfg, exclude=excluded) if corpus_cfg else []
     spec = ViewSpec(size=size, views=int(tc.get("views", 1)), augment=bool(tc.get("augment", False)),
@@ -407,7 +407,7 @@ def report_stage(cfg: DictConfig, teacher: Any, model_cfg: dict[str, Any], measu
         variants=measured["variants"], training=train_metrics, export=export_info, ceilings=measured["ceilings"],
         timing=measured["timing"], command="python -m distill " + " ".join(_overrides()))
     report["summary"] = report_mod.summarize(report)
-    report["targets"] = evaluate_targets(report, _plain(cfg.bench.get("targets")))
+    report["targets"] = evaluate_targets(report, _as_dict(cfg.bench.get("targets")))
     report_mod.write_report(report, out)
     return report
 
@@ -428,14 +428,13 @@ def evaluate_targets(report: dict[str, Any], targets: dict[str, Any]) -> dict[st
     return out
 
 
-def _plain(node: Any) -> dict[str, Any]:
+def _as_dict(node: Any) -> dict[str, Any]:
     """A config node (or None) as a plain dict."""
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node or {})
 
 
 def _overrides() -> list[str]:
     try:
-
         return list(HydraConfig.get().overrides.task)
     except Exception:  # called without Hydra (tests): no command line to record
         return []

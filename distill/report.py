@@ -282,6 +282,40 @@ def _flat(d: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
+def _ratio_rows(summ: Mapping[str, Any]) -> list[list[str]]:
+    rows = []
+    for tower in ("image", "text"):
+        for s, d in summ.get(f"speedup_{tower}_b1", {}).items():
+            rows += [[f"`{s}`", f"{tower} speed-up at batch 1 vs `{t}`", f"{_fmt(x)}x"] for t, x in d.items()]
+    for s, d in summ.get("compression", {}).items():
+        rows.append([f"`{s}`", f"compression vs `{summ.get('reference_teacher')}`: params / image FLOPs",
+                     f"{_fmt(d.get('params'))}x / {_fmt(d.get('flops_image'))}x"])
+        rows.append([f"`{s}`", f"file size vs `{d.get('size_vs')}`", f"{_fmt(d.get('size'))}x"])
+    for s, d in summ.get("accuracy_retained", {}).items():
+        for k, x in d.items():
+            rows.append([f"`{s}`", f"zero-shot top1 retained on {k} (student / teacher)", _pct(x) + "%"])
+    for s, d in summ.get("r5_retained", {}).items():
+        for k, x in d.items():
+            rows.append([f"`{s}`", f"R@5 retained on {k} (i2t / t2i)", f"{_pct(x.get('i2t'))}% / {_pct(x.get('t2i'))}%"])
+    for rt, d in summ.get("int8_loss_points", {}).items():
+        for k, x in d.items():
+            rows.append([f"student {rt}", f"int8 top1 loss on {k} (fp32 - int8)", f"{_fmt(x)} points"])
+    return rows
+
+
+def _target_lines(targets: Mapping[str, Any]) -> list[str]:
+    if not targets:
+        return ["(no targets set)"]
+    rows = []
+    for name, t in targets.items():
+        margin = t.get("margin_pct")
+        how = "-" if margin is None else (f"{margin:+.1f}% past the target" if t.get("met")
+                                         else f"{margin:+.1f}% short of the target")
+        rows.append([name, f"{t.get('direction', '>=')} {_fmt(t.get('target'))}", _fmt(t.get("measured")),
+                     "met" if t.get("met") else "MISSED", how])
+    return _table(["target", "wanted", "measured", "result", "by how much"], rows)
+
+
 def _activation_note(teacher: Mapping[str, Any]) -> str:
     act = teacher.get("activation")
     if not act:
@@ -324,40 +358,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines += [f"- `{u['variant']}` {u['shape']}: median {_fmt(u['median_ms'])} ms, p90 {_fmt(u['p90_ms'])} ms "
                   f"({_fmt(u['ratio'])}x)" for u in unsteady]
     lines += ["", "## Ratios (within this run)", ""]
-    rows = []
-    for s, d in summ.get("speedup_image_b1", {}).items():
-        for t, x in d.items():
-            rows.append([f"`{s}`", f"image speed-up at batch 1 vs `{t}`", f"{_fmt(x)}x"])
-    for s, d in summ.get("speedup_text_b1", {}).items():
-        for t, x in d.items():
-            rows.append([f"`{s}`", f"text speed-up at batch 1 vs `{t}`", f"{_fmt(x)}x"])
-    for s, d in summ.get("compression", {}).items():
-        rows.append([f"`{s}`", f"compression vs `{summ.get('reference_teacher')}`: params / image FLOPs",
-                     f"{_fmt(d.get('params'))}x / {_fmt(d.get('flops_image'))}x"])
-        rows.append([f"`{s}`", f"file size vs `{d.get('size_vs')}`", f"{_fmt(d.get('size'))}x"])
-    for s, d in summ.get("accuracy_retained", {}).items():
-        for k, x in d.items():
-            rows.append([f"`{s}`", f"zero-shot top1 retained on {k} (student / teacher)", _pct(x) + "%"])
-    for s, d in summ.get("r5_retained", {}).items():
-        for k, x in d.items():
-            rows.append([f"`{s}`", f"R@5 retained on {k} (i2t / t2i)", f"{_pct(x.get('i2t'))}% / {_pct(x.get('t2i'))}%"])
-    for rt, d in summ.get("int8_loss_points", {}).items():
-        for k, x in d.items():
-            rows.append([f"student {rt}", f"int8 top1 loss on {k} (fp32 - int8)", f"{_fmt(x)} points"])
+    rows = _ratio_rows(summ)
     lines += _table(["variant", "ratio", "value"], rows) if rows else ["(no ratios: a baseline or student is missing)"]
-    lines += ["", "## Targets", ""]
-    targets = report.get("targets", {})
-    if targets:
-        trows = []
-        for name, t in targets.items():
-            margin = t.get("margin_pct")
-            how = "-" if margin is None else (f"{margin:+.1f}% past the target" if t.get("met")
-                                             else f"{margin:+.1f}% short of the target")
-            trows.append([name, f"{t.get('direction', '>=')} {_fmt(t.get('target'))}", _fmt(t.get("measured")),
-                          "met" if t.get("met") else "MISSED", how])
-        lines += _table(["target", "wanted", "measured", "result", "by how much"], trows)
-    else:
-        lines.append("(no targets set)")
+    lines += ["", "## Targets", ""] + _target_lines(report.get("targets", {}))
     for section in ("training", "export"):
         if report.get(section):
             lines += ["", f"## {section.capitalize()}", ""]

@@ -24,6 +24,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from distill.data import imagenet_classnames
 from distill.errors import MissingDataError, UserError
 from distill.teachers.base import freeze, hash_state_dict
 from distill.teachers.conse_common import MEAN, STD, resize_crop
@@ -33,14 +34,6 @@ from distill.teachers.conse_common import MEAN, STD, resize_crop
 VARIANTS = {"lite0": 224, "lite1": 240, "lite2": 260}
 TEXT_TOKENS = 16  # sequence length the text FLOPs are quoted at (CLS + ~14 word pieces + SEP)
 _CLASS_EMB_CACHE: dict[tuple, torch.Tensor] = {}  # (prompt, names sha, max_len, device) -> (1000, 384)
-
-
-def imagenet_classnames() -> list[str]:
-    """The 1000 ImageNet-1k class names in label order: the first synonym of timm's WordNet
-    description ("goldfish, Carassius auratus" -> "goldfish")."""
-    from timm.data import ImageNetInfo
-
-    return [d.split(",")[0].strip() for d in ImageNetInfo().label_descriptions()]
 
 
 def _import(module: str, pip_name: str, what: str) -> Any:

@@ -196,54 +196,71 @@ class OpenClipTeacher:
         explicit = True if force_quick_gelu else parse_quick_gelu(quick_gelu)
         self.device = torch.device(device)
         torch.manual_seed(seed)  # random-init teachers are reproducible, so their cache is reusable
-        kind, openai_state = None, None
         if model_cfg is not None:
-            cfg = {k: (dict(v) if hasattr(v, "items") else v) for k, v in dict(model_cfg).items()}
-            if pretrained:
-                kind, openai_state = sniff_checkpoint(self._check_file(pretrained))
-            qg, reason = self._resolve(explicit, kind=kind, model_name=None, tag_cfg=None, pretrained=pretrained,
-                                       cfg_quick_gelu=bool(cfg.get("quick_gelu", False)))
-            cfg["quick_gelu"] = qg
-            model = open_clip.model.CLIP(**cfg)
-            if openai_state is not None:
-                load_openai_state_dict(model, openai_state)
-            elif pretrained:
-                open_clip.load_checkpoint(model, pretrained)
-            self.model_cfg = cfg
-            self.name = "custom"
+            model, qg, reason = self._build_inline(model_cfg, pretrained, explicit)
+        elif model_name is None:
+            raise UserError("teacher needs model_name or model_cfg: set teacher.model_name=ViT-B-32")
         else:
-            if model_name is None:
-                raise UserError("teacher needs model_name or model_cfg: set teacher.model_name=ViT-B-32")
-            has_schema = ":" in model_name
-            base_cfg = None if has_schema else open_clip.get_model_config(model_name)
-            tag_cfg = None
-            if pretrained and _is_file_path(pretrained):
-                kind, openai_state = sniff_checkpoint(self._check_file(pretrained))
-            elif pretrained and not has_schema:
-                tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained) or None
-            needs_hub = bool(pretrained and not _is_file_path(pretrained)) or model_name.startswith("hf-hub:")
-            if needs_hub and not _hub_reachable():
-                # Weights may already sit in the hub cache: look there without the network.
-                # huggingface_hub reads HF_HUB_OFFLINE at import, so set its constant too.
-                import huggingface_hub.constants as hf_constants
+            model, qg, reason = self._build_named(model_name, pretrained, cache_dir, explicit)
+        self._adopt(model, qg, reason)
+        self.tokenizer = open_clip.get_tokenizer(model_name) if model_cfg is None else open_clip.SimpleTokenizer(
+            context_length=int(self.model_cfg["text_cfg"].get("context_length", 77))
+        )
+        self.fingerprint = hash_state_dict(self.model.state_dict(),
+                                           extra=["open_clip", f"activation={self.activation}"])
 
-                os.environ["HF_HUB_OFFLINE"] = "1"
-                hf_constants.HF_HUB_OFFLINE = True
-            if has_schema and explicit is None:
-                qg, reason = None, f"{model_name.split(':', 1)[0]} model config"  # known once built
-            else:
-                qg, reason = self._resolve(explicit, kind=kind, model_name=model_name, tag_cfg=tag_cfg,
-                                           pretrained=pretrained,
-                                           cfg_quick_gelu=bool((base_cfg or {}).get("quick_gelu", False)))
-            if openai_state is not None and base_cfg is not None:
-                # open_clip's load_checkpoint reads neither OpenAI format, so build and load here
-                cfg = {k: v for k, v in base_cfg.items() if k != "custom_text"}
-                model = open_clip.model.CLIP(**{**cfg, "quick_gelu": qg})
-                load_openai_state_dict(model, openai_state)
-            else:
-                model = self._create(model_name, pretrained, cache_dir, qg, explicit, tag_cfg)
-            self.model_cfg = base_cfg
-            self.name = f"{model_name}/{pretrained or 'random'}"
+    def _build_inline(self, model_cfg: dict[str, Any], pretrained: str | None,
+                      explicit: bool | None) -> tuple[torch.nn.Module, bool | None, str]:
+        """A CLIP from an inline open_clip model config (tiny teachers), with optional weights."""
+        cfg = {k: (dict(v) if hasattr(v, "items") else v) for k, v in dict(model_cfg).items()}
+        kind, openai_state = sniff_checkpoint(self._check_file(pretrained)) if pretrained else (None, None)
+        qg, reason = self._resolve(explicit, kind=kind, model_name=None, tag_cfg=None, pretrained=pretrained,
+                                   cfg_quick_gelu=bool(cfg.get("quick_gelu", False)))
+        cfg["quick_gelu"] = qg
+        model = open_clip.model.CLIP(**cfg)
+        if openai_state is not None:
+            load_openai_state_dict(model, openai_state)
+        elif pretrained:
+            open_clip.load_checkpoint(model, pretrained)
+        self.model_cfg, self.name = cfg, "custom"
+        return model, qg, reason
+
+    def _build_named(self, model_name: str, pretrained: str | None, cache_dir: str | None,
+                     explicit: bool | None) -> tuple[torch.nn.Module, bool | None, str]:
+        """A CLIP by open_clip name (or hf-hub:/local-dir: schema) with a weights tag or file."""
+        has_schema = ":" in model_name
+        base_cfg = None if has_schema else open_clip.get_model_config(model_name)
+        tag_cfg, kind, openai_state = None, None, None
+        if pretrained and _is_file_path(pretrained):
+            kind, openai_state = sniff_checkpoint(self._check_file(pretrained))
+        elif pretrained and not has_schema:
+            tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained) or None
+        needs_hub = bool(pretrained and not _is_file_path(pretrained)) or model_name.startswith("hf-hub:")
+        if needs_hub and not _hub_reachable():
+            # Weights may already sit in the hub cache: look there without the network.
+            # huggingface_hub reads HF_HUB_OFFLINE at import, so set its constant too.
+            import huggingface_hub.constants as hf_constants
+
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            hf_constants.HF_HUB_OFFLINE = True
+        if has_schema and explicit is None:
+            qg, reason = None, f"{model_name.split(':', 1)[0]} model config"  # known once built
+        else:
+            qg, reason = self._resolve(explicit, kind=kind, model_name=model_name, tag_cfg=tag_cfg,
+                                       pretrained=pretrained,
+                                       cfg_quick_gelu=bool((base_cfg or {}).get("quick_gelu", False)))
+        if openai_state is not None and base_cfg is not None:
+            # open_clip's load_checkpoint reads neither OpenAI format, so build and load here
+            cfg = {k: v for k, v in base_cfg.items() if k != "custom_text"}
+            model = open_clip.model.CLIP(**{**cfg, "quick_gelu": qg})
+            load_openai_state_dict(model, openai_state)
+        else:
+            model = self._create(model_name, pretrained, cache_dir, qg, explicit, tag_cfg)
+        self.model_cfg, self.name = base_cfg, f"{model_name}/{pretrained or 'random'}"
+        return model, qg, reason
+
+    def _adopt(self, model: torch.nn.Module, qg: bool | None, reason: str) -> None:
+        """Freeze the built model and read off what it runs: activation, image size, embedding size, scale."""
         self.model = freeze(model.to(self.device))
         # what the built model runs is the truth (a hub config decides for itself under auto)
         self.activation = "quick_gelu" if uses_quick_gelu(self.model) else "gelu"
@@ -261,11 +278,6 @@ class OpenClipTeacher:
         self.logit_scale = float(self.model.logit_scale.exp().item())
         self.mean = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
         self.std = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
-        self.tokenizer = open_clip.get_tokenizer(model_name) if model_cfg is None else open_clip.SimpleTokenizer(
-            context_length=int(self.model_cfg["text_cfg"].get("context_length", 77))
-        )
-        self.fingerprint = hash_state_dict(self.model.state_dict(),
-                                           extra=["open_clip", f"activation={self.activation}"])
 
     @staticmethod
     def _resolve(explicit: bool | None, **evidence_args: Any) -> tuple[bool, str]:
