@@ -7,7 +7,6 @@ One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` images per p
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import time
@@ -26,7 +25,6 @@ from distill.engine.checkpoint import unwrap
 from distill.students import TEXT_PARAM_PREFIXES
 
 __all__ = ["DistillTask", "TrainingDiverged", "train"]
-log = logging.getLogger(__name__)
 
 
 class DistillTask:
@@ -54,6 +52,7 @@ class DistillTask:
         self.timers = {"data": 0.0, "teacher": 0.0, "student": 0.0}
         self.seen_images = self.skipped = 0
         self.forward: torch.nn.Module = student
+        self._pending: tuple[float, float, float, int] = (0.0, 0.0, 0.0, 0)  # times and images of the micro-batch in flight
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"student": self.model, "loss": self.loss_fn}

@@ -7,15 +7,11 @@ bench_stage and the report loop over that list, so a new format is one ``registe
 from __future__ import annotations
 
 import copy
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -193,8 +189,4 @@ def _torch_int8(student: torch.nn.Module) -> torch.nn.Module:
     return torch_dynamic_int8(copy.deepcopy(student))
 
 
-def unknown(names: list[str]) -> list[str]:
-    return [n for n in names if n not in VARIANTS]
-
-
-__all__ = ["VARIANTS", "VariantContext", "VariantSpec", "register", "unknown", "np"]
+__all__ = ["VARIANTS", "VariantContext", "VariantSpec", "register"]

@@ -4,7 +4,6 @@ around a Task that supplies batches and returns its loss dict. It knows nothing 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol
