@@ -69,16 +69,8 @@ class DistillTask:
         unwrap(self.model).output_dict = True
 
     def batches(self, start_step: int) -> Iterator[dict[str, Any]]:
-        cfg = self.cfg
-        sampler = ResumableSampler(len(self.dataset), seed=int(cfg.seed), start=start_step * self.samples_per_step,
-                                   batch_size=int(cfg.batch_size), rank=dist_utils.rank(),
-                                   world_size=dist_utils.world_size(),
-                                   valid=self.cache.valid if self.cache is not None else None)
-        workers = int(cfg.num_workers)
-        loader = DataLoader(self.dataset, batch_size=int(cfg.batch_size), sampler=sampler, collate_fn=collate,
-                            drop_last=True, num_workers=workers, pin_memory=self.device.type == "cuda",
-                            persistent_workers=workers > 0)
-        return iter(loader)
+        return view_batches(self.dataset, self.cfg, start_step, self.device,
+                            valid=self.cache.valid if self.cache is not None else None)
 
     def _texts(self, batch: Mapping[str, Any], step: int, micro: int) -> torch.Tensor:
         """The text row of each image (a fresh corpus draw for uncaptioned ones), then the extra rows."""
@@ -144,6 +136,20 @@ class DistillTask:
     def stats(self) -> dict[str, Any]:
         return {"images_seen": self.seen_images, "images_skipped": self.skipped, "timers": dict(self.timers),
                 "target_source": "cache" if self.cache is not None else "online"}
+
+
+def view_batches(dataset: TrainSet, cfg: EngineConfig, start_step: int, device: torch.device,
+                 valid: Any = None) -> Iterator[dict[str, Any]]:
+    """This rank's micro-batches of ``dataset`` views from ``start_step`` optimizer steps into the
+    seeded stream (distill.data.ResumableSampler), so a resumed run sees the same batches."""
+    per_step = int(cfg.batch_size) * int(cfg.grad_accum) * dist_utils.world_size()
+    sampler = ResumableSampler(len(dataset), seed=int(cfg.seed), start=start_step * per_step,
+                               batch_size=int(cfg.batch_size), rank=dist_utils.rank(),
+                               world_size=dist_utils.world_size(), valid=valid)
+    workers = int(cfg.num_workers)
+    loader = DataLoader(dataset, batch_size=int(cfg.batch_size), sampler=sampler, collate_fn=collate, drop_last=True,
+                        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    return iter(loader)
 
 
 def train(*, student: torch.nn.Module, loss_fn: torch.nn.Module, dataset: TrainSet,
