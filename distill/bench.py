@@ -204,13 +204,9 @@ def file_size_mb(paths: str | Path | Iterable[str | Path]) -> float:
             raise FileNotFoundError(f"{p} does not exist; pass the exported files")
         seen.add(p.resolve())
         if p.suffix == ".onnx":
-            import onnx
+            from distill.onnx_tools import external_data
 
-            model = onnx.load(str(p), load_external_data=False)
-            for t in model.graph.initializer:
-                for kv in t.external_data:
-                    if kv.key == "location":
-                        seen.add((p.parent / kv.value).resolve())
+            seen.update((p.parent / loc).resolve() for loc in external_data(p))
     return round(sum(q.stat().st_size for q in seen if q.is_file()) / 1e6, 3)
 
 

@@ -10,17 +10,19 @@ pipeline stage come next (issue: domain fine-tuning).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 
+from distill import distributed as dist_utils
 from distill.data import TrainSet
 from distill.encoders import normalize_images, resize_to
 from distill.engine import EngineConfig
 from distill.engine.checkpoint import unwrap
 from distill.errors import UserError
-from distill.students import TEXT_PARAM_PREFIXES
+from distill.students import TEXT_PARAM_PREFIXES, tower_of
 
 METHODS = ("full", "lock_image", "lock_text", "head")
 HEAD_PARAMS = ("visual.proj", "text_projection", "logit_scale")  # CLIP's projections and temperature
@@ -105,19 +107,15 @@ class FineTuneTask:
         self.method, self.mask_same_label, self.label_smoothing = method, mask_same_label, float(label_smoothing)
         self.image_size = image_size or dataset.spec.size
         self.params = select_trainable(model, method, unlocked_layers)
-        from distill import distributed as dist_utils
-
         self.samples_per_step = int(cfg.batch_size) * int(cfg.grad_accum) * dist_utils.world_size()
-        self.max_log_scale = torch.log(torch.tensor(float(cfg.max_logit_scale))).item()
+        self.max_log_scale = math.log(float(cfg.max_logit_scale))
         self.seen = 0
         self.forward: torch.nn.Module = model
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"model": self.model}
 
-    @staticmethod
-    def tower_of(param_name: str) -> str:
-        return "text" if param_name.startswith(TEXT_PARAM_PREFIXES) else "image" if param_name.startswith("visual.") else ""
+    tower_of = staticmethod(tower_of)
 
     def prepare(self, device: torch.device, model: torch.nn.Module) -> None:
         self.device, self.forward = device, model

@@ -27,7 +27,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["vit_flops", "text_flops", "clip_flops", "model_cfg_from_module", "onnx_flops", "onnx_params"]
+__all__ = ["vit_flops", "text_flops", "clip_flops", "model_cfg_from_module", "clip_model_stats", "onnx_flops",
+           "onnx_params"]
 
 
 def _transformer_macs(tokens: int, width: int, layers: int, mlp_ratio: float) -> int:
@@ -124,6 +125,23 @@ def model_cfg_from_module(model: Any) -> dict[str, Any] | None:
                            "mlp_ratio": v["mlp_ratio"], "patch_size": int(conv.kernel_size[0]), "image_size": int(size)},
             "text_cfg": {"width": w["width"], "layers": w["layers"], "heads": w["heads"], "mlp_ratio": w["mlp_ratio"],
                          "context_length": int(getattr(text, "context_length", 77))}}
+
+
+def clip_model_stats(model: Any, model_cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """{"params": {"image", "text", "total"}, "flops": {"image", "text"}, "files": []} of an open_clip
+    CLIP: params counted from its modules, FLOPs from ``model_cfg`` or else the config read off the
+    modules; FLOPs are {} for towers ``clip_flops`` cannot model (count those on an ONNX export)."""
+    def count(m: Any) -> int:
+        return int(sum(p.numel() for p in m.parameters()))
+
+    p = {"image": count(model.visual), "total": count(model)}
+    p["text"] = p["total"] - p["image"]
+    model_cfg = model_cfg or model_cfg_from_module(model)
+    try:
+        fl = clip_flops(model_cfg) if model_cfg is not None else {}
+    except ValueError:
+        fl = {}
+    return {"params": p, "flops": fl, "files": []}
 
 
 def onnx_params(path: str | Path) -> int:

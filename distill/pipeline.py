@@ -266,9 +266,10 @@ def bench_stage(cfg: DictConfig, variants: list[str], ctx: VariantContext,
     """Build each configured variant's encoder and measure them all the same way (distill.bench)."""
     threads = int(cfg.threads)
     torch.set_num_threads(threads)
-    stats = {"teacher": teacher.stats(), "student": _student_stats(ctx.student, ctx.model_cfg)}
+    stats = {"teacher": teacher.stats(), "student": flops.clip_model_stats(ctx.student, ctx.model_cfg)}
     onnx_teacher = ctx.built.get("teacher_onnx_fp32")
     if not stats["teacher"]["flops"] and onnx_teacher is not None:  # towers the analytic count cannot model
+        log.info("teacher FLOPs counted on its ONNX export: the analytic count does not model its towers")
         stats["teacher"] = {**stats["teacher"], "flops": onnx_teacher.stats()["flops"]}
     rows = []
     for name in variants:
@@ -292,12 +293,6 @@ def bench_stage(cfg: DictConfig, variants: list[str], ctx: VariantContext,
         warmup=timing["warmup"], repeats=timing["repeats"], rounds=timing["rounds"], settle_s=timing["settle_s"],
         ceilings=ceilings, own_reference={n: VARIANTS[n].reference for n in variants if VARIANTS[n].reference in variants})
     return {"variants": measured, "ceilings": ceilings, "timing": timing}
-
-
-def _student_stats(student: torch.nn.Module, model_cfg: dict[str, Any]) -> dict[str, Any]:
-    p = {"image": bench.count_params(student.visual), "total": bench.count_params(student)}
-    p["text"] = p["total"] - p["image"]
-    return {"params": p, "flops": flops.clip_flops(model_cfg), "files": []}
 
 
 class _Unbuildable:

@@ -171,6 +171,12 @@ def _is_text_param(name: str) -> bool:
     return name.startswith(TEXT_PARAM_PREFIXES)
 
 
+def tower_of(param_name: str) -> str:
+    """"text" or "image" for a parameter of an open_clip CLIP ("" for the logit scale and the like):
+    which train.lr_scale entry applies to it."""
+    return "text" if _is_text_param(param_name) else "image" if param_name.startswith("visual.") else ""
+
+
 def attach_teacher_text_tower(student: open_clip.model.CLIP, teacher_model: open_clip.model.CLIP) -> list[str]:
     """Copy the teacher's text tower into ``student`` and freeze it (requires_grad False).
 

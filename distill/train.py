@@ -22,7 +22,7 @@ from distill.data import ResumableSampler, TrainSet, _stable_int, collate
 from distill.encoders import normalize_images, resize_to
 from distill.engine import EngineConfig, TrainingDiverged, fit
 from distill.engine.checkpoint import unwrap
-from distill.students import TEXT_PARAM_PREFIXES
+from distill.students import tower_of
 
 __all__ = ["DistillTask", "TrainingDiverged", "train"]
 
@@ -57,10 +57,7 @@ class DistillTask:
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"student": self.model, "loss": self.loss_fn}
 
-    @staticmethod
-    def tower_of(param_name: str) -> str:
-        """open_clip's text parameter names are the text tower; ``visual.*`` the image tower."""
-        return "text" if param_name.startswith(TEXT_PARAM_PREFIXES) else "image" if param_name.startswith("visual.") else ""
+    tower_of = staticmethod(tower_of)
 
     def prepare(self, device: torch.device, model: torch.nn.Module) -> None:
         self.device, self.forward = device, model

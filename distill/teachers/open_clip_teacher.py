@@ -327,20 +327,9 @@ class OpenClipTeacher:
         """Params counted from the modules; FLOPs from the named config or, for ``local-dir:`` /
         ``hf-hub:`` models, the config read off the modules (distill.flops); FLOPs are empty for
         towers that count cannot model (timm, HF), which the teacher's ONNX export then counts."""
-        from distill import flops
+        from distill.flops import clip_model_stats
 
-        def count(m: torch.nn.Module) -> int:
-            return sum(p.numel() for p in m.parameters())
-
-        p = {"image": count(self.model.visual), "total": count(self.model)}
-        p["text"] = p["total"] - p["image"]
-        model_cfg = self.model_cfg or flops.model_cfg_from_module(self.model)
-        try:
-            fl = flops.clip_flops(model_cfg) if model_cfg is not None else {}
-        except ValueError as e:
-            log.info("teacher FLOPs: %s", e)
-            fl = {}
-        return {"params": p, "flops": fl, "files": []}
+        return clip_model_stats(self.model, self.model_cfg)
 
     @staticmethod
     def _check_file(path: str) -> str:
