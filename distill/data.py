@@ -254,8 +254,9 @@ class ResumableSampler(Sampler[int]):
     """
 
     def __init__(self, n: int, seed: int = 0, start: int = 0, batch_size: int = 1,
-                 rank: int = 0, world_size: int = 1, valid: Sequence[bool] | None = None) -> None:
-        self.order = [i for i in range(n) if valid is None or valid[i]]
+                 rank: int = 0, world_size: int = 1, valid: Sequence[bool | int] | None = None) -> None:
+        # valid[i]: False skips item i; an int > 1 repeats it in every epoch (class-balanced sampling)
+        self.order = [i for i in range(n) for _ in range(1 if valid is None else int(valid[i]))]
         if not self.order:
             raise UserError("no readable training images: every image failed to load (see the skip log)")
         self.seed, self.start, self.bs, self.rank, self.world = seed, start, batch_size, rank, world_size

@@ -1,12 +1,13 @@
 """`run(cfg) -> dict`: the only place that knows the order of the stages.
 
-    teacher -> data -> teacher cache -> student -> train -> export -> bench -> report
+    teacher -> data -> fine-tune (optional) -> teacher cache -> student -> train -> export -> bench -> report
 
 Each stage is a plain function of plain inputs, so tests can call any stage alone.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
@@ -28,6 +29,7 @@ from distill.cache import TeacherCache, build_or_load, text_embeddings
 from distill.data import EvalSet, TrainSet, ViewSpec, build_corpus, load_eval_set
 from distill.encoders import ClipEncoder
 from distill.errors import UserError
+from distill.finetune.stage import finetune_stage
 from distill.train import train
 from distill.variants import VARIANTS, VariantContext
 
@@ -203,9 +205,10 @@ def export_stage(cfg: DictConfig, variants: list[str], student: torch.nn.Module,
                  teacher: Any = None, threads: int | None = None) -> tuple[dict[str, Any], VariantContext]:
     """The open_clip folder, each configured variant's export step (distill.variants), then the
     edge bundle from what they wrote. Returns report["export"] and the context the bench reuses."""
-    ctx = VariantContext(cfg=cfg, student=student.cpu().eval(), model_cfg=model_cfg, export_dir=out_dir / "export",
-                         tokenizer=tokenizer, teacher=teacher, trainset=trainset, threads=threads)
-    if cfg.open_clip:
+    ctx = VariantContext(cfg=cfg, student=student.cpu().eval() if student is not None else None, model_cfg=model_cfg,
+                         export_dir=out_dir / "export", tokenizer=tokenizer, teacher=teacher, trainset=trainset,
+                         threads=threads)
+    if cfg.open_clip and student is not None:
         ctx.require("student_torch_fp32")
     failed: dict[str, str] = {}
     for name in variants:
@@ -266,7 +269,8 @@ def bench_stage(cfg: DictConfig, variants: list[str], ctx: VariantContext,
     """Build each configured variant's encoder and measure them all the same way (distill.bench)."""
     threads = int(cfg.threads)
     torch.set_num_threads(threads)
-    stats = {"teacher": teacher.stats(), "student": flops.clip_model_stats(ctx.student, ctx.model_cfg)}
+    stats = {"teacher": teacher.stats(),
+             "student": flops.clip_model_stats(ctx.student, ctx.model_cfg) if ctx.student is not None else {}}
     onnx_teacher = ctx.built.get("teacher_onnx_fp32")
     if not stats["teacher"]["flops"] and onnx_teacher is not None:  # towers the analytic count cannot model
         log.info("teacher FLOPs counted on its ONNX export: the analytic count does not model its towers")
@@ -331,7 +335,13 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     teacher = build_teacher(cfg.teacher, device)
     log.info("stage data")
     trainset, eval_sets, data_info = build_data(cfg.data)
+    zero_shot = teacher
+    teacher, ft_info = finetune_stage(cfg.finetune, teacher, trainset, eval_sets, out, device)
+    if ft_info is not None and cfg.finetune.then == "export":
+        return finetune_export(cfg, zero_shot, teacher, ft_info, trainset, eval_sets, out) if main_proc else {}
     cache = cache_stage(cfg.cache, teacher, trainset, device) if cfg.cache.enabled else None
+    # a tuned teacher may have memoised frozen-part outputs for its cache; later stages run it plainly
+    teacher = teacher.release() if hasattr(teacher, "release") else teacher
     log.info("stage student")
     # reseed: building the cache draws random numbers that loading it does not, and the student's
     # initial weights must not depend on whether the cache already existed
@@ -353,7 +363,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
                                     teacher=teacher, threads=int(cfg.bench.threads))
     log.info("stage bench")
     measured = bench_stage(cfg.bench, variants, ctx, eval_sets, teacher)
-    report = report_stage(cfg, teacher, model_cfg, measured, train_metrics, export_info, out)
+    report = report_stage(cfg, teacher, model_cfg, measured, train_metrics, export_info, out, finetune=ft_info)
     if train_metrics["steps"] >= int(cfg.train.steps) or train_metrics.get("early_stopped"):
         runs.mark_finished(out, cfg)  # a run stopped by train.stop_after_steps stays resumable
     log.info("report written to %s", out / "report.md")
@@ -391,8 +401,36 @@ def train_stage(cfg: DictConfig, teacher: Any, student: torch.nn.Module, model_c
     return result
 
 
+def finetune_export(cfg: DictConfig, zero_shot: Any, tuned: Any, ft_info: dict[str, Any], trainset: TrainSet,
+                    eval_sets: dict[str, dict[str, EvalSet]], out: Path) -> dict[str, Any]:
+    """``finetune.then=export``: the tuned model at α* is written and measured. An open_clip model goes
+    where a student would (open_clip folder, ONNX fp32 and int8 with their parity checks, the edge
+    bundle), against the zero-shot teacher; another teacher (ConSE) through its own ONNX export, as
+    the teacher variants."""
+    tuned = tuned.release() if hasattr(tuned, "release") else tuned
+    teacher_only = getattr(tuned, "model", None) is None
+    if teacher_only:
+        variants = [v for v in cfg.variants if VARIANTS[v].role == "teacher"]
+        student, model_cfg, tokenizer, reference = None, {}, None, tuned
+    else:
+        variants = [v for v in cfg.variants if VARIANTS[v].role == "student" or v == validate.REFERENCE_VARIANT]
+        student, model_cfg, tokenizer, reference = copy.deepcopy(tuned.model), dict(zero_shot.model_cfg), \
+            tuned.tokenizer, zero_shot
+    log.info("stage export (the tuned teacher)")
+    export_info, ctx = export_stage(cfg.export, variants, student, model_cfg, out, eval_sets, trainset, tokenizer,
+                                    teacher=reference, threads=int(cfg.bench.threads))
+    log.info("stage bench")
+    measured = bench_stage(cfg.bench, variants, ctx, eval_sets, reference)
+    report = report_stage(cfg, reference, model_cfg, measured, {"finetune_only": True}, export_info, out,
+                          finetune=ft_info)
+    runs.mark_finished(out, cfg)
+    print(f"report: {out / 'report.md'}")
+    return report
+
+
 def report_stage(cfg: DictConfig, teacher: Any, model_cfg: dict[str, Any], measured: dict[str, Any],
-                 train_metrics: dict[str, Any], export_info: dict[str, Any], out: Path) -> dict[str, Any]:
+                 train_metrics: dict[str, Any], export_info: dict[str, Any], out: Path,
+                 finetune: dict[str, Any] | None = None) -> dict[str, Any]:
     """report.json / report.md (and plots) in the run folder, with the summary and the targets."""
     t = {"name": teacher.name, "embed_dim": teacher.embed_dim, "fingerprint": teacher.fingerprint}
     if teacher.activation:
@@ -401,6 +439,8 @@ def report_stage(cfg: DictConfig, teacher: Any, model_cfg: dict[str, Any], measu
         cfg.experiment_name, bench.environment(), teacher=t, student={"name": cfg.student.name, "model_cfg": model_cfg},
         variants=measured["variants"], training=train_metrics, export=export_info, ceilings=measured["ceilings"],
         timing=measured["timing"], command="python -m distill " + " ".join(_overrides()))
+    if finetune is not None:
+        report["finetune"] = finetune
     report["summary"] = report_mod.summarize(report)
     report["targets"] = evaluate_targets(report, _as_dict(cfg.bench.get("targets")))
     report_mod.write_report(report, out)

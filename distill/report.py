@@ -361,11 +361,59 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     rows = _ratio_rows(summ)
     lines += _table(["variant", "ratio", "value"], rows) if rows else ["(no ratios: a baseline or student is missing)"]
     lines += ["", "## Targets", ""] + _target_lines(report.get("targets", {}))
+    lines += _finetune_lines(report)
     for section in ("training", "export"):
         if report.get(section):
             lines += ["", f"## {section.capitalize()}", ""]
             lines += _table(["key", "value"], [[k, _fmt(v, 4)] for k, v in _flat(report[section])])
     return "\n".join(lines) + "\n"
+
+
+def _chain_cells(flat: Mapping[str, Any], cols: list[str]) -> list[str]:
+    return [_pct(flat.get(c)) for c in cols]
+
+
+def _variant_flat(v: Mapping[str, Any] | None) -> dict[str, float]:
+    """A bench row's metrics in the flat form of the fine-tune's chain ("<set>/top1", "<set>/i2t_r5")."""
+    v = v or {}
+    out = {f"{s}/{k}": x for s, m in v.get("zeroshot", {}).items() for k, x in m.items()}
+    out.update({f"{s}/{k}": x for s, m in v.get("retrieval", {}).items() for k, x in m.items()})
+    return out
+
+
+def _finetune_lines(report: Mapping[str, Any]) -> list[str]:
+    """The fine-tune: what trained and its cost, the WiSE-FT sweep, and one table down the chain
+    zero-shot -> fine-tuned -> α* -> student -> student int8."""
+    ft = report.get("finetune")
+    if not ft:
+        return []
+    lines = ["", "## Fine-tune", "",
+             f"Method `{ft['method']}` ({ft['loss']} loss): {ft['trainable_params']:,} of {ft['total_params']:,} "
+             f"parameters train ({_fmt(ft['trainable_pct'], 3)}%); {ft['steps']} steps in {_fmt(ft['seconds'], 1)} s "
+             f"({_fmt(ft['step_ms'], 1)} ms a step), process peak RSS {_fmt(ft['peak_rss_gb'])} GB; "
+             f"WiSE-FT α* = {ft['alpha']:g} by {ft['wise_ft']['rule'].get('metric')} on "
+             f"{ft['val_images']} validation images carved from the training data. Plot: `{ft['wise_ft']['plot']}`.", ""]
+    sweep = ft["wise_ft"]["sweep"]
+    keys = [k for k in sweep[0] if k == "val/top1" or k.endswith(("/top1", "_r5"))]
+    lines += _table(["α"] + keys, [[f"{r['alpha']:g}" + (" *" if r["alpha"] == ft["alpha"] else "")]
+                                   + [_pct(r.get(k)) for k in keys] for r in sweep])
+    chain = ft.get("chain") or {}
+    if chain:
+        cols = [c for c in chain.get("zero_shot", {}) if c.endswith(("/top1", "_r5"))]
+        variants = report.get("variants", {})
+        alone = ft.get("then") == "export"  # the tuned model itself was exported and measured as the "student"
+        rows = [["teacher zero-shot (α=0)"] + _chain_cells(chain["zero_shot"], cols),
+                ["teacher fine-tuned (α=1)"] + _chain_cells(chain["fine_tuned"], cols),
+                [f"teacher WiSE-FT α*={ft['alpha']:g}"] + _chain_cells(_variant_flat(
+                    variants.get("student_torch_fp32" if alone and "student_torch_fp32" in variants
+                                 else "teacher_torch_fp32")), cols)]
+        if not alone:
+            rows.append(["student distilled from it"] + _chain_cells(_variant_flat(variants.get("student_torch_fp32")), cols))
+        rows.append([("tuned model" if alone else "student") + " int8 (ONNX)"]
+                    + _chain_cells(_variant_flat(variants.get("student_onnx_int8")), cols))
+        lines += ["", "Down the chain (percent; the change from zero-shot on a set the fine-tune never saw is its "
+                  "forgetting):", ""] + _table(["model"] + cols, rows)
+    return lines
 
 
 # ----------------------------------------------------------------------------- plots

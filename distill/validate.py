@@ -16,9 +16,12 @@ from typing import Any, Callable, Iterator
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
+from distill.engine.optim import LR_GROUPS
 from distill.errors import UserError
+from distill.finetune.methods import METHODS as FINETUNE_METHODS
 
 OPEN_CLIP_TEACHER = "distill.teachers.open_clip_teacher.OpenClipTeacher"
+CONSE_TEACHER = "distill.teachers.conse.ConSETeacher"
 ONNX_TEACHERS = ("distill.teachers.onnx_teacher.OnnxDualEncoder", "distill.teachers.onnx_teacher.OnnxTeacher")
 REFERENCE_VARIANT = "teacher_torch_fp32"
 
@@ -88,8 +91,8 @@ def _check_train(cfg: DictConfig) -> Iterator[str]:
     if precision is not None and precision not in ("auto", "fp32", "bf16"):
         yield f"train.precision={precision!r} is not known: use auto, fp32 or bf16"
     for tower, scale in (_number(cfg, "train.lr_scale") or {}).items():
-        if tower not in ("text", "image"):
-            yield f"train.lr_scale.{tower} is not a tower: use train.lr_scale.text and/or train.lr_scale.image"
+        if tower not in LR_GROUPS:
+            yield f"train.lr_scale.{tower} is not a parameter group: use one of {', '.join(LR_GROUPS)}"
         elif not isinstance(scale, (int, float)) or scale <= 0:
             yield f"train.lr_scale.{tower}={scale!r} must be a positive number"
 
@@ -259,5 +262,32 @@ def _check_bench(cfg: DictConfig) -> Iterator[str]:
         yield f"bench.threads={threads!r} must be a positive integer"
 
 
+def _check_finetune(cfg: DictConfig) -> Iterator[str]:
+    method = _number(cfg, "finetune.method")
+    if method in (None, "none"):
+        return
+    if method not in FINETUNE_METHODS:
+        yield f"finetune.method={method!r} is not known: use one of {', '.join(FINETUNE_METHODS)}"
+    if _number(cfg, "teacher._target_") not in (OPEN_CLIP_TEACHER, CONSE_TEACHER):
+        yield (f"finetune={method} needs a trainable teacher: teacher={_number(cfg, 'teacher._target_')} cannot be "
+               f"fine-tuned; use teacher=openclip, openclip_tiny or conse, or finetune=none")
+    then = _number(cfg, "finetune.then")
+    if then not in ("distill", "export"):
+        yield f"finetune.then={then!r} is not known: use distill (tuned teacher -> student) or export (tuned model only)"
+    frac = _number(cfg, "finetune.val_fraction")
+    if not isinstance(frac, (int, float)) or not 0 < frac < 1:
+        yield f"finetune.val_fraction={frac!r} must lie in (0, 1): set finetune.val_fraction=0.1"
+    alphas = list(_number(cfg, "finetune.wise_ft.alphas") or [])
+    fixed = _number(cfg, "finetune.wise_ft.alpha")
+    for a in alphas + ([] if fixed is None else [fixed]):
+        if not isinstance(a, (int, float)) or not 0 <= a <= 1:
+            yield f"finetune WiSE-FT alpha={a!r} must lie in [0, 1] (0: zero-shot weights, 1: fine-tuned)"
+    if not alphas:
+        yield "finetune.wise_ft.alphas is empty: give at least one α in [0, 1], e.g. [0, 0.5, 1]"
+    if method == "lora":
+        yield from _positive(cfg, "finetune.lora.rank", True, "set finetune.lora.rank=8")
+    yield from _positive(cfg, "finetune.train.steps", True, "set finetune.train.steps=300")
+
+
 CHECKS: tuple[Callable[[DictConfig], Iterator[str]], ...] = (
-    _check_train, _check_student, _check_teacher, _check_loss, _check_data, _check_bench)
+    _check_train, _check_student, _check_teacher, _check_loss, _check_data, _check_bench, _check_finetune)

@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from distill import pipeline
+from distill.finetune.stage import finetune_stage
 from tests.conftest import REPO
 
 CONF = REPO / "conf"
@@ -34,7 +35,7 @@ def _compose(*overrides: str):
 
 
 def test_every_group_has_options_and_the_packaged_copy_is_the_same():
-    for g in ("teacher", "student", "data", "loss", "train", "export", "bench", "experiment"):
+    for g in ("teacher", "finetune", "student", "data", "loss", "train", "export", "bench", "experiment"):
         assert options(g), g
     # distill/conf ships the same files inside the wheel (a link to conf/)
     packaged = REPO / "distill" / "conf"
@@ -217,3 +218,22 @@ def test_experiments_compose_and_build(name, tmp_path):
     instantiate(cfg.loss, student_dim=model_cfg["embed_dim"], teacher_dim=teacher.embed_dim, _convert_="all")
     for src in cfg.data.train.sources:
         assert len(instantiate(src, _convert_="all")) > 0
+
+
+@pytest.mark.parametrize("name", options("finetune"))
+def test_finetune_configs_tune_the_teacher(name, tmp_path, tiny_teacher_mod):
+    """Each method file composes, its engine settings build, and the stage returns a teacher whose
+    fingerprint covers the tuned weights (none: the teacher itself)."""
+    cfg = _compose("+experiment=smoke", f"finetune={name}", *( [] if name == "none" else [
+        "finetune.train.steps=2", "finetune.train.eval_every=0", "finetune.train.ckpt_every=0",
+        "+finetune.train.progress=false", "+finetune.train.tensorboard=false", "finetune.val_fraction=0.3",
+        "finetune.wise_ft.alphas=[0.0,1.0]", "finetune.chain_eval=false"]))
+    trainset, eval_sets, _ = pipeline.build_data(cfg.data)
+    tuned, info = finetune_stage(cfg.finetune, tiny_teacher_mod, trainset, eval_sets, tmp_path, torch.device("cpu"))
+    if name == "none":
+        assert tuned is tiny_teacher_mod and info is None
+        return
+    assert info["method"] == name and 0 < info["trainable_params"] <= info["total_params"]
+    assert tuned.fingerprint != tiny_teacher_mod.fingerprint and tuned is not tiny_teacher_mod
+    assert tuned.encode_image(torch.rand(2, 3, 40, 40)).shape == (2, tiny_teacher_mod.embed_dim)
+    assert (tmp_path / "finetune" / "wise_ft.png").exists()

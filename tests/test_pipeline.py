@@ -192,3 +192,60 @@ def test_bundle_labels_prefer_classes_then_given_prompts_then_captions():
     cfg.bundle_labels = ["a shoe", "a bag"]
     assert bundle_labels(cfg, {"classification": {}, "retrieval": ret})[0] == ["a shoe", "a bag"]
     assert bundle_labels(OmegaConf.create({}), {"classification": {}, "retrieval": {}}) is None
+
+
+def _compose(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=[f"out_dir={tmp_path / 'run'}", f"cache.dir={tmp_path / 'cache'}",
+                                                        *overrides])
+
+
+def test_finetune_lora_alone_ships_the_tuned_model_like_a_student(tmp_path):
+    import open_clip
+    import torch
+
+    from distill.pipeline import run
+
+    report = run(_compose(tmp_path, "+experiment=finetune_lora", "finetune.train.steps=6",
+                          "finetune.wise_ft.alpha=1.0"))
+    ft, out = report["finetune"], tmp_path / "run"
+    assert ft["method"] == "lora" and ft["alpha"] == 1.0 and ft["then"] == "export"
+    assert ft["merge_parity_max_abs"] is not None and ft["merge_parity_max_abs"] < 1e-4
+    assert 0 < ft["trainable_pct"] < 5 and len(ft["wise_ft"]["sweep"]) == 11
+    assert Path(ft["files"]["lora_adapter"]).is_file() and Path(ft["wise_ft"]["plot"]).is_file()
+    assert set(ft["chain"]) == {"zero_shot", "fine_tuned"}
+    for name in ("student_torch_fp32", "student_onnx_fp32", "student_onnx_int8"):
+        assert report["variants"][name]["status"] == "ok", name
+    md = (out / "report.md").read_text()
+    assert "## Fine-tune" in md and "Down the chain" in md and "tuned model int8" in md
+    # the open_clip folder is the merged, tuned model: plain open_clip loads it
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out / 'export' / 'open_clip'}")
+    assert not any("lora" in k for k in model.state_dict())
+    assert report["teacher"]["fingerprint"] == ft["base_fingerprint"] != ft["tuned_fingerprint"]
+    x = torch.rand(2, 3, 32, 32)
+    assert model.encode_image(x).shape[0] == 2
+
+
+def test_finetune_then_distill_uses_the_tuned_teacher_and_its_own_cache(tmp_path):
+    from distill.pipeline import run
+
+    report = run(_compose(tmp_path, "+experiment=smoke", "finetune=head", "finetune.train.steps=4",
+                          "finetune.val_fraction=0.3", "finetune.chain_eval=false", "train.steps=2",
+                          "variants=[teacher_torch_fp32,student_torch_fp32,student_onnx_int8]"))
+    ft = report["finetune"]
+    assert report["teacher"]["fingerprint"] == ft["tuned_fingerprint"] != ft["base_fingerprint"]
+    manifest = json.loads((Path(report["training"]["cache"]["path"]) / "manifest.json").read_text())
+    assert ft["tuned_fingerprint"] in json.dumps(manifest)  # the cache was built from the tuned teacher
+    assert "WiSE-FT" in report["teacher"]["name"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["finetune=lora", "finetune.wise_ft.alpha=1.5"], "alpha=1.5 must lie in [0, 1]"),
+    (["finetune=lora", "finetune.lora.targets.image=[atn]"], "matches no module of the image tower; closest module names"),
+    (["finetune=lora", "finetune.lora.rank=4096"], "is larger than layer"),
+    (["finetune=full", "finetune.val_fraction=0.0001"], "validation split is empty"),
+])
+def test_cli_finetune_bad_input_is_one_line_exit_2(tmp_path, overrides, message):
+    r = _cli(["+experiment=smoke", *overrides], tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert message in r.stderr and "Traceback" not in r.stderr

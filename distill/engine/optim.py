@@ -11,6 +11,11 @@ from hydra.utils import instantiate
 from distill.errors import UserError
 
 
+# learning-rate groups a task's ``tower_of`` may name: the towers, and for fine-tuning the LoRA or
+# adapter weights and the head (projections, temperature, class table)
+LR_GROUPS = ("text", "image", "adapter", "head")
+
+
 def no_decay(name: str, p: torch.nn.Parameter) -> bool:
     """open_clip's rule: no weight decay on ndim < 2 (norms, biases, vectors) or 'bn'/'ln'/'bias'/'logit_scale' names."""
     return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
@@ -21,14 +26,14 @@ def param_groups(modules: list[torch.nn.Module], weight_decay: float, lr: float 
                  tower_of: Callable[[str], str] | None = None) -> list[dict[str, Any]]:
     """AdamW groups: [decay, no_decay], then one group per tower whose ``lr_scale`` is not 1.
 
-    ``tower_of(name)`` names the tower a parameter belongs to ("text", "image" or ""); a tower in
+    ``tower_of(name)`` names the group a parameter belongs to (one of ``LR_GROUPS`` or ""); a group in
     ``lr_scale`` gets ``lr`` x scale in groups of its own; the rest stays at ``lr``. The schedule
     scales every group alike.
     """
     given = dict(lr_scale or {})
-    unknown = sorted(set(given) - {"text", "image"})
+    unknown = sorted(set(given) - set(LR_GROUPS))
     if unknown:
-        raise UserError(f"train.lr_scale has unknown key(s) {unknown}: use 'text' and/or 'image'")
+        raise UserError(f"train.lr_scale has unknown key(s) {unknown}: use {', '.join(LR_GROUPS)}")
     scales = {k: float(v) for k, v in given.items() if float(v) != 1.0}
     if scales and lr is None:
         raise UserError("train.lr_scale needs train.optimizer.lr: the scale multiplies it")
@@ -51,8 +56,13 @@ def param_groups(modules: list[torch.nn.Module], weight_decay: float, lr: float 
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
-                    min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to the base LR, then cosine decay to ``min_lr_ratio`` x base at ``total_steps``."""
+                    min_lr_ratio: float = 0.0, warmup_fraction: float | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the base LR, then cosine decay to ``min_lr_ratio`` x base at ``total_steps``.
+    ``warmup_fraction`` (of ``total_steps``), when given, replaces ``warmup_steps``."""
+    if warmup_fraction is not None:
+        if not 0.0 <= float(warmup_fraction) < 1.0:
+            raise UserError(f"scheduler.warmup_fraction={warmup_fraction} must lie in [0, 1), e.g. 0.1")
+        warmup_steps = round(float(warmup_fraction) * total_steps)
 
     def f(step: int) -> float:
         if step < warmup_steps:

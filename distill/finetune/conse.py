@@ -1,0 +1,158 @@
+"""The packaged ConSE teacher as a fine-tuning subject: EfficientNet-Lite (backbone + ImageNet
+classifier), MiniLM, and the 1000-row class-name table that joins them, in one trainable module.
+
+Parts: image = the EfficientNet backbone; head = the classifier (``image._fc``), the class table and
+the temperature (the ConSE counterpart of CLIP's projections); text = MiniLM. Where the backbone is
+frozen (head, lock_image, LoRA or adapters on the text side only) its pooled features are memoised
+by the view's pixels, so a fine-tune, its WiSE-FT sweep and the teacher cache built after it run the
+backbone once per view instead of once per visit.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.finetune.methods import Layout
+from distill.teachers.base import freeze, hash_state_dict
+from distill.teachers.conse_common import MEAN, STD, resize_crop
+
+CONSE = Layout(
+    image=("image.",), text=("text.",),
+    head=("image._fc.", "class_table", "logit_scale"),
+    blocks={"image": "image._blocks.", "text": "text.encoder.layer."},
+    # after each block's MLP: MiniLM's second feed-forward layer; EfficientNet's projection conv
+    adapter_after={"image": "image._blocks.*._project_conv", "text": "text.encoder.layer.*.output.dense"},
+    lora_keywords={
+        # only 1x1 convolutions with groups=1 take LoRA: grouped (depthwise) ones cannot be merged
+        "conv1x1": lambda n, m: isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1,
+        "classifier": lambda n, m: n.endswith("._fc") and isinstance(m, nn.Linear),
+    },
+)
+
+
+class ConSEModule(nn.Module):
+    """image: EfficientNet -> softmax -> top-k classes, renormalised -> mix of their class-table
+    rows; text: MiniLM, mean-pooled. ``forward`` returns open_clip's output dict."""
+
+    def __init__(self, teacher: Any) -> None:
+        super().__init__()
+        self.image = copy.deepcopy(teacher.image_model).float()
+        self.text = copy.deepcopy(teacher.text_model).float()
+        self.class_table = nn.Parameter(teacher.class_embeddings.detach().float().clone())
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(float(teacher.logit_scale))))
+        self.top_k, self.image_size, self.max_len = int(teacher.top_k), int(teacher.image_size), int(teacher._max_len)
+        self.tokenizer = teacher._tokenizer
+        self.memo: dict[bytes, torch.Tensor] | None = None  # pixels digest -> pooled backbone feature
+
+    def _backbone_frozen(self) -> bool:
+        return not any(p.requires_grad for n, p in self.image.named_parameters() if not n.startswith("_fc."))
+
+    def _pooled(self, x: torch.Tensor) -> torch.Tensor:
+        return self.image._avg_pooling(self.image.extract_features(x)).flatten(1)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalised -> (B, 1280) pooled backbone features, memoised while the backbone is frozen."""
+        if self.memo is None or not self._backbone_frozen():
+            return self._pooled(x)
+        keys = [hashlib.blake2b(row.detach().cpu().numpy().tobytes(), digest_size=16).digest() for row in x]
+        todo = [i for i, k in enumerate(keys) if k not in self.memo]
+        if todo:
+            with torch.no_grad():
+                fresh = torch.cat([self._pooled(x[todo[i:i + 4]]) for i in range(0, len(todo), 4)])
+            for i, f in zip(todo, fresh):
+                self.memo[keys[i]] = f.cpu()
+        return torch.stack([self.memo[k] for k in keys]).to(x.device)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        x = resize_crop(images.float(), self.image_size)
+        x = ((x - MEAN) / STD).contiguous(memory_format=torch.channels_last)
+        logits = self.image._fc(self.image._dropout(self.pooled(x)))
+        top = logits.float().softmax(dim=-1).topk(self.top_k, dim=-1)
+        weights = top.values / top.values.sum(dim=-1, keepdim=True)
+        return torch.einsum("bk,bkd->bd", weights, self.class_table[top.indices])
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        device = self.class_table.device
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_len,
+                               return_tensors="pt").to(device)
+        hidden = self.text(**batch).last_hidden_state.float()
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1e-9)
+
+    def forward(self, image: torch.Tensor | None = None, text: Sequence[str] | None = None) -> dict[str, Any]:
+        return {"image_features": None if image is None else F.normalize(self.encode_image(image), dim=-1),
+                "text_features": None if text is None else F.normalize(self.encode_text(text), dim=-1),
+                "logit_scale": self.logit_scale.exp()}
+
+
+class _Encoder:
+    """A ConSEModule as an encoder for scoring ([0, 1] images, strings)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        dev = next(self.model.parameters()).device
+        return F.normalize(self.model.encode_image(images.to(dev)).float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        return F.normalize(self.model.encode_text(list(texts)).float(), dim=-1)
+
+
+class ConSESubject:
+    """The ConSE teacher's parts as one ``ConSEModule`` (texts go in as strings: MiniLM tokenizes inside)."""
+
+    layout: Layout = CONSE
+
+    def features(self, model: nn.Module, images: torch.Tensor | None, texts: Sequence[str] | None
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        out = model(image=images, text=None if texts is None else list(texts))
+        return out["image_features"], out["text_features"], out["logit_scale"]
+
+    def encoder(self, model: nn.Module) -> _Encoder:
+        return _Encoder(model)
+
+
+def tuned_conse(teacher: Any, module: ConSEModule, method: str, alpha: float) -> Any:
+    """A copy of the ConSE teacher running the tuned parts; its fingerprint covers them, the method
+    and α. The backbone memo travels with it (``image_memo``) until the pipeline releases it."""
+    t = copy.copy(teacher)
+    t.image_model = freeze(module.image.to(teacher.device, memory_format=torch.channels_last))
+    t.text_model = freeze(module.text.to(teacher.device))
+    t.class_embeddings = module.class_table.detach().to(teacher.device).clone()
+    t.logit_scale = float(module.logit_scale.detach().exp())
+    t.fingerprint = hash_state_dict({k: v for k, v in module.state_dict().items() if v.dim() > 0}, extra=[
+        "finetuned", f"base={teacher.fingerprint}", f"method={method}", f"alpha={alpha}"])
+    t.name = f"{teacher.name} + {method} (WiSE-FT α={alpha:g})"
+    t._stats = None
+    return t
+
+
+class MemoisedTeacher:
+    """The tuned ConSE teacher whose ``encode_image`` reuses the backbone features the fine-tune
+    memoised: for the teacher cache, which embeds the same views again. ``release()`` drops the
+    memo and returns the plain teacher, so the bench times and evaluates real forwards."""
+
+    def __init__(self, teacher: Any, module: ConSEModule) -> None:
+        self._teacher, self._module = teacher, module.eval()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._teacher, name)
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        dev = next(self._module.parameters()).device
+        return F.normalize(self._module.encode_image(images.to(dev)).float(), dim=-1).to(self._teacher.device)
+
+    def release(self) -> Any:
+        self._module.memo = None
+        return self._teacher

@@ -1,0 +1,240 @@
+"""What trains in a fine-tune: the methods (full, one tower, LoRA through peft, bottleneck adapters,
+head only), where a dual encoder's parts are (``Layout``), and turning a tuned model back into a
+plain one at a WiSE-FT α for export.
+
+Every method works from a ``Layout``, so the same code serves open_clip CLIPs and the packaged
+ConSE teacher; only the layouts differ.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from distill.errors import UserError
+from distill.students import TEXT_PARAM_PREFIXES
+
+METHODS = ("none", "full", "lock_image", "lock_text", "lora", "adapter", "head")
+PEFT_PREFIX = "base_model.model."  # what peft's PeftModel puts before every parameter name
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a dual encoder's parts are, by parameter and module name."""
+
+    image: tuple[str, ...]  # parameter-name prefixes of the image tower
+    text: tuple[str, ...]  # ... of the text tower
+    head: tuple[str, ...]  # exact names (or prefixes ending in '.') of projections, temperature, class table
+    blocks: Mapping[str, str]  # tower -> prefix of its numbered blocks ("...resblocks.")
+    adapter_after: Mapping[str, str]  # tower -> module-name pattern a bottleneck adapter follows
+    lora_keywords: Mapping[str, Any] = field(default_factory=dict)  # keyword -> predicate(name, module)
+
+    def part(self, name: str) -> str:
+        """"head", "image", "text" or "" for a parameter name (peft's prefix removed)."""
+        name = name.removeprefix(PEFT_PREFIX)
+        if any(name == h or (h.endswith(".") and name.startswith(h)) for h in self.head):
+            return "head"
+        if name.startswith(self.image):
+            return "image"
+        if name.startswith(self.text):
+            return "text"
+        return ""
+
+    def group(self, name: str) -> str:
+        """The learning-rate group of a trainable parameter: "adapter" for LoRA and adapter weights,
+        else its part ("image", "text", "head")."""
+        if "lora_" in name or ".adapter." in name:
+            return "adapter"
+        return self.part(name)
+
+
+def _is_attention(module: nn.Module) -> bool:
+    """nn.MultiheadAttention, or an attention with a raw ``in_proj_weight`` and a real ``out_proj``
+    (later open_clip's own ``Attention``): detected by type, never by version number."""
+    return isinstance(module, nn.MultiheadAttention) or (
+        isinstance(getattr(module, "in_proj_weight", None), nn.Parameter)
+        and isinstance(getattr(module, "out_proj", None), nn.Linear))
+
+
+OPEN_CLIP = Layout(
+    image=("visual.",), text=TEXT_PARAM_PREFIXES,
+    head=("visual.proj", "text_projection", "logit_scale"),
+    blocks={"image": "visual.transformer.resblocks.", "text": "transformer.resblocks."},
+    adapter_after={"image": "visual.transformer.resblocks.*.mlp", "text": "transformer.resblocks.*.mlp"},
+    lora_keywords={"attn": lambda name, m: _is_attention(m)},
+)
+
+
+def _block_index(name: str, prefix: str) -> int | None:
+    if not name.startswith(prefix):
+        return None
+    head = name[len(prefix):].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def count_params(model: nn.Module) -> dict[str, int]:
+    return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total": sum(p.numel() for p in model.parameters())}
+
+
+def select_trainable(model: nn.Module, method: str, layout: Layout = OPEN_CLIP,
+                     unlocked_layers: int = 0) -> dict[str, int]:
+    """Set ``requires_grad`` for full / lock_image / lock_text / head; return {"trainable", "total"}.
+
+    lock_image / lock_text: the other tower and the head train, plus the locked tower's last
+    ``unlocked_layers`` blocks (open_clip's --lock-image-unlocked-groups / --lock-text-unlocked-layers).
+    """
+    if method not in ("full", "lock_image", "lock_text", "head"):
+        raise UserError(f"finetune.method={method!r} is unknown here: use one of {list(METHODS[1:])}")
+    locked = {"lock_image": "image", "lock_text": "text"}.get(method)
+    n_blocks = len({_block_index(n, layout.blocks[locked]) for n, _ in model.named_parameters()} - {None}) \
+        if locked else 0
+    for name, p in model.named_parameters():
+        part = layout.part(name)
+        if method == "full":
+            train = True
+        elif method == "head":
+            train = part == "head"
+        else:
+            block = _block_index(name, layout.blocks[locked])
+            train = part != locked or (block is not None and block >= n_blocks - int(unlocked_layers))
+        p.requires_grad_(train)
+    return check_trainable(model, method)
+
+
+def check_trainable(model: nn.Module, method: str) -> dict[str, int]:
+    counts = count_params(model)
+    if counts["trainable"] == 0:
+        raise UserError(f"finetune.method={method} leaves nothing trainable in this model: "
+                        f"pick another method (or raise finetune.unlocked_layers)")
+    return counts
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+def _closest(wanted: str, names: Sequence[str]) -> list[str]:
+    leaves = {n.rsplit(".", 1)[-1] for n in names}
+    return difflib.get_close_matches(wanted, sorted(leaves), n=3, cutoff=0.3) or sorted(leaves)[:3]
+
+
+def _max_rank(module: nn.Module) -> int:
+    if isinstance(module, nn.MultiheadAttention):
+        return int(module.embed_dim)
+    if isinstance(module, nn.Linear):
+        return min(module.in_features, module.out_features)
+    if isinstance(module, nn.Conv2d):
+        return min(module.in_channels, module.out_channels)
+    if _is_attention(module):
+        return int(min(module.in_proj_weight.shape))
+    return 1 << 30
+
+
+def lora_targets(model: nn.Module, layout: Layout, targets: Mapping[str, Sequence[str]],
+                 rank: int) -> tuple[list[str], list[str]]:
+    """Resolve per-tower target keywords to exact module names (and raw parameters, for attentions
+    that run ``in_proj_weight`` through F.linear). A keyword is one of the layout's (e.g. ``attn``,
+    found by type) or a module's last name component (``query``, ``c_fc``)."""
+    modules, params = [], []
+    named = dict(model.named_modules())
+    for tower, words in targets.items():
+        if tower not in ("image", "text"):
+            raise UserError(f"finetune.lora.targets has tower {tower!r}: use image and/or text")
+        prefixes = layout.image if tower == "image" else layout.text
+        in_tower = {n: m for n, m in named.items() if n.startswith(prefixes)}
+        for word in words:
+            pred = layout.lora_keywords.get(word, lambda n, m, w=word: n.rsplit(".", 1)[-1] == w)
+            hits = [n for n, m in in_tower.items() if pred(n, m)]
+            if not hits:
+                raise UserError(f"finetune.lora.targets.{tower}: {word!r} matches no module of the {tower} tower; "
+                                f"closest module names: {_closest(word, list(in_tower))}")
+            for n in hits:
+                m = in_tower[n]
+                if int(rank) > _max_rank(m):
+                    raise UserError(f"finetune.lora.rank={rank} is larger than layer {n} "
+                                    f"({_max_rank(m)}): use a rank of at most {_max_rank(m)}")
+                if isinstance(m, nn.MultiheadAttention) or not _is_attention(m):
+                    modules.append(n)
+                else:  # open_clip's own Attention: out_proj is a module, in_proj_weight a parameter
+                    modules.append(f"{n}.out_proj")
+                    params.append(f"{n}.in_proj_weight")
+    return modules, params
+
+
+def attach_lora(model: nn.Module, layout: Layout, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                targets: Mapping[str, Sequence[str]] | None = None) -> nn.Module:
+    """The model wrapped by peft with LoRA on the resolved targets (peft freezes everything else)."""
+    from peft import LoraConfig, get_peft_model
+
+    if int(rank) < 1:
+        raise UserError(f"finetune.lora.rank={rank} must be >= 1")
+    modules, params = lora_targets(model, layout, targets or {"image": ["attn"], "text": ["attn"]}, rank)
+    kwargs: dict[str, Any] = {"target_parameters": params} if params else {}
+    cfg = LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout),
+                     target_modules=modules, **kwargs)
+    return get_peft_model(model, cfg)
+
+
+def is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "merge_and_unload") and hasattr(model, "peft_config")
+
+
+# -------------------------------------------------------------------------------------- adapters
+class BottleneckAdapter(nn.Module):
+    """x + up(gelu(down(x))) with reduction r; ``up`` starts at zero, so the tuned model starts as the base."""
+
+    def __init__(self, width: int, reduction: int = 4) -> None:
+        super().__init__()
+        hidden = max(1, width // int(reduction))
+        self.down, self.act, self.up = nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(self.act(self.down(x)))
+
+
+def _out_width(module: nn.Module) -> int:
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise UserError(f"cannot place an adapter after {type(module).__name__}: it has no linear layer")
+    return int(linears[-1].out_features)
+
+
+def attach_adapters(model: nn.Module, layout: Layout, reduction: int = 4,
+                    towers: Sequence[str] = ("image", "text")) -> dict[str, int]:
+    """A ``BottleneckAdapter`` after each block's MLP of ``towers``; only the adapters train.
+
+    In an ``nn.Sequential`` MLP the adapter is appended as its last step (keys ``...mlp.adapter.*``);
+    elsewhere a forward hook applies it to the module's output.
+    """
+    if int(reduction) < 1:
+        raise UserError(f"finetune.adapter.reduction={reduction} must be >= 1")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    sites = [(n, m) for n, m in model.named_modules()
+             if any(fnmatch.fnmatchcase(n, layout.adapter_after[t]) for t in towers)]
+    if not sites:
+        raise UserError(f"finetune.adapter: no block MLP found in towers {list(towers)} of this model")
+    for _, m in sites:
+        adapter = BottleneckAdapter(_out_width(m), reduction)
+        m.add_module("adapter", adapter)
+        if not isinstance(m, nn.Sequential):
+            m.register_forward_hook(lambda mod, args, out: mod.adapter(out))
+    return check_trainable(model, "adapter")
+
+
+# ---------------------------------------------------------------------------------------- output
+def merged(model: nn.Module, alpha: float = 1.0) -> nn.Module:
+    """A plain module at WiSE-FT ``alpha``: peft models get their adapter scaled by α and merged
+    (``merge_and_unload``); others are returned as they are (their weights are interpolated
+    by ``distill.finetune.wise.wise_ft`` beforehand)."""
+    if not is_peft(model):
+        return model
+    from peft.helpers import rescale_adapter_scale
+
+    with rescale_adapter_scale(model, float(alpha)):
+        return model.merge_and_unload()

