@@ -14,6 +14,7 @@ need_apt=""
 dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || need_apt="$need_apt dataset-fashion-mnist"
 dpkg -s tuxpaint-stamps-default >/dev/null 2>&1 || need_apt="$need_apt tuxpaint-stamps-default"
 dpkg -s wamerican >/dev/null 2>&1 || need_apt="$need_apt wamerican"
+dpkg -s nodejs >/dev/null 2>&1 || need_apt="$need_apt nodejs"
 if [ -n "$need_apt" ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $need_apt
