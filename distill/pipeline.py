@@ -30,7 +30,7 @@ from distill.data import EvalSet, TrainSet, ViewSpec, build_corpus, load_eval_se
 from distill.encoders import ClipEncoder
 from distill.errors import UserError
 from distill.finetune.stage import finetune_stage
-from distill.train import train
+from distill.train import TrainStream, train
 from distill.variants import VARIANTS, VariantContext
 
 log = logging.getLogger("distill")
@@ -103,9 +103,10 @@ def eval_prompts(data_cfg: DictConfig, classnames: dict[str, list[str]]) -> list
     return out
 
 
-def build_data(cfg: DictConfig) -> tuple[TrainSet, dict[str, dict[str, EvalSet]], dict[str, Any]]:
+def build_data(cfg: DictConfig) -> tuple[TrainSet | TrainStream, dict[str, dict[str, EvalSet]], dict[str, Any]]:
     """Training set (sources + corpus + view spec) and evaluation sets (labels and captions in memory,
-    images streamed from their sources when evaluated: distill.data.EvalSet)."""
+    images streamed from their sources when evaluated: distill.data.EvalSet). With ``train.stream``
+    (distill.streaming.StreamingShards) the training data is a ``TrainStream`` instead of a TrainSet."""
     size = int(cfg.image_size)
     eval_sets: dict[str, dict[str, EvalSet]] = {"classification": {}, "retrieval": {}}
     classnames: dict[str, list[str]] = {}
@@ -128,6 +129,23 @@ def build_data(cfg: DictConfig) -> tuple[TrainSet, dict[str, dict[str, EvalSet]]
     corpus = build_corpus(**corpus_cfg, exclude=excluded) if corpus_cfg else []
     spec = ViewSpec(size=size, views=int(tc.get("views", 1)), augment=bool(tc.get("augment", False)),
                     scale=tuple(tc.get("scale", (0.6, 1.0))), seed=int(tc.get("seed", 0)))
+    evals = {"eval_sets": {k: {n: len(e) for n, e in v.items()} for k, v in eval_sets.items()},
+             "eval_skipped": {n: e.skipped for v in eval_sets.values() for n, e in v.items()}}
+    if tc.get("stream") is not None:
+        if sources:
+            raise UserError("data.train has both a stream and sources: set data.train.sources=[] to train "
+                            "from the stream")
+        src = instantiate(tc.stream, _convert_="all")
+        # a one-epoch stream ends at different steps on different ranks, and the others would wait forever
+        if dist_utils.world_size() > 1 and not src.resampled and src.epochs is not None:
+            raise UserError("data.train.stream under DDP needs resampled: true (or epochs: null): "
+                            "a one-epoch stream runs out at different steps on different ranks")
+        info = {"train_texts": len(corpus), "corpus_texts": len(corpus),
+                "eval_prompts_excluded_from_corpus": len(excluded), "sources": [src.name],
+                "stream": {"shards": len(src.urls), "resampled": src.resampled,
+                           "epochs": None if src.resampled else src.epochs,
+                           "buffer": src.buffer, "seed": src.seed}}
+        return TrainStream(src, spec, corpus), eval_sets, {**info, **evals}
     trainset = TrainSet(sources, spec, corpus)
     info = {
         "train_images": len(trainset.index),
@@ -136,8 +154,7 @@ def build_data(cfg: DictConfig) -> tuple[TrainSet, dict[str, dict[str, EvalSet]]
         "corpus_texts": len(trainset.corpus),
         "eval_prompts_excluded_from_corpus": len(excluded),
         "sources": [getattr(s, "name", type(s).__name__) for s in sources],
-        "eval_sets": {k: {n: len(e) for n, e in v.items()} for k, v in eval_sets.items()},
-        "eval_skipped": {n: e.skipped for v in eval_sets.values() for n, e in v.items()},
+        **evals,
     }
     return trainset, eval_sets, info
 
@@ -391,10 +408,12 @@ def train_stage(cfg: DictConfig, teacher: Any, student: torch.nn.Module, model_c
     loss_fn = instantiate(cfg.loss, student_dim=int(model_cfg["embed_dim"]), teacher_dim=teacher.embed_dim,
                           _convert_="all")
     image_size = int(model_cfg["vision_cfg"]["image_size"])
-    result = train(student=student, loss_fn=loss_fn, dataset=trainset, tokenizer=tokenizer,
+    stream = trainset if isinstance(trainset, TrainStream) else None
+    result = train(student=student, loss_fn=loss_fn, dataset=None if stream else trainset, tokenizer=tokenizer,
                    cfg=OmegaConf.to_container(cfg.train, resolve=True), out_dir=out, device=device,
                    teacher=teacher if cache is None else None, cache=cache,
-                   evaluate=make_evaluator(eval_sets, tokenizer, image_size, device), image_size=image_size)
+                   evaluate=make_evaluator(eval_sets, tokenizer, image_size, device), image_size=image_size,
+                   stream=stream)
     if cache is not None:
         result["cache"] = {"path": str(cache.path), "build_seconds": cache.manifest.get("build_seconds"),
                            "skipped": cache.manifest.get("skipped")}

@@ -2,6 +2,11 @@
 their texts, teacher targets from the cache (default) or the teacher online, the student's
 forward and the distillation loss. Both target sources give the same targets for the same view.
 
+The views come from an indexed ``TrainSet`` (seeded sampler, resumed by step) or from a
+``TrainStream`` (distill.streaming shards read front to back, resumed from the loader's own
+state, which the engine keeps in the checkpoint through ``data_state``/``load_data_state``).
+A stream has no item indices for a cache to address, so its teacher always runs online.
+
 One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` images per process.
 """
 
@@ -10,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -18,13 +24,51 @@ from torch.utils.data import DataLoader
 
 from distill import distributed as dist_utils
 from distill.cache import TeacherCache
-from distill.data import ResumableSampler, TrainSet, _stable_int, collate
+from distill.data import ResumableSampler, TrainSet, ViewSpec, _stable_int, augmented_view, collate, eval_view
 from distill.encoders import normalize_images, resize_to
 from distill.engine import EngineConfig, TrainingDiverged, fit
 from distill.engine.checkpoint import unwrap
+from distill.errors import UserError
+from distill.streaming import Sample, StreamingShards, StreamLoader
 from distill.students import tower_of
 
-__all__ = ["DistillTask", "TrainingDiverged", "train"]
+__all__ = ["DistillTask", "StreamViews", "TrainStream", "TrainingDiverged", "stream_collate", "train"]
+
+
+@dataclass
+class TrainStream:
+    """A streaming training source and what turns its samples into training items: the view spec
+    (size, augmentation, seed; ``views`` does not apply) and the corpus for uncaptioned samples."""
+
+    source: StreamingShards
+    spec: ViewSpec
+    corpus: list[str] = field(default_factory=list)
+
+
+class StreamViews:
+    """A stream ``Sample`` -> {"key", "image": (3, S, S) in [0, 1], "caption"}. The augmented crop is
+    seeded by (spec seed, key, the reader's sample counter): a key met again gets a fresh crop, and a
+    resumed reader, whose counter continues from the checkpoint, draws the same crop as before."""
+
+    def __init__(self, spec: ViewSpec) -> None:
+        self.spec = spec
+
+    def seed(self, sample: Sample) -> int:
+        return _stable_int(self.spec.seed, sample.key, int(sample.state["samples"]))
+
+    def __call__(self, sample: Sample) -> dict[str, Any]:
+        spec = self.spec
+        img = (augmented_view(sample.image, spec.size, self.seed(sample), scale=tuple(spec.scale)) if spec.augment
+               else eval_view(sample.image, spec.size))
+        return {"key": sample.key, "image": img, "caption": sample.caption}
+
+
+def stream_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a stream batch; captions stay strings ("" for an uncaptioned sample: the task draws a corpus text)."""
+    captions = [it["caption"] for it in items]
+    return {"key": [it["key"] for it in items], "image": torch.stack([it["image"] for it in items]),
+            "caption": captions, "paired": all(captions) and bool(items),
+            "pair_mask": torch.tensor([bool(c) for c in captions], dtype=torch.bool), "skipped": []}
 
 
 class DistillTask:
@@ -35,16 +79,29 @@ class DistillTask:
     ``extra_texts`` text-only rows per micro-batch feed the ``extra_text_mse`` term: the text
     tower is cheap next to the image tower, so it can see many more texts per step than there
     are images. Both draws are seeded by (step, micro-batch, rank), so a resumed run draws the same.
+
+    With ``stream`` (a ``TrainStream``) instead of ``dataset`` the batches come from a ``StreamLoader``
+    that resumes from its own state (``data_state``/``load_data_state``, kept in the checkpoint by
+    the engine), uncaptioned samples always draw a corpus text, and the teacher runs online.
     """
 
     name = "student"
 
-    def __init__(self, student: torch.nn.Module, loss_fn: torch.nn.Module, dataset: TrainSet,
+    def __init__(self, student: torch.nn.Module, loss_fn: torch.nn.Module, dataset: TrainSet | None,
                  tokenizer: Callable[[list[str]], torch.Tensor], cfg: EngineConfig, image_size: int,
-                 teacher: Any = None, cache: TeacherCache | None = None) -> None:
+                 teacher: Any = None, cache: TeacherCache | None = None, stream: TrainStream | None = None) -> None:
         if cache is None and teacher is None:
             raise ValueError("distillation needs a teacher cache or an online teacher")
+        if (stream is None) == (dataset is None):
+            raise ValueError("distillation needs either an indexed dataset or a stream")
+        if stream is not None and cache is not None:
+            raise UserError("a training stream has no item indices for the teacher cache: set cache.enabled=false "
+                            "(the teacher runs online for streams)")
         self.model, self.loss_fn, self.dataset, self.tokenizer = student, loss_fn, dataset, tokenizer
+        self.stream = stream
+        self.loader = None if stream is None else StreamLoader(
+            stream.source, int(cfg.batch_size), num_workers=int(cfg.num_workers), transform=StreamViews(stream.spec),
+            collate=stream_collate)
         self.cfg, self.image_size, self.teacher, self.cache = cfg, image_size, teacher, cache
         self.samples_per_step = int(cfg.batch_size) * int(cfg.grad_accum) * dist_utils.world_size()
         self.teacher_scale = float(cache.manifest["logit_scale"] if cache is not None else teacher.logit_scale)
@@ -61,26 +118,62 @@ class DistillTask:
 
     def prepare(self, device: torch.device, model: torch.nn.Module) -> None:
         self.device, self.forward = device, model
+        if self.loader is not None:
+            self.loader.loader_kw["pin_memory"] = device.type == "cuda"
         if self.cache is not None and getattr(self.loss_fn, "uses_teacher_means", False):
             self.loss_fn.set_teacher_means(*self.cache.mean_embeddings())  # μ for the feature_residual_* terms
         unwrap(self.model).output_dict = True
 
     def batches(self, start_step: int) -> Iterator[dict[str, Any]]:
+        if self.loader is not None:
+            return self._stream_batches()  # the loader resumes from load_data_state, not from start_step
         return view_batches(self.dataset, self.cfg, start_step, self.device,
                             valid=self.cache.valid if self.cache is not None else None)
 
-    def _texts(self, batch: Mapping[str, Any], step: int, micro: int) -> torch.Tensor:
-        """The text row of each image (a fresh corpus draw for uncaptioned ones), then the extra rows."""
+    def _stream_batches(self) -> Iterator[dict[str, Any]]:
+        yield from self.loader
+        raise UserError(f"the training stream {self.stream.source.name} ended after {self.loader.batches} batches, "
+                        f"before train.steps: set resampled: true (or epochs: null) in data.train.stream, "
+                        f"or fewer train.steps")
+
+    def data_state(self) -> dict[str, Any] | None:
+        """The stream's position for the checkpoint (a collective under DDP), None for the indexed set."""
+        return self.loader.state_dict() if self.loader is not None else None
+
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        if self.loader is not None:
+            self.loader.load_state_dict(state)
+
+    def _texts(self, batch: Mapping[str, Any], step: int, micro: int) -> tuple[list[str], torch.Tensor | None]:
+        """The text of each image (a fresh corpus draw for uncaptioned ones), then the extra rows; with
+        their rows in ``dataset.texts`` for the indexed set (the cache is keyed by them), None for a stream."""
+        draw = torch.Generator().manual_seed(_stable_int("draw", int(self.cfg.seed), step, micro, dist_utils.rank()))
+        if self.stream is not None:
+            return self._stream_texts(batch, draw), None
         text_index = batch["text_index"]
         lo, hi = self.dataset.corpus_span()
-        draw = torch.Generator().manual_seed(_stable_int("draw", int(self.cfg.seed), step, micro, dist_utils.rank()))
         if self.cfg.resample_corpus_texts and hi > lo and not batch["paired"]:
             unp = ~batch["pair_mask"]
             text_index = text_index.clone()
             text_index[unp] = torch.randint(lo, hi, (int(unp.sum()),), generator=draw)
         if self.cfg.extra_texts and hi > lo:
             text_index = torch.cat([text_index, torch.randint(lo, hi, (int(self.cfg.extra_texts),), generator=draw)])
-        return text_index
+        return [self.dataset.texts[k] for k in text_index.tolist()], text_index
+
+    def _stream_texts(self, batch: Mapping[str, Any], draw: torch.Generator) -> list[str]:
+        """Captions, a corpus draw for each uncaptioned sample (seeded like the indexed set's draws), extra rows."""
+        texts, corpus = list(batch["caption"]), self.stream.corpus
+        bare = [i for i, c in enumerate(texts) if not c]
+        if bare and not corpus:
+            raise UserError(f"stream sample {batch['key'][bare[0]]} has no caption and the text corpus is empty: "
+                            f"set data.train.corpus (e.g. imagenet_classes: true) or add captions (.txt/.json)")
+        if bare:
+            for i, k in zip(bare, torch.randint(0, len(corpus), (len(bare),), generator=draw).tolist()):
+                texts[i] = corpus[k]
+        if self.cfg.extra_texts and corpus:
+            texts += [corpus[k] for k in torch.randint(0, len(corpus), (int(self.cfg.extra_texts),),
+                                                       generator=draw).tolist()]
+        return texts
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -89,12 +182,11 @@ class DistillTask:
     def loss(self, batch: Mapping[str, Any], step: int, micro: int, autocast: Callable) -> dict[str, torch.Tensor] | None:
         t0 = time.perf_counter()
         self.skipped += len(batch["skipped"])
-        if not len(batch["index"]):
+        n_img = len(batch["image"])  # an indexed batch whose images all failed holds an empty tensor
+        if not n_img:
             return None
         images = batch["image"].to(self.device, non_blocking=True)  # (B, 3, S, S) in [0, 1]
-        text_index = self._texts(batch, step, micro)
-        n_img = len(batch["index"])
-        texts = [self.dataset.texts[k] for k in text_index.tolist()]
+        texts, text_index = self._texts(batch, step, micro)
         t1 = time.perf_counter()
         if self.cache is not None:
             t_img = self.cache.image_targets(batch["index"]).to(self.device)  # (B, D)
@@ -131,8 +223,11 @@ class DistillTask:
                 ls.clamp_(0, self.max_log_scale)
 
     def stats(self) -> dict[str, Any]:
-        return {"images_seen": self.seen_images, "images_skipped": self.skipped, "timers": dict(self.timers),
-                "target_source": "cache" if self.cache is not None else "online"}
+        out = {"images_seen": self.seen_images, "images_skipped": self.skipped, "timers": dict(self.timers),
+               "target_source": "cache" if self.cache is not None else "online"}
+        if self.loader is not None:
+            out["stream"] = self.loader.stats(all_ranks=True)  # a collective: fit calls stats on every rank
+        return out
 
 
 def view_batches(dataset: TrainSet, cfg: EngineConfig, start_step: int, device: torch.device,
@@ -149,15 +244,17 @@ def view_batches(dataset: TrainSet, cfg: EngineConfig, start_step: int, device: 
     return iter(loader)
 
 
-def train(*, student: torch.nn.Module, loss_fn: torch.nn.Module, dataset: TrainSet,
+def train(*, student: torch.nn.Module, loss_fn: torch.nn.Module, dataset: TrainSet | None,
           tokenizer: Callable[[list[str]], torch.Tensor], cfg: Mapping[str, Any], out_dir: str | os.PathLike,
           device: torch.device, teacher: Any = None, cache: TeacherCache | None = None,
           evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
-          image_size: int | None = None) -> dict[str, Any]:
-    """Distil into ``student`` with the engine. ``cfg`` is a complete train config
-    (conf/train/*.yaml; ``distill.engine.config.defaults(**overrides)`` builds one without Hydra).
-    Returns a flat dict of training metrics."""
+          image_size: int | None = None, stream: TrainStream | None = None) -> dict[str, Any]:
+    """Distil into ``student`` with the engine, from ``dataset`` or ``stream`` (with the online
+    ``teacher``). ``cfg`` is a complete train config (conf/train/*.yaml;
+    ``distill.engine.config.defaults(**overrides)`` builds one without Hydra). Returns a flat dict
+    of training metrics (a stream's skip counters under "stream")."""
     ecfg = cfg if isinstance(cfg, EngineConfig) else EngineConfig.from_mapping(cfg)
-    task = DistillTask(student, loss_fn, dataset, tokenizer, ecfg, image_size or dataset.spec.size,
-                       teacher=teacher, cache=cache)
+    spec = stream.spec if stream is not None else dataset.spec
+    task = DistillTask(student, loss_fn, dataset, tokenizer, ecfg, image_size or spec.size,
+                       teacher=teacher, cache=cache, stream=stream)
     return fit(task, ecfg, Path(out_dir), device, evaluate=evaluate)

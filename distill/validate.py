@@ -289,5 +289,20 @@ def _check_finetune(cfg: DictConfig) -> Iterator[str]:
     yield from _positive(cfg, "finetune.train.steps", True, "set finetune.train.steps=300")
 
 
+def _check_stream(cfg: DictConfig) -> Iterator[str]:
+    """A training stream has no item indices: no teacher cache, no fine-tune split, no static-int8 calibration set."""
+    if OmegaConf.select(cfg, "data.train.stream", default=None) is None:
+        return
+    if _number(cfg, "cache.enabled"):
+        yield ("cache.enabled=true cannot serve data.train.stream (the cache addresses items by index): "
+               "set cache.enabled=false, the teacher runs online for streams")
+    if _number(cfg, "finetune.method") not in (None, "none"):
+        yield "finetune needs indexed training data (data.train.sources): use finetune=none with data.train.stream"
+    if "student_onnx_static_int8" in (_number(cfg, "variants") or []):
+        yield ("variants: student_onnx_static_int8 calibrates on indexed training images: drop it for "
+               "data.train.stream")
+
+
 CHECKS: tuple[Callable[[DictConfig], Iterator[str]], ...] = (
-    _check_train, _check_student, _check_teacher, _check_loss, _check_data, _check_bench, _check_finetune)
+    _check_train, _check_student, _check_teacher, _check_loss, _check_data, _check_bench, _check_finetune,
+    _check_stream)

@@ -26,7 +26,13 @@ class TrainingDiverged(UserError):
 
 
 class Task(Protocol):
-    """What a training stage gives the engine."""
+    """What a training stage gives the engine.
+
+    Optional hooks, looked up with ``hasattr``, for a task whose data position is not a function of
+    the step (a stream): ``data_state() -> dict | None``, called on every rank at each checkpoint
+    (it may be a collective) and saved as the checkpoint's ``data`` unless None; and
+    ``load_data_state(state)``, called on resume with that saved ``data`` before ``batches``.
+    """
 
     name: str  # the trained model's name: its checkpoint file is <name>.safetensors
     model: torch.nn.Module  # the trained network, unwrapped
@@ -90,6 +96,8 @@ class _Run:
                 log.info("resumed from %s at step %d", self.resumed_from, state["step"])
         self.start_step = self.step = int(state.get("step", 0))
         self.early = EarlyStopping(cfg.early_stop, state)
+        if "data" in state and hasattr(task, "load_data_state"):
+            task.load_data_state(state["data"])  # the stream's own position: batches() continues from it
         self.batches = task.batches(self.start_step)
         self.loggers = Loggers(out_dir, enabled=self.main, steps=int(cfg.steps), start_step=self.start_step,
                                resumed=self.resumed_from is not None, log_every=int(cfg.log_every),
@@ -157,8 +165,10 @@ class _Run:
     def maybe_checkpoint(self) -> None:
         every = int(self.cfg.ckpt_every or 0)
         if every and (self.step % every == 0 or self.step == int(self.cfg.steps) or self.stopped_early):
+            data = self.task.data_state() if hasattr(self.task, "data_state") else None  # a collective: every rank
             if self.main:
-                self.ckpt.save(self.step, self.optimizer, self.scheduler, self.early.state())
+                extra = {**self.early.state(), **({"data": data} if data is not None else {})}
+                self.ckpt.save(self.step, self.optimizer, self.scheduler, extra)
             dist_utils.barrier()
 
     def run(self) -> None:
