@@ -173,7 +173,8 @@ def finetune_stage(cfg: DictConfig, teacher: Any, trainset: TrainSet, eval_sets:
     wc = cfg.wise_ft
     rows = wise.sweep(model, theta0, score, list(wc.alphas))
     alpha = wise.choose(rows, str(wc.metric), str(wc.mode), wc.get("alpha"))
-    gen_key = next((k for k in rows[0] if k.startswith("general/")), None)
+    # the plot's general axis: a classification set's top-1, else a retrieval set's image->text R@5
+    gen_key = next((k for k in rows[0] if k.startswith("general/") and k.endswith(("/top1", "/i2t_r5"))), None)
     png = wise.plot(rows, "val/top1", gen_key, alpha, ft_dir / "wise_ft.png")
     chain = _chain(model, theta0, subject, eval_sets) if cfg.chain_eval else {}
     files = _save_parts(model, cfg.method, ft_dir)
