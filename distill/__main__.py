@@ -1,5 +1,6 @@
 """`python -m distill +experiment=NAME`: compose the Hydra config and call pipeline.run;
-`python -m distill list`: print every registered part (distill/catalog.py).
+`python -m distill list`: print every registered part (distill/catalog.py);
+`python -m distill cache +experiment=NAME`: build the teacher cache only (distill/cache_build.py).
 
 This file only composes. A UserError becomes one line per problem on stderr and exit
 code 2; Hydra's own errors (unknown experiment or key) are printed by Hydra and exit 1.
@@ -60,6 +61,10 @@ def main() -> None:
         from distill.catalog import main as list_main
 
         sys.exit(list_main(sys.argv[2:]))
+    if sys.argv[1:2] == ["cache"]:  # build the teacher cache and stop (a cluster builds it once)
+        from distill.cache_build import main as cache_main
+
+        sys.exit(cache_main(sys.argv[2:]))
     _hydra_main()
 
 

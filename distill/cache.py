@@ -11,10 +11,24 @@ spec with its seed and count, and the texts) and the identity of the data files 
 size, mtime and a hash of the first and last 64 KiB of every image, CSV, tar shard or IDX file the
 sources read), so any change to them builds a new entry, including an image replaced at the same
 path; an entry is never reused for inputs it was not built from. The manifest records the rule and
-one digest per source (``data_identity``). A build happens in
-``<fingerprint>.partial/``; finished chunks are recorded in ``progress.json`` after their rows
-are flushed, so an interrupted build resumes where it stopped, and the folder is renamed into
-place only when complete (an atomic rename on one file system).
+one digest per source (``data_identity``).
+
+Building. The items are cut into chunks of ``chunk_size`` rows and the texts into chunks of
+``TEXT_CHUNK_FACTOR * chunk_size``; each chunk is embedded in batches of ``batch_size`` counted
+from its first row, so a chunk's rows do not depend on who embeds it. A build happens in
+``<fingerprint>.partial/``: ``progress.json`` (written by rank 0: the chunk and batch size, which
+a resumed build keeps, and the image chunks rank 0 knows finished) and ``chunks/image-<c>.npz`` /
+``chunks/text-<c>.npz``, each written to a temporary name, fsynced and renamed, so a finished chunk
+is whole and a killed process loses only the chunk it was embedding. Under torchrun
+(``distill.distributed``) every rank first compares its fingerprint with the others' (a mismatch
+is a UserError naming what differs), rank 0 lists the chunks not yet on disk and hands them out
+round-robin (the i-th missing chunk to rank i mod world size), every rank embeds its share, and
+after a barrier rank 0 copies the chunks into the entry's arrays, writes the manifest and renames
+the folder into place (an atomic rename on one file system); a single process does the same alone.
+``cache.dir`` must therefore be one file system that every rank sees (checked before any work).
+A rerun, with any world size, skips the chunks already on disk. The chunk files are kept only
+until the entry is complete. With the same devices and thread settings an entry is bit-identical
+whichever number of processes built it (tests/test_cache_distributed.py).
 """
 
 from __future__ import annotations
@@ -24,7 +38,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +51,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from distill import distributed as dist_utils
 from distill.data import TrainSet, collate
+from distill.errors import UserError
 from distill.teachers.base import Teacher
 
 log = logging.getLogger(__name__)
@@ -44,6 +62,11 @@ CACHE_FORMAT = 1
 IDENTITY_BLOCK = 64 * 1024
 # Recorded in the manifest and hashed into the fingerprint: changing the rule builds new entries.
 FILE_IDENTITY = "size+mtime_ns+blake2b(first 64KiB, last 64KiB; whole file when <= 128KiB)"
+# The .partial folder's layout: 2 = chunk files; a folder of layout 1 (memmaps written in place) is discarded.
+PARTIAL_LAYOUT = 2
+TEXT_CHUNK_FACTOR = 8  # a text costs far less than an image: its chunks are 8 times longer
+SHARED_FS_WAIT_S = 60.0  # how long a rank waits for another node's file to show on a network file system
+KILL_ENV = "DISTILL_CACHE_TEST_KILL"  # test hook, see _test_kill
 
 
 @dataclass
@@ -183,59 +206,224 @@ def load_cache(path: Path) -> TeacherCache:
     )
 
 
-def _load_hit(final: Path, fp: str, n: int) -> TeacherCache | None:
-    if not (final / "manifest.json").exists():
-        return None
+def _wait_for(path: Path, seconds: float) -> bool:
+    """Whether ``path`` exists, polling up to ``seconds``: a network file system may show another
+    node's new file a little later than the barrier that follows its writing."""
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _load_hit(final: Path, fp: str, n: int) -> TeacherCache:
+    if not _wait_for(final / "manifest.json", SHARED_FS_WAIT_S if dist_utils.rank() else 0):
+        raise UserError(f"teacher cache: rank {dist_utils.rank()} cannot see {final}, which rank 0 sees: put "
+                        f"cache.dir on a file system that every node mounts")
     cache = load_cache(final)
     if cache.manifest.get("fingerprint") != fp or cache.image_emb.shape[0] != n:
         raise RuntimeError(f"cache entry {final} does not match its fingerprint; delete it and rerun")
-    log.info("teacher cache hit: %s", final)
     return cache
 
 
-def _progress_state(part: Path, fp: str) -> dict[str, Any]:
-    """The build's progress.json, or a fresh state (and an emptied folder) when it belongs to another build."""
+@dataclass(frozen=True)
+class _Chunk:
+    """Rows ``lo`` to ``hi`` - 1 of the image items (``kind`` image) or of the texts (``kind`` text)."""
+
+    kind: str
+    id: int
+    lo: int
+    hi: int
+
+    @property
+    def file(self) -> str:
+        return f"{self.kind}-{self.id:06d}.npz"
+
+
+def _chunks(items: int, texts: int, chunk_size: int) -> list[_Chunk]:
+    """Every chunk of a build, image chunks first; the texts' chunks are TEXT_CHUNK_FACTOR times longer."""
+    out = [_Chunk("image", c, lo, min(items, lo + chunk_size)) for c, lo in enumerate(range(0, items, chunk_size))]
+    step = chunk_size * TEXT_CHUNK_FACTOR
+    return out + [_Chunk("text", c, lo, min(texts, lo + step)) for c, lo in enumerate(range(0, texts, step))]
+
+
+def _agree_across_ranks(teacher_fp: str, data_fp: str, identity: list[dict[str, Any]], fp: str) -> None:
+    """Raise one line naming what differs when another rank would build another entry (before any work)."""
+    mine = {"fp": fp, "teacher": teacher_fp, "data": data_fp, "files": {d["source"]: d["digest"] for d in identity}}
+    every = dist_utils.all_gather_object(mine)
+    ref = every[0]
+    for r, other in enumerate(every):
+        if other["fp"] == ref["fp"]:
+            continue
+        if other["teacher"] != ref["teacher"]:
+            what = "the teacher (its config or weights)"
+        elif other["data"] != ref["data"]:
+            what = "the training data (items, views with their seed, or texts)"
+        else:
+            changed = sorted(set(ref["files"].items()) ^ set(other["files"].items()))
+            what = f"the data files of {', '.join(dict(changed)) or 'the sources'} (paths, sizes, mtimes or contents)"
+        raise UserError(f"teacher cache: rank {r} disagrees with rank 0 on {what}: fingerprint {other['fp']} vs "
+                        f"{ref['fp']}; every rank must run the same config on the same files")
+
+
+def _progress_state(part: Path, fp: str, chunk_size: int, batch_size: int) -> dict[str, Any]:
+    """Rank 0: the build's progress.json, or a fresh state (and an emptied folder) when it belongs
+    to another build or to the memmap layout of earlier versions; a resumed build keeps its sizes."""
     progress_file = part / "progress.json"
     state = json.loads(progress_file.read_text()) if progress_file.exists() else {}
-    if state.get("fingerprint") != fp:
-        state = {"fingerprint": fp, "done_chunks": [], "text_done": False, "skipped": {}, "seconds": 0.0}
-        for f in part.iterdir():
-            f.unlink()
+    if state.get("fingerprint") != fp or state.get("layout") != PARTIAL_LAYOUT:
+        shutil.rmtree(part, ignore_errors=True)
+        state = {"fingerprint": fp, "layout": PARTIAL_LAYOUT, "chunk_size": chunk_size, "batch_size": batch_size,
+                 "done_chunks": []}
+    elif (state["chunk_size"], state["batch_size"]) != (chunk_size, batch_size):
+        log.info("teacher cache: resuming %s with its chunk_size=%d batch_size=%d (the chunks must not change "
+                 "mid-build)", part, state["chunk_size"], state["batch_size"])
+    (part / "chunks").mkdir(parents=True, exist_ok=True)
     return state
 
 
-def _encode_texts(teacher: Teacher, dataset: TrainSet, part: Path, state: dict[str, Any], batch_size: int) -> None:
-    if state["text_done"]:
-        return
-    txt = np.lib.format.open_memmap(part / "text_emb.npy", mode="w+", dtype=np.float16,
-                                    shape=(len(dataset.texts), teacher.embed_dim))
-    for s in range(0, len(dataset.texts), batch_size):
-        txt[s:s + batch_size] = teacher.encode_text(dataset.texts[s:s + batch_size]).cpu().numpy()
-    txt.flush()
-    del txt
-    state["text_done"] = True
-    _write_json_atomic(part / "progress.json", state)
+def _open_partial(part: Path, fp: str, chunk_size: int, batch_size: int) -> dict[str, Any]:
+    """Rank 0 prepares ``part``; every rank gets its progress state and proves it sees rank 0's copy."""
+    token = dist_utils.broadcast_object(os.urandom(8).hex())  # this attempt's mark in progress.json
+    if dist_utils.rank() == 0:
+        state = {**_progress_state(part, fp, chunk_size, batch_size), "attempt": token}
+        _write_json_atomic(part / "progress.json", state)
+    dist_utils.barrier()
+    if dist_utils.rank() != 0:
+        state = _read_attempt(part / "progress.json", token)
+    sees = dist_utils.all_gather_object(state is not None)
+    if not all(sees):
+        blind = ", ".join(str(r) for r, ok in enumerate(sees) if not ok)
+        raise UserError(f"teacher cache: rank {blind} cannot see rank 0's {part}: put cache.dir on a file system "
+                        f"that every node mounts")
+    return state
 
 
-def _encode_chunk(teacher: Teacher, dataset: TrainSet, lo: int, hi: int, img: np.ndarray, valid: np.ndarray,
-                  state: dict[str, Any], batch_size: int, num_workers: int, device: torch.device | str, bar) -> None:
-    """Embed items ``lo`` to ``hi`` - 1 into ``img``; unreadable ones are marked invalid and recorded."""
-    loader = DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=batch_size,
+def _read_attempt(progress_file: Path, token: str) -> dict[str, Any] | None:
+    """progress.json as rank 0 wrote it for this attempt, or None when it does not show up in time."""
+    deadline = time.monotonic() + SHARED_FS_WAIT_S
+    while True:
+        try:
+            state = json.loads(progress_file.read_text())
+            if state.get("attempt") == token:
+                return state
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.2)
+
+
+def _missing(part: Path, chunks: list[_Chunk], state: dict[str, Any]) -> list[_Chunk]:
+    """Rank 0: the chunks without a file yet (the files are the truth; progress.json follows them)."""
+    todo = [c for c in chunks if not (part / "chunks" / c.file).exists()]
+    left = {c.id for c in todo if c.kind == "image"}
+    state["done_chunks"] = [c.id for c in chunks if c.kind == "image" and c.id not in left]
+    return todo
+
+
+def _embed_images(teacher: Teacher, dataset: TrainSet, c: _Chunk, batch_size: int, num_workers: int,
+                  device: torch.device | str, bar) -> dict[str, np.ndarray]:
+    """The chunk's items as {emb: (rows, D) float16, valid: (rows,) bool}; unreadable rows stay zero."""
+    emb = np.zeros((c.hi - c.lo, teacher.embed_dim), dtype=np.float16)
+    valid = np.ones(c.hi - c.lo, dtype=np.bool_)
+    loader = DataLoader(torch.utils.data.Subset(dataset, range(c.lo, c.hi)), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=collate)
-    valid[lo:hi] = True
     for batch in loader:
-        for j in batch["skipped"]:
-            valid[j] = False
-            state["skipped"][str(j)] = dataset.key(j)
+        valid[np.asarray(batch["skipped"], dtype=np.int64) - c.lo] = False
         if len(batch["index"]):
-            img[batch["index"].numpy()] = teacher.encode_image(batch["image"].to(device)).cpu().numpy()  # (B, D)
+            emb[batch["index"].numpy() - c.lo] = teacher.encode_image(batch["image"].to(device)).cpu().numpy()
         bar.update(len(batch["index"]) + len(batch["skipped"]))
-    img.flush()
-    valid.flush()
+    return {"emb": emb, "valid": valid}
+
+
+def _embed_texts(teacher: Teacher, texts: list[str], c: _Chunk, batch_size: int) -> dict[str, np.ndarray]:
+    emb = np.empty((c.hi - c.lo, teacher.embed_dim), dtype=np.float16)
+    for s in range(c.lo, c.hi, batch_size):
+        e = min(c.hi, s + batch_size)
+        emb[s - c.lo:e - c.lo] = teacher.encode_text(texts[s:e]).cpu().numpy()
+    return {"emb": emb}
+
+
+def _save_chunk(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write, fsync, rename: a chunk file on disk is always whole, even after a crash of the node."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _test_kill(saved: int) -> None:
+    """Test hook: ``DISTILL_CACHE_TEST_KILL=RANK:N`` SIGKILLs that rank once it has embedded, but
+    not yet saved, the chunk after its first N."""
+    if os.environ.get(KILL_ENV) == f"{dist_utils.rank()}:{saved}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _build_chunks(teacher: Teacher, dataset: TrainSet, part: Path, mine: list[_Chunk], state: dict[str, Any],
+                  num_workers: int, device: torch.device | str, progress: bool,
+                  stop_after: int | None) -> None:
+    """Embed and save this rank's chunks; rank 0 keeps progress.json current."""
+    bar = tqdm(total=sum(c.hi - c.lo for c in mine if c.kind == "image"), desc=f"teacher cache {part.name[:8]}",
+               unit="img", disable=not progress)
+    for saved, c in enumerate(mine):
+        t0 = time.perf_counter()
+        if c.kind == "image":
+            arrays = _embed_images(teacher, dataset, c, state["batch_size"], num_workers, device, bar)
+        else:
+            arrays = _embed_texts(teacher, dataset.texts, c, state["batch_size"])
+        _test_kill(saved)
+        _save_chunk(part / "chunks" / c.file, {**arrays, "seconds": np.float64(time.perf_counter() - t0)})
+        if dist_utils.rank() == 0 and c.kind == "image":
+            state["done_chunks"] = sorted({*state["done_chunks"], c.id})
+            _write_json_atomic(part / "progress.json", state)
+        if stop_after is not None and saved + 1 >= stop_after and saved + 1 < len(mine):
+            bar.close()
+            raise KeyboardInterrupt(f"cache build interrupted after {saved + 1} chunks (test hook)")
+    bar.close()
+
+
+def _read_chunk(path: Path, c: _Chunk, dim: int) -> dict[str, np.ndarray]:
+    """A finished chunk's arrays; a missing or damaged one is an error that a rerun repairs."""
+    if not _wait_for(path, SHARED_FS_WAIT_S if dist_utils.world_size() > 1 else 0):
+        raise RuntimeError(f"teacher cache chunk {path} is missing after every rank finished: rerun to build it")
+    try:
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+        if arrays["emb"].shape != (c.hi - c.lo, dim):
+            raise ValueError(f"shape {arrays['emb'].shape}")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        path.unlink(missing_ok=True)
+        raise RuntimeError(f"teacher cache chunk {path} was damaged ({e}) and is removed: rerun to rebuild it") from e
+    return arrays
+
+
+def _assemble(teacher: Teacher, dataset: TrainSet, part: Path, chunks: list[_Chunk]) -> tuple[dict[str, str], float]:
+    """Rank 0: copy every chunk into the entry's arrays; returns (skipped item -> key, summed seconds)."""
+    n, dim = len(dataset), teacher.embed_dim
+    img = np.lib.format.open_memmap(part / "image_emb.npy", mode="w+", dtype=np.float16, shape=(n, dim))
+    valid = np.lib.format.open_memmap(part / "valid.npy", mode="w+", dtype=np.bool_, shape=(n,))
+    txt = np.lib.format.open_memmap(part / "text_emb.npy", mode="w+", dtype=np.float16,
+                                    shape=(len(dataset.texts), dim))
+    seconds = 0.0
+    for c in chunks:
+        arrays = _read_chunk(part / "chunks" / c.file, c, dim)
+        (img if c.kind == "image" else txt)[c.lo:c.hi] = arrays["emb"]
+        if c.kind == "image":
+            valid[c.lo:c.hi] = arrays["valid"]
+        seconds += float(arrays["seconds"])
+    for arr in (img, valid, txt):
+        arr.flush()
+    skipped = {str(j): dataset.key(int(j)) for j in np.flatnonzero(~np.asarray(valid))}
+    del img, valid, txt
+    return skipped, seconds
 
 
 def _manifest(teacher: Teacher, dataset: TrainSet, fp: str, data_fp: str, identity: list[dict[str, Any]],
-              state: dict[str, Any]) -> dict[str, Any]:
+              skipped: dict[str, str], seconds: float) -> dict[str, Any]:
     return {
         "format": CACHE_FORMAT,
         "fingerprint": fp,
@@ -249,10 +437,29 @@ def _manifest(teacher: Teacher, dataset: TrainSet, fp: str, data_fp: str, identi
         "embed_dim": teacher.embed_dim,
         "logit_scale": float(teacher.logit_scale),
         "dtype": "float16",
-        "skipped": len(state["skipped"]),
-        "skipped_first": list(state["skipped"].values())[:5],
-        "build_seconds": round(state["seconds"], 2),
+        "skipped": len(skipped),
+        "skipped_first": list(skipped.values())[:5],
+        "build_seconds": round(seconds, 2),  # summed over the chunks: process-seconds, whatever the world size
+        "build_ranks": dist_utils.world_size(),  # of the run that finished it
     }
+
+
+def _finish(teacher: Teacher, dataset: TrainSet, part: Path, final: Path, chunks: list[_Chunk],
+            manifest_args: tuple[str, str, list[dict[str, Any]]]) -> None:
+    """Rank 0: assemble the entry, write its manifest and rename it into place."""
+    skipped, seconds = _assemble(teacher, dataset, part, chunks)
+    if skipped:
+        log.warning("teacher cache: skipped %d unreadable images, first: %s", len(skipped), list(skipped.values())[:5])
+    manifest = _manifest(teacher, dataset, *manifest_args, skipped, seconds)
+    _write_json_atomic(part / "manifest.json", manifest)
+    shutil.rmtree(part / "chunks")
+    (part / "progress.json").unlink()
+    if final.exists():  # a concurrent builder finished first; ours is identical by construction
+        shutil.rmtree(part)
+    else:
+        os.replace(part, final)
+    log.info("teacher cache built: %s (%d items, %.1f process-seconds, %d ranks)", final, len(dataset),
+             manifest["build_seconds"], manifest["build_ranks"])
 
 
 def build_or_load(
@@ -269,54 +476,35 @@ def build_or_load(
 ) -> TeacherCache:
     """Return the cache entry for (teacher, dataset), building or finishing it if needed.
 
-    ``_stop_after_chunks`` simulates an interruption (tests): the build stops after that many
-    new chunks, leaving a resumable ``.partial`` folder, and raises KeyboardInterrupt.
+    Under torchrun every rank must call it (it joins collectives): the ranks build the missing
+    chunks together and all return the same entry. ``_stop_after_chunks`` simulates an
+    interruption (tests, one process): the build stops after that many new chunks, leaving a
+    resumable ``.partial`` folder, and raises KeyboardInterrupt.
     """
     identity = data_identity(dataset)  # once per call: it stats and reads every data file
     data_fp = dataset.fingerprint()
     fp = _fingerprint(teacher.fingerprint, data_fp, identity)
-    root, n = Path(root), len(dataset)
-    final = root / fp
-    hit = _load_hit(final, fp, n)
-    if hit is not None:
-        return hit
-    _log_data_change(root, teacher.fingerprint, data_fp, identity)
-    part = root / f"{fp}.partial"
-    part.mkdir(parents=True, exist_ok=True)
-    state = _progress_state(part, fp)
-    mode = "r+" if (part / "image_emb.npy").exists() else "w+"
-    img = np.lib.format.open_memmap(part / "image_emb.npy", mode=mode, dtype=np.float16, shape=(n, teacher.embed_dim))
-    valid = np.lib.format.open_memmap(part / "valid.npy", mode=mode, dtype=np.bool_, shape=(n,))
-    t0 = time.perf_counter()
-    _encode_texts(teacher, dataset, part, state, batch_size)
-    n_chunks = (n + chunk_size - 1) // chunk_size
-    todo = [c for c in range(n_chunks) if c not in set(state["done_chunks"])]
-    bar = tqdm(total=n, initial=n - sum(min(chunk_size, n - c * chunk_size) for c in todo),
-               desc=f"teacher cache {fp[:8]}", unit="img", disable=not progress)
-    for new_chunks, c in enumerate(todo, start=1):
-        _encode_chunk(teacher, dataset, c * chunk_size, min(n, (c + 1) * chunk_size), img, valid, state,
-                      batch_size, num_workers, device, bar)
-        state["done_chunks"].append(c)
-        state["seconds"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        _write_json_atomic(part / "progress.json", state)
-        if _stop_after_chunks is not None and new_chunks >= _stop_after_chunks and len(state["done_chunks"]) < n_chunks:
-            bar.close()
-            raise KeyboardInterrupt(f"cache build interrupted after {new_chunks} chunks (test hook)")
-    bar.close()
-    del img, valid
-    if state["skipped"]:
-        log.warning("teacher cache: skipped %d unreadable images, first: %s", len(state["skipped"]),
-                    list(state["skipped"].values())[:5])
-    manifest = _manifest(teacher, dataset, fp, data_fp, identity, state)
-    _write_json_atomic(part / "manifest.json", manifest)
-    (part / "progress.json").unlink()
-    if final.exists():  # a concurrent builder finished first; ours is identical by construction
-        shutil.rmtree(part)
-    else:
-        os.replace(part, final)
-    log.info("teacher cache built: %s (%d items, %.1fs)", final, n, manifest["build_seconds"])
-    return load_cache(final)
+    root = Path(root)
+    final, part = root / fp, root / f"{fp}.partial"
+    _agree_across_ranks(teacher.fingerprint, data_fp, identity, fp)
+    if dist_utils.broadcast_flag((final / "manifest.json").exists()):  # rank 0's view decides for all
+        log.info("teacher cache hit: %s", final)
+        return _load_hit(final, fp, len(dataset))
+    if dist_utils.rank() == 0:
+        _log_data_change(root, teacher.fingerprint, data_fp, identity)
+    state = _open_partial(part, fp, chunk_size, batch_size)
+    chunks = _chunks(len(dataset), len(dataset.texts), state["chunk_size"])
+    r, world = dist_utils.rank(), dist_utils.world_size()
+    todo = dist_utils.broadcast_object(_missing(part, chunks, state) if r == 0 else None)
+    log.info("teacher cache %s: rank %d/%d embeds %d of %d chunks (%d already built)", fp[:8], r, world,
+             len(todo[r::world]), len(chunks), len(chunks) - len(todo))
+    _build_chunks(teacher, dataset, part, todo[r::world], state, num_workers, device, progress and r == 0,
+                  _stop_after_chunks)
+    dist_utils.barrier()
+    if r == 0:
+        _finish(teacher, dataset, part, final, chunks, (fp, data_fp, identity))
+    dist_utils.barrier()
+    return _load_hit(final, fp, len(dataset))
 
 
 def text_embeddings(teacher: Teacher, texts: list[str], root: str | os.PathLike, *, batch_size: int = 512,

@@ -101,6 +101,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's picklable object, in rank order, on every rank (``[obj]`` in a single process)."""
+    if not is_dist():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def gather_features(x: torch.Tensor, with_grad: bool) -> torch.Tensor:
     """(B, D) on each rank -> (world * B, D), rows ordered by rank; every rank must pass the same B.
 

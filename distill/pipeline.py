@@ -389,16 +389,11 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
 
 
 def cache_stage(cfg: DictConfig, teacher: Any, trainset: TrainSet, device: torch.device) -> TeacherCache:
-    """The teacher's embeddings of every training view and text: rank 0 builds, the others load."""
+    """The teacher's embeddings of every training view and text: under torchrun every rank embeds
+    its share of the missing chunks and rank 0 assembles them (distill.cache); all load the entry."""
     log.info("stage cache: %d items", len(trainset))
-    cache = None
-    if dist_utils.rank() == 0:
-        cache = build_or_load(teacher, trainset, cfg.dir, chunk_size=int(cfg.chunk_size), batch_size=int(cfg.batch_size),
-                              num_workers=int(cfg.num_workers), device=device)
-    dist_utils.barrier()
-    if cache is None:
-        cache = build_or_load(teacher, trainset, cfg.dir, progress=False, device=device)
-    return cache
+    return build_or_load(teacher, trainset, cfg.dir, chunk_size=int(cfg.chunk_size), batch_size=int(cfg.batch_size),
+                         num_workers=int(cfg.num_workers), device=device, progress=dist_utils.rank() == 0)
 
 
 def train_stage(cfg: DictConfig, teacher: Any, student: torch.nn.Module, model_cfg: dict[str, Any], tokenizer,

@@ -1,0 +1,93 @@
+"""`python -m distill.cache_build +experiment=NAME [overrides]` (or `python -m distill cache ...`):
+build the teacher-embedding cache of a config and stop, so that a cluster builds it once and many
+training runs reuse it.
+
+It composes the same config as `python -m distill` (same overrides), so it builds the entry a
+training run of that config looks up. Under torchrun every rank embeds its share of the chunks
+(distill.cache); alone it builds in one process. Needs finetune=none (a fine-tuned teacher's cache
+is built by its training run) and no data.train.stream (streams have no cache). Writes no run
+folder; logs to stderr; a UserError is one line `error: ...` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from omegaconf import DictConfig
+
+log = logging.getLogger("distill")
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The config `python -m distill` composes for ``overrides``, without Hydra's run folder."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from distill.__main__ import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="cache_build"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def build(cfg: DictConfig):
+    """Check the config, set up torch.distributed when under torchrun, build (or find) the entry."""
+    import torch
+
+    from distill import distributed as dist_utils
+    from distill import pipeline, validate
+    from distill.errors import UserError
+
+    validate.check_config(cfg)
+    if cfg.finetune.get("method", "none") != "none":
+        raise UserError(f"finetune={cfg.finetune.method} tunes the teacher first: its cache is built by the "
+                        f"training run; the cache command builds for finetune=none")
+    if not cfg.cache.enabled:
+        raise UserError("cache.enabled=false: nothing to build (drop the override)")
+    dist_utils.setup_from_env()
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    device = pipeline.pick_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    pipeline.seed_everything(int(cfg.seed))  # as run() does before building the teacher
+    teacher = pipeline.build_teacher(cfg.teacher, device)
+    trainset, _, _ = pipeline.build_data(cfg.data)
+    cache = pipeline.cache_stage(cfg.cache, teacher, trainset, device)
+    if dist_utils.rank() == 0:
+        print(f"teacher cache: {cache.path} ({cache.image_emb.shape[0]} items, {cache.text_emb.shape[0]} texts)")
+    dist_utils.cleanup()
+    return cache
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from hydra.errors import HydraException
+
+    from distill.__main__ import _user_error
+    from distill.errors import UserError
+
+    try:
+        build(compose(argv))
+    except HydraException as e:  # an unknown experiment or key: Hydra's own message, exit 1 as `python -m distill`
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        user = _user_error(e, UserError)
+        if user is None:
+            raise
+        for line in str(user).splitlines() or [type(user).__name__]:
+            print(f"error: {line}", file=sys.stderr)
+        return user.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume (finished chunks are kept)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
