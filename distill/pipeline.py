@@ -333,6 +333,7 @@ class _Unbuildable:
 # ------------------------------------------------------------------------------------------ run
 def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run every stage in order; write report.json / report.md into the run folder; return the report."""
+    started = time.perf_counter()
     validate.check_config(cfg)  # before any expensive stage: every config problem, one line each
     distributed = dist_utils.setup_from_env()
     out, pinned = resolve_out_dir(cfg, out_dir)
@@ -355,7 +356,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     zero_shot = teacher
     teacher, ft_info = finetune_stage(cfg.finetune, teacher, trainset, eval_sets, out, device)
     if ft_info is not None and cfg.finetune.then == "export":
-        return finetune_export(cfg, zero_shot, teacher, ft_info, trainset, eval_sets, out) if main_proc else {}
+        return finetune_export(cfg, zero_shot, teacher, ft_info, trainset, eval_sets, out, started) if main_proc else {}
     cache = cache_stage(cfg.cache, teacher, trainset, device) if cfg.cache.enabled else None
     # a tuned teacher may have memoised frozen-part outputs for its cache; later stages run it plainly
     teacher = teacher.release() if hasattr(teacher, "release") else teacher
@@ -380,7 +381,8 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
                                     teacher=teacher, threads=int(cfg.bench.threads))
     log.info("stage bench")
     measured = bench_stage(cfg.bench, variants, ctx, eval_sets, teacher)
-    report = report_stage(cfg, teacher, model_cfg, measured, train_metrics, export_info, out, finetune=ft_info)
+    report = report_stage(cfg, teacher, model_cfg, measured, train_metrics, export_info, out, finetune=ft_info,
+                          started=started)
     if train_metrics["steps"] >= int(cfg.train.steps) or train_metrics.get("early_stopped"):
         runs.mark_finished(out, cfg)  # a run stopped by train.stop_after_steps stays resumable
     log.info("report written to %s", out / "report.md")
@@ -416,7 +418,7 @@ def train_stage(cfg: DictConfig, teacher: Any, student: torch.nn.Module, model_c
 
 
 def finetune_export(cfg: DictConfig, zero_shot: Any, tuned: Any, ft_info: dict[str, Any], trainset: TrainSet,
-                    eval_sets: dict[str, dict[str, EvalSet]], out: Path) -> dict[str, Any]:
+                    eval_sets: dict[str, dict[str, EvalSet]], out: Path, started: float | None = None) -> dict[str, Any]:
     """``finetune.then=export``: the tuned model at α* is written and measured. An open_clip model goes
     where a student would (open_clip folder, ONNX fp32 and int8 with their parity checks, the edge
     bundle), against the zero-shot teacher; another teacher (ConSE) through its own ONNX export, as
@@ -436,7 +438,7 @@ def finetune_export(cfg: DictConfig, zero_shot: Any, tuned: Any, ft_info: dict[s
     log.info("stage bench")
     measured = bench_stage(cfg.bench, variants, ctx, eval_sets, reference)
     report = report_stage(cfg, reference, model_cfg, measured, {"finetune_only": True}, export_info, out,
-                          finetune=ft_info)
+                          finetune=ft_info, started=started)
     runs.mark_finished(out, cfg)
     print(f"report: {out / 'report.md'}")
     return report
@@ -444,7 +446,7 @@ def finetune_export(cfg: DictConfig, zero_shot: Any, tuned: Any, ft_info: dict[s
 
 def report_stage(cfg: DictConfig, teacher: Any, model_cfg: dict[str, Any], measured: dict[str, Any],
                  train_metrics: dict[str, Any], export_info: dict[str, Any], out: Path,
-                 finetune: dict[str, Any] | None = None) -> dict[str, Any]:
+                 finetune: dict[str, Any] | None = None, started: float | None = None) -> dict[str, Any]:
     """report.json / report.md (and plots) in the run folder, with the summary and the targets."""
     t = {"name": teacher.name, "embed_dim": teacher.embed_dim, "fingerprint": teacher.fingerprint}
     if teacher.activation:
@@ -456,6 +458,8 @@ def report_stage(cfg: DictConfig, teacher: Any, model_cfg: dict[str, Any], measu
     if finetune is not None:
         report["finetune"] = finetune
     report["summary"] = report_mod.summarize(report)
+    if started is not None:  # this invocation's wall time, every stage included (a reused teacher cache shortens it)
+        report["summary"]["run_minutes"] = round((time.perf_counter() - started) / 60, 2)
     report["targets"] = evaluate_targets(report, _as_dict(cfg.bench.get("targets")))
     report_mod.write_report(report, out)
     return report

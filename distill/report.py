@@ -144,7 +144,24 @@ def summarize(report: Mapping[str, Any]) -> dict[str, Any]:
                 k: round(100 * (fp["zeroshot"][k]["top1"] - q["zeroshot"][k]["top1"]), 2)
                 for k in fp.get("zeroshot", {}) if k in q.get("zeroshot", {})}
     out["unsteady_latency"] = unsteady_latency(ok)
+    if report.get("finetune"):
+        # the α* model: the reference teacher, or the exported "student" when the fine-tune ran alone
+        alone = report["finetune"].get("then") == "export" and "student_torch_fp32" in ok
+        out["finetune"] = _finetune_summary(report["finetune"], ok.get("student_torch_fp32" if alone else ref or "", {}))
     return out
+
+
+def _finetune_summary(ft: Mapping[str, Any], teacher: Mapping[str, Any]) -> dict[str, Any]:
+    """The tuned teacher (α*, as the bench measured it) against the zero-shot one: ``teacher_top1``
+    and ``zero_shot_top1`` per classification set, ``change_points`` per metric of every set (on a
+    set the fine-tune never saw, a negative change is forgetting)."""
+    zs = (ft.get("chain") or {}).get("zero_shot", {})
+    tuned = {f"{s}/top1": m["top1"] for s, m in teacher.get("zeroshot", {}).items()}
+    tuned.update({f"{s}/{k}": m[k] for s, m in teacher.get("retrieval", {}).items() for k in ("i2t_r5", "t2i_r5")})
+    return {"alpha": ft.get("alpha"),
+            "teacher_top1": {k[:-5]: v for k, v in tuned.items() if k.endswith("/top1")},
+            "zero_shot_top1": {k[:-5]: v for k, v in zs.items() if k.endswith("/top1")},
+            "change_points": {k: round(100 * (v - zs[k]), 2) for k, v in tuned.items() if k in zs}}
 
 
 def unsteady_latency(variants: Mapping[str, dict], threshold: float | None = None) -> list[dict[str, Any]]:
