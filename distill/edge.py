@@ -32,6 +32,7 @@ still processed), 2 bad bundle or usage (one stderr line)):
     python -m distill.edge classify --bundle DIR [--precision auto|int8|fp32] [--top-k 5] [--batch-size N]
                                     [--json] IMAGE...
     python -m distill.edge embed --bundle DIR [--batch-size N] (--images IMG... | --texts TEXT...) -o out.npy
+    python -m distill.edge serve DIR [--port 8765] [--host 127.0.0.1]   the bundle's browser page (web/)
 """
 
 from __future__ import annotations
@@ -247,6 +248,101 @@ def load_bundle(path: str | Path, precision: str = "auto", *, threads: int | Non
                   class_embeddings=_unit(emb), image_session=sess, threads=threads, providers=providers)
 
 
+# ---------------------------------------------------------------------------- serve
+
+# wasm threads need SharedArrayBuffer, which browsers give only to cross-origin isolated pages
+ISOLATION_HEADERS = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp",
+                     "Cross-Origin-Resource-Policy": "same-origin"}
+COMPRESSIBLE = (".wasm", ".onnx", ".mjs", ".js", ".html", ".json", ".npy")  # not the tokenizer's .gz
+
+
+def serve(bundle: str | Path, port: int = 8765, host: str = "127.0.0.1") -> int:
+    """Serve a bundle folder over HTTP for its browser page (bundle/web/index.html) with the COOP/COEP
+    headers that wasm threads need, gzip-compressed for browsers that take it (the wasm runtime and the
+    models shrink by a half to three quarters; compressed once per file and kept). Prints one line with
+    the page's URL (port 0 picks a free port); runs until interrupted. Raises BundleError when the
+    folder has no page."""
+    import email.utils
+    import functools
+    import gzip
+    import http.server
+    import io
+    import os
+    import threading
+
+    gzipped: dict[str, tuple[int, bytes]] = {}
+    lock = threading.Lock()
+
+    root = Path(bundle).resolve()
+    if not (root / "web" / "index.html").is_file():
+        raise BundleError(f"{root}: no web/index.html, so no browser page to serve; " + REBUILD_HINT)
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, ".js": "text/javascript",
+                          ".mjs": "text/javascript", ".wasm": "application/wasm", ".json": "application/json",
+                          ".onnx": "application/octet-stream", ".npy": "application/octet-stream"}
+
+        def end_headers(self) -> None:
+            for k, v in ISOLATION_HEADERS.items():
+                self.send_header(k, v)
+            self.send_header("Cache-Control", "no-cache")  # a rebuilt bundle is picked up on reload
+            super().end_headers()
+
+        def send_head(self):
+            path = self.translate_path(self.path)
+            if (not os.path.isfile(path) or Path(path).suffix not in COMPRESSIBLE
+                    or "gzip" not in self.headers.get("Accept-Encoding", "")):
+                return super().send_head()
+            st = os.stat(path)
+            since = self.headers.get("If-Modified-Since")
+            if since:
+                try:
+                    if int(st.st_mtime) <= email.utils.parsedate_to_datetime(since).timestamp():
+                        self.send_response(304)
+                        self.end_headers()
+                        return None
+                except (TypeError, ValueError):
+                    pass
+            with lock:  # one compression per file version, however many requests come at once
+                cached = gzipped.get(path)
+                if cached is None or cached[0] != st.st_mtime_ns:
+                    cached = gzipped[path] = (st.st_mtime_ns, gzip.compress(Path(path).read_bytes(), 6, mtime=0))
+            self.send_response(200)
+            self.send_header("Content-Type", self.guess_type(path))
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(cached[1])))
+            self.send_header("Last-Modified", self.date_time_string(int(st.st_mtime)))
+            self.send_header("Vary", "Accept-Encoding")
+            self.end_headers()
+            return io.BytesIO(cached[1])
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            if self.path.split("?")[0] in ("", "/"):
+                self.send_response(302)
+                self.send_header("Location", "/web/")
+                self.end_headers()
+                return
+            super().do_GET()
+
+        def log_request(self, code: Any = "-", size: Any = "-") -> None:
+            if str(code).isdigit() and int(code) >= 400:  # only failures: a page load is ~20 requests
+                super().log_request(code, size)
+
+    try:
+        server = http.server.ThreadingHTTPServer((host, port), functools.partial(Handler, directory=str(root)))
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    shown = "127.0.0.1" if host in ("", "0.0.0.0") else host
+    print(f"serving {root} at http://{shown}:{server.server_address[1]}/web/ (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 # ---------------------------------------------------------------------------- CLI
 
 BATCH_HELP = ("images per ONNX run (default: 1 with the int8 model, because dynamic int8 computes its "
@@ -274,6 +370,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--images", nargs="+")
     g.add_argument("--texts", nargs="+")
     e.add_argument("-o", "--output", required=True)
+    s = sub.add_parser("serve", help="serve the bundle's browser page (web/) locally, with the COOP/COEP headers "
+                                     "wasm threads need")
+    s.add_argument("bundle")
+    s.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    s.add_argument("--host", default="127.0.0.1")
     return p
 
 
@@ -284,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse prints its own one-line usage error
         return 2 if e.code else 0
     try:
+        if args.cmd == "serve":
+            return serve(args.bundle, args.port, args.host)
         bundle = load_bundle(args.bundle, args.precision, threads=args.threads)
         failed = 0
         if args.cmd == "classify":

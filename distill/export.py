@@ -355,6 +355,26 @@ def _copy_onnx(src: str | Path, dst: Path) -> list[Path]:
     return copied
 
 
+WEB_DIR = Path(__file__).resolve().parent / "web"
+WEB_PAGE = ("index.html", "app.js", "preprocess.js", "tokenizer.js")
+# onnxruntime-web's wasm-only build (SIMD + threads), what the page imports; from `npm ci` in distill/web
+ORT_WEB_DIST = WEB_DIR / "node_modules" / "onnxruntime-web" / "dist"
+ORT_WEB_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
+
+
+def _copy_web(out: Path) -> list[Path]:
+    """The browser page (distill/web) and the onnxruntime-web runtime files into bundle/web/; without
+    the npm package, one warning and the page alone (it then says what is missing)."""
+    web = out / "web"
+    (web / "ort").mkdir(parents=True)
+    copied = [Path(shutil.copyfile(WEB_DIR / f, web / f)) for f in WEB_PAGE]
+    if not all((ORT_WEB_DIST / f).is_file() for f in ORT_WEB_FILES):
+        log.warning("bundle web page without its runtime: onnxruntime-web is not installed; run `npm ci --prefix "
+                    "%s` (or bash tools/setup.sh) and write the bundle again", WEB_DIR)
+        return copied
+    return copied + [Path(shutil.copyfile(ORT_WEB_DIST / f, web / "ort" / f)) for f in ORT_WEB_FILES]
+
+
 def write_bundle(out_dir: str | Path, *, image_onnx: str | Path, image_int8_onnx: str | Path | None = None,
                  text_onnx: str | Path | None = None, class_embeddings: np.ndarray, labels: Sequence[str],
                  preprocess: Mapping[str, Any], context_length: int, logit_scale: float = 100.0,
@@ -365,8 +385,8 @@ def write_bundle(out_dir: str | Path, *, image_onnx: str | Path, image_int8_onnx
     preprocess: the spec the student's training/eval data used (at least ``size``; the rest defaults
     to ``default_preprocess``), written complete to preprocess.json so the edge runtime follows it.
     Layout: image_encoder.onnx, [image_encoder.int8.onnx], [text_encoder.onnx], tokenizer/,
-    class_embeddings.npy, labels.json, preprocess.json, bundle.json (format version, embed_dim,
-    files with sha256, producer versions).
+    class_embeddings.npy, labels.json, preprocess.json, web/ (the browser page and, when installed,
+    onnxruntime-web in web/ort/), bundle.json (format version, embed_dim, files with sha256, producer versions).
     """
     from distill.tokenizer_np import NumpyTokenizer
 
@@ -399,6 +419,7 @@ def write_bundle(out_dir: str | Path, *, image_onnx: str | Path, image_int8_onnx
     NumpyTokenizer(context_length=context_length).save(out / "tokenizer")
     files += [out / "class_embeddings.npy", out / "labels.json", out / "preprocess.json",
               out / "tokenizer" / "bpe_simple_vocab_16e6.txt.gz", out / "tokenizer" / "tokenizer.json"]
+    files += _copy_web(out)
     import open_clip
     import onnxruntime
 

@@ -15,6 +15,9 @@ dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || need_apt="$need_apt dataset-fas
 dpkg -s tuxpaint-stamps-default >/dev/null 2>&1 || need_apt="$need_apt tuxpaint-stamps-default"
 dpkg -s wamerican >/dev/null 2>&1 || need_apt="$need_apt wamerican"
 dpkg -s nodejs >/dev/null 2>&1 || need_apt="$need_apt nodejs"
+# The bundle's browser page: npm fetches its runtime (onnxruntime-web), headless Chromium tests it.
+command -v npm >/dev/null 2>&1 || dpkg -s npm >/dev/null 2>&1 || need_apt="$need_apt npm"
+dpkg -s chromium-headless-shell >/dev/null 2>&1 || need_apt="$need_apt chromium-headless-shell"
 if [ -n "$need_apt" ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $need_apt
@@ -30,4 +33,7 @@ if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
   esac
 fi
 .venv/bin/python -m pip install -q -e ".[dev]"
+# onnxruntime-web at the version distill/web/package-lock.json pins; write_bundle copies it into bundle/web/ort/
+[ -f distill/web/node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.wasm ] || \
+  npm ci --prefix distill/web --no-audit --no-fund --loglevel=error
 echo "setup done: .venv ready"
