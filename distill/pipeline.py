@@ -458,9 +458,9 @@ def report_stage(cfg: DictConfig, teacher: Any, model_cfg: dict[str, Any], measu
         timing=measured["timing"], command="python -m distill " + " ".join(_overrides()))
     if finetune is not None:
         report["finetune"] = finetune
-    report["summary"] = report_mod.summarize(report)
     if started is not None:  # this invocation's wall time, every stage included (a reused teacher cache shortens it)
-        report["summary"]["run_minutes"] = round((time.perf_counter() - started) / 60, 2)
+        report["run_minutes"] = round((time.perf_counter() - started) / 60, 2)
+    report["summary"] = report_mod.summarize(report)
     report["targets"] = evaluate_targets(report, _as_dict(cfg.bench.get("targets")))
     report_mod.write_report(report, out)
     return report

@@ -144,6 +144,8 @@ def summarize(report: Mapping[str, Any]) -> dict[str, Any]:
                 k: round(100 * (fp["zeroshot"][k]["top1"] - q["zeroshot"][k]["top1"]), 2)
                 for k in fp.get("zeroshot", {}) if k in q.get("zeroshot", {})}
     out["unsteady_latency"] = unsteady_latency(ok)
+    if report.get("run_minutes") is not None:
+        out["run_minutes"] = report["run_minutes"]
     if report.get("finetune"):
         # the α* model: the reference teacher, or the exported "student" when the fine-tune ran alone
         alone = report["finetune"].get("then") == "export" and "student_torch_fp32" in ok

@@ -237,6 +237,8 @@ def test_finetune_then_distill_uses_the_tuned_teacher_and_its_own_cache(tmp_path
     manifest = json.loads((Path(report["training"]["cache"]["path"]) / "manifest.json").read_text())
     assert ft["tuned_fingerprint"] in json.dumps(manifest)  # the cache was built from the tuned teacher
     assert "WiSE-FT" in report["teacher"]["name"]
+    written = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert written["summary"]["run_minutes"] == report["run_minutes"] > 0  # bench.targets can name run_minutes
     summ = report["summary"]["finetune"]  # what bench.targets can name, e.g. finetune.teacher_top1.<set>
     assert set(summ["teacher_top1"]) == {"fashion-mnist/test"} and summ["alpha"] == ft["alpha"]
 
