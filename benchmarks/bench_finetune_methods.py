@@ -118,9 +118,19 @@ def main() -> None:
         return
     from distill.bench import environment
 
+    # every method once before any method twice, so a cut-short run still compares them all; rows of
+    # an earlier run with the same budget are kept and not run again
+    prev = OUT / "finetune_methods.json"
     rows = []
-    for method in args.methods.split(","):
-        for seed in args.seeds.split(","):
+    if prev.exists():
+        old = json.loads(prev.read_text())
+        if (old["args"]["steps"], old["args"]["batch"]) == (args.steps, args.batch):
+            rows = old["rows"]
+    done = {(r["method"], str(r["seed"])) for r in rows}
+    for seed in args.seeds.split(","):
+        for method in args.methods.split(","):
+            if (method, seed) in done:
+                continue
             t0 = time.time()
             r = subprocess.run([sys.executable, __file__, "--child", method, seed, "--steps", str(args.steps),
                                 "--batch", str(args.batch)], capture_output=True, text=True, cwd=REPO)

@@ -284,3 +284,14 @@ def test_a_checkpoint_from_another_base_is_refused(tmp_path):
     check_base(tmp_path, "aaaa", "lora")  # the same base resumes
     with pytest.raises(UserError, match="come from another base model or method"):
         check_base(tmp_path, "bbbb", "lora")
+
+
+def test_a_local_dir_teacher_keeps_its_folder_config_so_a_tuned_copy_can_be_written_back(tmp_path):
+    """A shipped student re-tuned as a teacher (local-dir:) must export with its own open_clip config."""
+    from distill.export import save_open_clip_dir
+    from distill.teachers.open_clip_teacher import OpenClipTeacher
+
+    folder = save_open_clip_dir(_clip(), dict(TINY_TEACHER_CFG), tmp_path / "student")
+    teacher = OpenClipTeacher(model_name=f"local-dir:{folder}", pretrained=None)
+    assert teacher.model_cfg["vision_cfg"] == TINY_TEACHER_CFG["vision_cfg"]
+    assert teacher.model_cfg["text_cfg"]["context_length"] == 16

@@ -59,7 +59,7 @@ def test_lora_targets_query_value_and_only_ungrouped_1x1_convs(teacher):
     convs = [named[n] for n in mods if isinstance(named[n], nn.Conv2d)]
     assert convs and all(c.kernel_size == (1, 1) and c.groups == 1 for c in convs)
     assert not any("_depthwise_conv" in n for n in mods)
-    pm = methods.attach_lora(m, CONSE, rank=4, targets={"text": ["query", "value"], "image": ["classifier"]})
+    pm = methods.attach_lora(m, CONSE, rank=4, targets={"text": ["query", "value"], "image": ["conv1x1", "classifier"]})
     for n, p in pm.named_parameters():
         if "lora_B" in n:
             nn.init.normal_(p, std=0.02)
@@ -94,3 +94,14 @@ def test_head_fine_tune_uses_the_backbone_memo_and_yields_a_new_teacher(teacher,
     memo = MemoisedTeacher(tuned, m)
     torch.testing.assert_close(memo.encode_image(X), tuned.encode_image(X), atol=1e-4, rtol=1e-4)
     assert memo.release() is tuned and m.memo is None
+
+
+def test_adapters_follow_minilm_mlps_and_efficientnet_projection_convs(teacher):
+    m = ConSEModule(teacher).eval()
+    before = ConSESubject().encoder(m).encode_image(X)
+    counts = methods.attach_adapters(m, CONSE, reduction=4)
+    names = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert any(n.startswith("image._blocks.") and ".adapter." in n for n in names)
+    assert any(n.startswith("text.encoder.layer.") and ".adapter." in n for n in names)
+    assert all(".adapter." in n for n in names) and counts["trainable"] < counts["total"] / 10
+    torch.testing.assert_close(ConSESubject().encoder(m).encode_image(X), before, atol=1e-5, rtol=1e-5)

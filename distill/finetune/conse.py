@@ -37,6 +37,20 @@ CONSE = Layout(
 )
 
 
+def _plain_pointwise_convs(module: nn.Module) -> None:
+    """Swap EfficientNet-Lite's 1x1 stride-1 ``Conv2dStaticSamePadding`` (zero padding: the same
+    maths) for plain ``nn.Conv2d`` with the same weights: peft builds a LoRA conv by calling the
+    base layer's class, whose constructor here demands an image size."""
+    for name, child in list(module.named_children()):
+        if (isinstance(child, nn.Conv2d) and type(child) is not nn.Conv2d and child.kernel_size == (1, 1)
+                and child.stride == (1, 1) and child.groups == 1):
+            plain = nn.Conv2d(child.in_channels, child.out_channels, 1, bias=child.bias is not None)
+            plain.load_state_dict(child.state_dict())
+            setattr(module, name, plain)
+        else:
+            _plain_pointwise_convs(child)
+
+
 class ConSEModule(nn.Module):
     """image: EfficientNet -> softmax -> top-k classes, renormalised -> mix of their class-table
     rows; text: MiniLM, mean-pooled. ``forward`` returns open_clip's output dict."""
@@ -50,6 +64,7 @@ class ConSEModule(nn.Module):
         self.top_k, self.image_size, self.max_len = int(teacher.top_k), int(teacher.image_size), int(teacher._max_len)
         self.tokenizer = teacher._tokenizer
         self.memo: dict[bytes, torch.Tensor] | None = None  # pixels digest -> pooled backbone feature
+        _plain_pointwise_convs(self.image)
 
     def _backbone_frozen(self) -> bool:
         return not any(p.requires_grad for n, p in self.image.named_parameters() if not n.startswith("_fc."))

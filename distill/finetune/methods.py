@@ -194,10 +194,14 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:  # a convolution's (B, C, H, W) output: the MLP runs over the channels
+            return x + self.up(self.act(self.down(x.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
         return x + self.up(self.act(self.down(x)))
 
 
 def _out_width(module: nn.Module) -> int:
+    if isinstance(module, nn.Conv2d):
+        return int(module.out_channels)
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise UserError(f"cannot place an adapter after {type(module).__name__}: it has no linear layer")

@@ -3,10 +3,12 @@ an inline architecture (tiny teachers for tests) or random weights (``pretrained
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
 import zipfile
+from pathlib import Path
 from typing import Any, Sequence
 
 import open_clip
@@ -230,6 +232,10 @@ class OpenClipTeacher:
         """A CLIP by open_clip name (or hf-hub:/local-dir: schema) with a weights tag or file."""
         has_schema = ":" in model_name
         base_cfg = None if has_schema else open_clip.get_model_config(model_name)
+        if model_name.startswith("local-dir:"):  # the folder's own config: what a re-export must write back
+            cfg_file = Path(model_name.split(":", 1)[1]) / "open_clip_config.json"
+            if cfg_file.is_file():
+                base_cfg = json.loads(cfg_file.read_text()).get("model_cfg")
         tag_cfg, kind, openai_state = None, None, None
         if pretrained and _is_file_path(pretrained):
             kind, openai_state = sniff_checkpoint(self._check_file(pretrained))
