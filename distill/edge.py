@@ -38,8 +38,15 @@ still processed), 2 bad bundle or usage (one stderr line)):
 from __future__ import annotations
 
 import argparse
+import email.utils
+import functools
+import gzip
+import http.server
+import io
 import json
+import os
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -256,80 +263,75 @@ ISOLATION_HEADERS = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-
 COMPRESSIBLE = (".wasm", ".onnx", ".mjs", ".js", ".html", ".json", ".npy")  # not the tokenizer's .gz
 
 
-def serve(bundle: str | Path, port: int = 8765, host: str = "127.0.0.1") -> int:
-    """Serve a bundle folder over HTTP for its browser page (bundle/web/index.html) with the COOP/COEP
-    headers that wasm threads need, gzip-compressed for browsers that take it (the wasm runtime and the
-    models shrink by a half to three quarters; compressed once per file and kept). Prints one line with
-    the page's URL (port 0 picks a free port); runs until interrupted. Raises BundleError when the
-    folder has no page."""
-    import email.utils
-    import functools
-    import gzip
-    import http.server
-    import io
-    import os
-    import threading
+class _BundleHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files of a bundle with the COOP/COEP headers wasm threads need, gzip for browsers that
+    take it (compressed once per file version and kept), ``/`` redirected to the page."""
 
+    extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, ".js": "text/javascript",
+                      ".mjs": "text/javascript", ".wasm": "application/wasm", ".json": "application/json",
+                      ".onnx": "application/octet-stream", ".npy": "application/octet-stream"}
     gzipped: dict[str, tuple[int, bytes]] = {}
     lock = threading.Lock()
 
+    def end_headers(self) -> None:
+        for k, v in ISOLATION_HEADERS.items():
+            self.send_header(k, v)
+        self.send_header("Cache-Control", "no-cache")  # a rebuilt bundle is picked up on reload
+        super().end_headers()
+
+    def _not_modified(self, st: os.stat_result) -> bool:
+        since = self.headers.get("If-Modified-Since")
+        try:
+            return bool(since) and int(st.st_mtime) <= email.utils.parsedate_to_datetime(since).timestamp()
+        except (TypeError, ValueError):
+            return False
+
+    def send_head(self):
+        path = self.translate_path(self.path)
+        if (not os.path.isfile(path) or Path(path).suffix not in COMPRESSIBLE
+                or "gzip" not in self.headers.get("Accept-Encoding", "")):
+            return super().send_head()
+        st = os.stat(path)
+        if self._not_modified(st):
+            self.send_response(304)
+            self.end_headers()
+            return None
+        with self.lock:  # one compression per file version, however many requests come at once
+            cached = self.gzipped.get(path)
+            if cached is None or cached[0] != st.st_mtime_ns:
+                cached = self.gzipped[path] = (st.st_mtime_ns, gzip.compress(Path(path).read_bytes(), 6, mtime=0))
+        self.send_response(200)
+        self.send_header("Content-Type", self.guess_type(path))
+        self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(cached[1])))
+        self.send_header("Last-Modified", self.date_time_string(int(st.st_mtime)))
+        self.send_header("Vary", "Accept-Encoding")
+        self.end_headers()
+        return io.BytesIO(cached[1])
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if self.path.split("?")[0] in ("", "/"):
+            self.send_response(302)
+            self.send_header("Location", "/web/")
+            self.end_headers()
+            return
+        super().do_GET()
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        if str(code).isdigit() and int(code) >= 400:  # only failures: a page load is ~20 requests
+            super().log_request(code, size)
+
+
+def serve(bundle: str | Path, port: int = 8765, host: str = "127.0.0.1") -> int:
+    """Serve a bundle folder over HTTP for its browser page (bundle/web/index.html) with the COOP/COEP
+    headers that wasm threads need, gzip-compressed for browsers that take it (the wasm runtime and the
+    models shrink by a half to three quarters). Prints one line with the page's URL (port 0 picks a
+    free port); runs until interrupted. Raises BundleError when the folder has no page."""
     root = Path(bundle).resolve()
     if not (root / "web" / "index.html").is_file():
         raise BundleError(f"{root}: no web/index.html, so no browser page to serve; " + REBUILD_HINT)
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, ".js": "text/javascript",
-                          ".mjs": "text/javascript", ".wasm": "application/wasm", ".json": "application/json",
-                          ".onnx": "application/octet-stream", ".npy": "application/octet-stream"}
-
-        def end_headers(self) -> None:
-            for k, v in ISOLATION_HEADERS.items():
-                self.send_header(k, v)
-            self.send_header("Cache-Control", "no-cache")  # a rebuilt bundle is picked up on reload
-            super().end_headers()
-
-        def send_head(self):
-            path = self.translate_path(self.path)
-            if (not os.path.isfile(path) or Path(path).suffix not in COMPRESSIBLE
-                    or "gzip" not in self.headers.get("Accept-Encoding", "")):
-                return super().send_head()
-            st = os.stat(path)
-            since = self.headers.get("If-Modified-Since")
-            if since:
-                try:
-                    if int(st.st_mtime) <= email.utils.parsedate_to_datetime(since).timestamp():
-                        self.send_response(304)
-                        self.end_headers()
-                        return None
-                except (TypeError, ValueError):
-                    pass
-            with lock:  # one compression per file version, however many requests come at once
-                cached = gzipped.get(path)
-                if cached is None or cached[0] != st.st_mtime_ns:
-                    cached = gzipped[path] = (st.st_mtime_ns, gzip.compress(Path(path).read_bytes(), 6, mtime=0))
-            self.send_response(200)
-            self.send_header("Content-Type", self.guess_type(path))
-            self.send_header("Content-Encoding", "gzip")
-            self.send_header("Content-Length", str(len(cached[1])))
-            self.send_header("Last-Modified", self.date_time_string(int(st.st_mtime)))
-            self.send_header("Vary", "Accept-Encoding")
-            self.end_headers()
-            return io.BytesIO(cached[1])
-
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            if self.path.split("?")[0] in ("", "/"):
-                self.send_response(302)
-                self.send_header("Location", "/web/")
-                self.end_headers()
-                return
-            super().do_GET()
-
-        def log_request(self, code: Any = "-", size: Any = "-") -> None:
-            if str(code).isdigit() and int(code) >= 400:  # only failures: a page load is ~20 requests
-                super().log_request(code, size)
-
     try:
-        server = http.server.ThreadingHTTPServer((host, port), functools.partial(Handler, directory=str(root)))
+        server = http.server.ThreadingHTTPServer((host, port), functools.partial(_BundleHandler, directory=str(root)))
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     shown = "127.0.0.1" if host in ("", "0.0.0.0") else host
