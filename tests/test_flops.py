@@ -119,7 +119,8 @@ def test_local_dir_and_onnx_teachers_get_params_and_flops(tmp_path, tiny_teacher
     assert ref_f == flops.clip_flops(TINY_TEACHER_CFG) and ref_p["total"] > ref_p["image"] > 0
     save_open_clip_dir(tiny_teacher.model, TINY_TEACHER_CFG, tmp_path / "oc")
     local = OpenClipTeacher(model_name=f"local-dir:{tmp_path / 'oc'}")
-    assert local.model_cfg is None  # open_clip gives no config for a folder: it is read off the modules
+    # open_clip gives no config for a folder: the teacher reads the folder's open_clip_config.json
+    assert local.model_cfg["vision_cfg"] == TINY_TEACHER_CFG["vision_cfg"]
     assert teacher_stats(local)[:2] == (ref_p, ref_f)
 
     info = export_onnx(tiny_teacher.model, tmp_path / "onnx", image_size=32, context_length=16)
