@@ -82,22 +82,27 @@ def write(rows: list[dict], args: argparse.Namespace, env: dict) -> None:
                                                           indent=1))
     lines = ["# Fine-tune methods on the ConSE teacher: same data, same budget",
              "", f"Measured {time.strftime('%Y-%m-%d')} by `benchmarks/bench_finetune_methods.py` "
-             f"({args.steps} steps of {args.batch} images, seeds {args.seeds}); mean ± sample standard deviation "
+             f"({args.steps} steps of {args.batch} images, seeds {args.seeds} requested: the seeds column says how many ran); mean ± sample standard deviation "
              "over seeds. Training data: 4,000 Fashion-MNIST training images (400 a class, 2 views each) "
              "captioned from their labels; 5% carved out for validation. In-domain: top-1 on 500 Fashion-MNIST "
              "test images (50 a class; after tuning this is supervised in-domain, not zero-shot). Forgetting: "
              "the change of Tux Paint val R@5 (mean of image->text and text->image) from the zero-shot teacher, "
-             "in points; Tux Paint is never seen. Peak RSS is the process's (teacher, data and all).",
+             "in points; Tux Paint is never seen. Peak RSS is the process's (teacher, data and all). "
+             "ms / step is the fine-tune stage's time from its start to the end of training over the steps: it "
+             "includes copying the teacher and reading the validation images, a large share at 30 steps. "
+             "Learning rates: see METHODS in the script (10x the method files' for full and one tower, 1e-3 "
+             "for LoRA, adapters and head). The 2-core box ran other jobs during some rows, so compare "
+             "times loosely.",
              "", "Environment: " + ", ".join(f"{k} {env[k]}" for k in ("cpu", "torch_threads", "torch", "python")),
              f"; CPU flags: {' '.join(env['cpu_flags']) if isinstance(env['cpu_flags'], list) else env['cpu_flags']}.", "",
-             "| method | trainable % | peak RSS (GB) | ms / step | in-domain top-1 (%) | forgetting (R@5 points) |",
-             "|---|---|---|---|---|---|"]
+             "| method | trainable % | peak RSS (GB) | ms / step | in-domain top-1 (%) | forgetting (R@5 points) | seeds |",
+             "|---|---|---|---|---|---|---|"]
     zs = [r["zero_shot_top1"] * 100 for r in rows]
     for m in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == m]
         lines.append(f"| {m} | {rs[0]['trainable_pct']:.3f} | {_mean_sd([r['peak_rss_gb'] for r in rs])} | "
                      f"{_mean_sd([r['step_ms'] for r in rs])} | {_mean_sd([100 * r['tuned_top1'] for r in rs])} | "
-                     f"{_mean_sd([r['forgetting_r5_points'] for r in rs])} |")
+                     f"{_mean_sd([r['forgetting_r5_points'] for r in rs])} | {len(rs)} |")
     lines += ["", f"Zero-shot teacher on the same 500 images: {statistics.mean(zs):.2f}% top-1.", ""]
     (OUT / "finetune_methods.md").write_text("\n".join(lines))
 
