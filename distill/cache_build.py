@@ -4,8 +4,9 @@ training runs reuse it.
 
 It composes the same config as `python -m distill` (same overrides), so it builds the entry a
 training run of that config looks up. Under torchrun every rank embeds its share of the chunks
-(distill.cache); alone it builds in one process. Needs finetune=none (a fine-tuned teacher's cache
-is built by its training run) and no data.train.stream (streams have no cache). Writes no run
+(distill.cache); alone it builds in one process. For a reinforced stream (data.train.stream.reinforced)
+it writes the companion teacher shards instead (distill.reinforce), each rank its share of the shards.
+Needs finetune=none (a fine-tuned teacher's cache is built by its training run). Writes no run
 folder; logs to stderr; a UserError is one line `error: ...` and exit code 2.
 """
 
@@ -53,6 +54,13 @@ def build(cfg: DictConfig):
     pipeline.seed_everything(int(cfg.seed))  # as run() does before building the teacher
     teacher = pipeline.build_teacher(cfg.teacher, device)
     trainset, _, _ = pipeline.build_data(cfg.data)
+    if isinstance(trainset, pipeline.TrainStream):  # a reinforced stream's cache is its companion shards
+        out = pipeline.reinforce_stage(cfg.cache, teacher, trainset)
+        if dist_utils.rank() == 0:
+            print(f"companion teacher shards: {out['manifest']} (this rank built {out['built']}, kept {out['kept']}, "
+                  f"failed {len(out['failed'])})")
+        dist_utils.cleanup()
+        return out
     cache = pipeline.cache_stage(cfg.cache, teacher, trainset, device)
     if dist_utils.rank() == 0:
         print(f"teacher cache: {cache.path} ({cache.image_emb.shape[0]} items, {cache.text_emb.shape[0]} texts)")

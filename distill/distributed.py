@@ -101,6 +101,13 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each key's mean over the ranks that have it: the logged loss of a DDP step is the global batch's."""
+    parts = all_gather_object(values)
+    keys = dict.fromkeys(k for p in parts for k in p)
+    return {k: sum(p[k] for p in parts if k in p) / sum(k in p for p in parts) for k in keys}
+
+
 def all_gather_object(obj) -> list:
     """Every rank's picklable object, in rank order, on every rank (``[obj]`` in a single process)."""
     if not is_dist():

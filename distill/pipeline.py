@@ -144,7 +144,7 @@ def build_data(cfg: DictConfig) -> tuple[TrainSet | TrainStream, dict[str, dict[
                 "eval_prompts_excluded_from_corpus": len(excluded), "sources": [src.name],
                 "stream": {"shards": len(src.urls), "resampled": src.resampled,
                            "epochs": None if src.resampled else src.epochs,
-                           "buffer": src.buffer, "seed": src.seed}}
+                           "buffer": src.buffer, "seed": src.seed, "reinforced": src.reinforced}}
         return TrainStream(src, spec, corpus), eval_sets, {**info, **evals}
     trainset = TrainSet(sources, spec, corpus)
     info = {
@@ -358,7 +358,10 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     teacher, ft_info = finetune_stage(cfg.finetune, teacher, trainset, eval_sets, out, device)
     if ft_info is not None and cfg.finetune.then == "export":
         return finetune_export(cfg, zero_shot, teacher, ft_info, trainset, eval_sets, out, started) if main_proc else {}
-    cache = cache_stage(cfg.cache, teacher, trainset, device) if cfg.cache.enabled else None
+    if isinstance(trainset, TrainStream) and trainset.source.reinforced:
+        cache, data_info["reinforce"] = None, reinforce_stage(cfg.cache, teacher, trainset)
+    else:
+        cache = cache_stage(cfg.cache, teacher, trainset, device) if cfg.cache.enabled else None
     # a tuned teacher may have memoised frozen-part outputs for its cache; later stages run it plainly
     teacher = teacher.release() if hasattr(teacher, "release") else teacher
     log.info("stage student")
@@ -397,6 +400,20 @@ def cache_stage(cfg: DictConfig, teacher: Any, trainset: TrainSet, device: torch
     log.info("stage cache: %d items", len(trainset))
     return build_or_load(teacher, trainset, cfg.dir, chunk_size=int(cfg.chunk_size), batch_size=int(cfg.batch_size),
                          num_workers=int(cfg.num_workers), device=device, progress=dist_utils.rank() == 0)
+
+
+def reinforce_stage(cfg: DictConfig, teacher: Any, stream: TrainStream) -> dict[str, Any]:
+    """A reinforced stream's cache: every rank writes the companion teacher shards of its share of the
+    shards that lack one (distill.reinforce), then the stream reads them with this teacher's fingerprint."""
+    from distill import reinforce
+
+    src = stream.source
+    log.info("stage cache: companion teacher shards for %d shard(s)", len(src.urls))
+    out = reinforce.build_companions(teacher, src.urls, stream.spec, root=src.teacher_root,
+                                     batch_size=int(cfg.batch_size), image_keys=src.image_keys,
+                                     caption_keys=src.caption_keys)
+    src.teacher_fingerprint = reinforce.fingerprint(teacher.fingerprint, stream.spec)
+    return out
 
 
 def train_stage(cfg: DictConfig, teacher: Any, student: torch.nn.Module, model_cfg: dict[str, Any], tokenizer,

@@ -91,6 +91,7 @@ class Sample(NamedTuple):
     caption: str  # "" when the sample has no caption
     reader: int  # the reader that produced it (rank * workers + worker)
     state: dict  # that reader's ReaderState (as a dict) just after this sample
+    teacher: Any = None  # reinforced shards: {"image": (K, D) f16, "seeds": (K,), "text": (D,) f16 | None}
 
 
 @dataclass
@@ -106,6 +107,7 @@ class ReaderState:
     shards_truncated: int = 0
     images_corrupt: int = 0
     no_image: int = 0
+    teacher_mismatch: int = 0  # reinforced shards whose companion is missing or does not match (rest skipped)
     failures: list = field(default_factory=list)  # the first KEEP_FAILURES failure lines
 
     @classmethod
@@ -124,7 +126,8 @@ class ReaderState:
             log.warning("%s", line)
 
 
-COUNTERS = ("samples", "shards_done", "shards_failed", "shards_truncated", "images_corrupt", "no_image")
+COUNTERS = ("samples", "shards_done", "shards_failed", "shards_truncated", "images_corrupt", "no_image",
+            "teacher_mismatch")
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
@@ -161,9 +164,9 @@ def _pick(url: str, key: str, group: dict[str, bytes], image_keys: Sequence[str]
     return f"{url}#{key}", image, caption
 
 
-def tar_samples(stream: Any, url: str, image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
-                caption_keys: Sequence[str] = ("txt", "caption", "json")) -> Iterator[tuple[str, bytes | None, str]]:
-    """Samples of a tar stream in file order; raises tarfile.ReadError on a stream that ends early."""
+def tar_groups(stream: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(member key, {extension: bytes}) of a tar stream in file order; raises tarfile.ReadError on a
+    stream that ends early. Members sharing the path up to the first dot of their name form a group."""
     tf = tarfile.open(fileobj=stream, mode="r|*")
     key, group = None, {}
     for m in tf:
@@ -172,12 +175,12 @@ def tar_samples(stream: Any, url: str, image_keys: Sequence[str] = ("jpg", "jpeg
             continue
         d, base = os.path.split(m.name)
         stem, _, ext = base.partition(".")
-        if stem.startswith("__") and stem.endswith("__"):
-            continue  # webdataset's metadata members (__key__ files)
+        if stem.startswith("__") and stem.endswith("__") and key is not None:
+            continue  # webdataset's metadata members (__key__ files); a leading one is a shard header
         k, ext = os.path.join(d, stem), ext.lower()
         if k != key or ext in group:  # a new key's header: the previous sample is complete
             if group:
-                yield _pick(url, key, group, image_keys, caption_keys)
+                yield key, group
             key, group = k, {}
         group[ext] = tf.extractfile(m).read()
     # A complete archive ends with a zero block that tarfile read past; a stream cut at a member
@@ -185,6 +188,15 @@ def tar_samples(stream: Any, url: str, image_keys: Sequence[str] = ("jpg", "jpeg
     if getattr(tf.fileobj, "pos", tf.offset + tarfile.BLOCKSIZE) - tf.offset < tarfile.BLOCKSIZE:
         raise tarfile.ReadError("unexpected end of data (no end-of-archive block)")
     if group:
+        yield key, group
+
+
+def tar_samples(stream: Any, url: str, image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
+                caption_keys: Sequence[str] = ("txt", "caption", "json")) -> Iterator[tuple[str, bytes | None, str]]:
+    """Samples of a tar stream in file order; raises tarfile.ReadError on a stream that ends early."""
+    for key, group in tar_groups(stream):
+        if key.startswith("__") and key.endswith("__"):
+            continue  # a leading metadata member
         yield _pick(url, key, group, image_keys, caption_keys)
 
 
@@ -235,17 +247,33 @@ def describe_failure(url: str, e: BaseException, status: int | None = None, samp
     return f"shard {url} could not be read ({why}): {fix}"
 
 
+def _raw_samples(stream: Any, url: str, image_keys: Sequence[str], caption_keys: Sequence[str],
+                 companion: tuple[str, str | None] | None) -> Iterator[tuple]:
+    """(key, image bytes, caption) per sample, plus the teacher entry when paired with a companion shard."""
+    if companion is None:
+        yield from tar_samples(stream, url, image_keys, caption_keys)
+        return
+    from distill.reinforce import paired_groups
+
+    for key, group, teacher in paired_groups(stream, url, *companion):
+        yield (*_pick(url, key, group, image_keys, caption_keys), teacher)
+
+
 def shuffled_events(url: str, rng: random.Random, buffer: int, image_keys: Sequence[str],
-                    caption_keys: Sequence[str]) -> Iterator[tuple[str, Any]]:
+                    caption_keys: Sequence[str], companion: tuple[str, str | None] | None = None
+                    ) -> Iterator[tuple[str, Any]]:
     """A shard's samples in seeded shuffle-buffer order, as ("sample", raw) events, with at most one
-    ("failed" | "truncated", line) event where reading broke off; the buffer drains at the end."""
+    ("failed" | "truncated" | "mismatch", line) event where reading broke off; the buffer drains at the
+    end. ``companion``: (companion shard URL, wanted fingerprint) of a reinforced shard."""
     from webdataset.gopen import gopen
+
+    from distill.reinforce import CompanionMismatch
 
     buf: list = []
     stream, read = None, 0
     try:
         stream = gopen(url, "rb")
-        for raw in tar_samples(stream, url, image_keys, caption_keys):
+        for raw in _raw_samples(stream, url, image_keys, caption_keys, companion):
             read += 1
             buf.append(raw)
             if len(buf) >= buffer:
@@ -258,6 +286,8 @@ def shuffled_events(url: str, rng: random.Random, buffer: int, image_keys: Seque
     except READ_ERRORS as e:
         yield ("truncated" if read else "failed"), describe_failure(url, e, _close(stream), read)
         stream = None
+    except CompanionMismatch as e:  # samples already paired are sound; the rest of the shard is skipped
+        yield "mismatch", str(e)
     finally:
         _close(stream)
     while buf:
@@ -288,7 +318,8 @@ class StreamingShards(IterableDataset):
     def __init__(self, urls: str | Sequence[str], resampled: bool = False, epochs: int | None = 1, seed: int = 0,
                  buffer: int = 1000, shuffle_shards: bool = True, rank: int | None = None,
                  world_size: int | None = None, image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
-                 caption_keys: Sequence[str] = ("txt", "caption", "json")) -> None:
+                 caption_keys: Sequence[str] = ("txt", "caption", "json"), reinforced: bool = False,
+                 teacher_root: str | None = None) -> None:
         self.urls = expand_urls(urls)
         if epochs is not None and int(epochs) < 1:
             raise UserError(f"epochs={epochs} must be >= 1 (or None for endless)")
@@ -298,6 +329,10 @@ class StreamingShards(IterableDataset):
         self.buffer, self.shuffle_shards = int(buffer), bool(shuffle_shards)
         self._rank, self._world = rank, world_size
         self.image_keys, self.caption_keys = tuple(image_keys), tuple(caption_keys)
+        # reinforced: each shard is read with its companion teacher shard (distill.reinforce), whose
+        # header must carry teacher_fingerprint (set by the pipeline once the teacher is built)
+        self.reinforced, self.teacher_root = bool(reinforced), teacher_root
+        self.teacher_fingerprint: str | None = None
         self.name = f"wds-stream:{os.path.basename(self.urls[0]) or self.urls[0]}+{len(self.urls) - 1}"
         self.resume: dict[int, dict] = {}  # reader id -> ReaderState dict, read when iteration starts
         self.worker_offset = 0  # worker w plays reader slot (w + offset) % workers: see StreamLoader
@@ -352,7 +387,7 @@ class StreamingShards(IterableDataset):
                 barren.add(url)
             if st.samples == 0 and pool <= barren:  # else an endless stream would spin on unreadable shards
                 line = st.failures[0] if st.failures else f"no shard of {self.name} holds a sample"
-                if not line.startswith("shard "):
+                if not line.startswith(("shard ", "companion ")):
                     line = f"no shard of {self.name} holds a readable image ({line}): check image_keys and the files"
                 if readers == 1 and get_worker_info() is None:  # in a worker StreamLoader raises it, on one line
                     raise UserError(line)
@@ -367,7 +402,8 @@ class StreamingShards(IterableDataset):
         """
         skip, taken, held = st.item, 0, None
         rng = random.Random(_stable_int(self.seed, "buffer", reader, st.epoch, st.shard))
-        for kind, payload in shuffled_events(url, rng, self.buffer, self.image_keys, self.caption_keys):
+        for kind, payload in shuffled_events(url, rng, self.buffer, self.image_keys, self.caption_keys,
+                                             self.companion(url)):
             if kind == "sample":
                 taken += 1
                 if taken <= skip:
@@ -378,6 +414,10 @@ class StreamingShards(IterableDataset):
                     if held is not None:
                         yield held
                     held = sample
+            elif kind == "mismatch":
+                if taken >= skip:
+                    st.teacher_mismatch += 1
+                    st.note(payload)
             elif kind == "failed":
                 if taken >= skip:  # events before the saved position are already in the restored counters
                     st.shards_failed += 1
@@ -390,8 +430,16 @@ class StreamingShards(IterableDataset):
         if held is not None:  # every later event of this shard is in st: fold them into the finished position
             yield held._replace(state={**st.snapshot(), "shard": st.shard + 1, "item": 0})
 
-    def _decode(self, raw: tuple[str, bytes | None, str], reader: int, st: ReaderState) -> Sample | None:
-        key, data, caption = raw
+    def companion(self, url: str) -> tuple[str, str | None] | None:
+        """(companion shard URL, wanted fingerprint) for a reinforced stream, else None."""
+        if not self.reinforced:
+            return None
+        from distill.reinforce import companion_url
+
+        return companion_url(url, self.teacher_root), self.teacher_fingerprint
+
+    def _decode(self, raw: tuple, reader: int, st: ReaderState) -> Sample | None:
+        key, data, caption = raw[:3]
         if data is None:
             st.no_image += 1
             return None
@@ -402,13 +450,14 @@ class StreamingShards(IterableDataset):
             st.note(f"skipping unreadable image {key}: {_reason(e)}")
             return None
         st.samples += 1
-        return Sample(key, img, caption, reader, st.snapshot())
+        return Sample(key, img, caption, reader, st.snapshot(), raw[3] if len(raw) > 3 else None)
 
     def probe(self) -> str | None:
         """The first shard's failure line when no shard yields a sample, else None (main-process diagnosis)."""
         first = None
         for url in self.urls:
-            for kind, payload in shuffled_events(url, random.Random(0), 0, self.image_keys, self.caption_keys):
+            for kind, payload in shuffled_events(url, random.Random(0), 0, self.image_keys, self.caption_keys,
+                                                 self.companion(url)):
                 if kind == "sample":
                     return None
                 first = first or payload

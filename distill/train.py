@@ -48,7 +48,11 @@ class TrainStream:
 class StreamViews:
     """A stream ``Sample`` -> {"key", "image": (3, S, S) in [0, 1], "caption"}. The augmented crop is
     seeded by (spec seed, key, the reader's sample counter): a key met again gets a fresh crop, and a
-    resumed reader, whose counter continues from the checkpoint, draws the same crop as before."""
+    resumed reader, whose counter continues from the checkpoint, draws the same crop as before.
+
+    A reinforced sample (``sample.teacher``, distill.reinforce) instead picks one of its K stored views,
+    by the same seeding, and rebuilds it from the stored seed; the item then carries the teacher's
+    embedding of exactly that view ("t_image") and of the caption ("t_text", None if uncaptioned)."""
 
     def __init__(self, spec: ViewSpec) -> None:
         self.spec = spec
@@ -57,18 +61,30 @@ class StreamViews:
         return _stable_int(self.spec.seed, sample.key, int(sample.state["samples"]))
 
     def __call__(self, sample: Sample) -> dict[str, Any]:
-        spec = self.spec
-        img = (augmented_view(sample.image, spec.size, self.seed(sample), scale=tuple(spec.scale)) if spec.augment
+        spec, t = self.spec, sample.teacher
+        seed = self.seed(sample)
+        if t is not None:
+            k = seed % len(t["seeds"])
+            seed = int(t["seeds"][k])
+        img = (augmented_view(sample.image, spec.size, seed, scale=tuple(spec.scale)) if spec.augment
                else eval_view(sample.image, spec.size))
-        return {"key": sample.key, "image": img, "caption": sample.caption}
+        item = {"key": sample.key, "image": img, "caption": sample.caption}
+        if t is not None:
+            item["t_image"] = torch.from_numpy(t["image"][k].astype("float32"))
+            item["t_text"] = None if t["text"] is None else torch.from_numpy(t["text"].astype("float32"))
+        return item
 
 
 def stream_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack a stream batch; captions stay strings ("" for an uncaptioned sample: the task draws a corpus text)."""
     captions = [it["caption"] for it in items]
-    return {"key": [it["key"] for it in items], "image": torch.stack([it["image"] for it in items]),
-            "caption": captions, "paired": all(captions) and bool(items),
-            "pair_mask": torch.tensor([bool(c) for c in captions], dtype=torch.bool), "skipped": []}
+    out = {"key": [it["key"] for it in items], "image": torch.stack([it["image"] for it in items]),
+           "caption": captions, "paired": all(captions) and bool(items),
+           "pair_mask": torch.tensor([bool(c) for c in captions], dtype=torch.bool), "skipped": []}
+    if items and "t_image" in items[0]:  # reinforced: the stored teacher targets ride along
+        out["t_image"] = torch.stack([it["t_image"] for it in items])
+        out["t_text"] = [it["t_text"] for it in items]
+    return out
 
 
 class DistillTask:
@@ -96,7 +112,7 @@ class DistillTask:
             raise ValueError("distillation needs either an indexed dataset or a stream")
         if stream is not None and cache is not None:
             raise UserError("a training stream has no item indices for the teacher cache: set cache.enabled=false "
-                            "(the teacher runs online for streams)")
+                            "(the teacher runs online for streams) or data.train.stream.reinforced=true")
         self.model, self.loss_fn, self.dataset, self.tokenizer = student, loss_fn, dataset, tokenizer
         self.stream = stream
         self.loader = None if stream is None else StreamLoader(
@@ -147,7 +163,7 @@ class DistillTask:
     def _texts(self, batch: Mapping[str, Any], step: int, micro: int) -> tuple[list[str], torch.Tensor | None]:
         """The text of each image (a fresh corpus draw for uncaptioned ones), then the extra rows; with
         their rows in ``dataset.texts`` for the indexed set (the cache is keyed by them), None for a stream."""
-        draw = torch.Generator().manual_seed(_stable_int("draw", int(self.cfg.seed), step, micro, dist_utils.rank()))
+        draw = torch.Generator().manual_seed(_stable_int("draw", int(self.cfg.seed), step, micro))
         if self.stream is not None:
             return self._stream_texts(batch, draw), None
         text_index = batch["text_index"]
@@ -155,9 +171,12 @@ class DistillTask:
         if self.cfg.resample_corpus_texts and hi > lo and not batch["paired"]:
             unp = ~batch["pair_mask"]
             text_index = text_index.clone()
-            text_index[unp] = torch.randint(lo, hi, (int(unp.sum()),), generator=draw)
+            text_index[unp] = _rank_rows(torch.randint(lo, hi, (len(unp) * dist_utils.world_size(),),
+                                                       generator=draw), len(unp))[unp]
         if self.cfg.extra_texts and hi > lo:
-            text_index = torch.cat([text_index, torch.randint(lo, hi, (int(self.cfg.extra_texts),), generator=draw)])
+            e = int(self.cfg.extra_texts)
+            text_index = torch.cat([text_index, _rank_rows(torch.randint(lo, hi, (e * dist_utils.world_size(),),
+                                                                         generator=draw), e)])
         return [self.dataset.texts[k] for k in text_index.tolist()], text_index
 
     def _stream_texts(self, batch: Mapping[str, Any], draw: torch.Generator) -> list[str]:
@@ -175,6 +194,20 @@ class DistillTask:
                                                        generator=draw).tolist()]
         return texts
 
+    def _stored_targets(self, batch: Mapping[str, Any], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reinforced shards' targets: stored image embeddings, stored caption embeddings, and the teacher's
+        text tower online only for rows without one (corpus draws for uncaptioned images, extra texts)."""
+        stored = list(batch["t_text"]) + [None] * (len(texts) - len(batch["t_text"]))
+        missing = [i for i, t in enumerate(stored) if t is None]
+        if missing:
+            if self.teacher is None:
+                raise UserError("reinforced shards store caption embeddings only: uncaptioned samples or "
+                                "train.extra_texts need the teacher's text tower online")
+            online = self.teacher.encode_text([texts[i] for i in missing]).float().cpu()
+            for i, row in zip(missing, online):
+                stored[i] = row
+        return batch["t_image"].to(self.device), torch.stack(stored).to(self.device)
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -191,6 +224,8 @@ class DistillTask:
         if self.cache is not None:
             t_img = self.cache.image_targets(batch["index"]).to(self.device)  # (B, D)
             t_txt = self.cache.text_targets(text_index).to(self.device)  # (B + extra, D)
+        elif "t_image" in batch:
+            t_img, t_txt = self._stored_targets(batch, texts)
         else:
             t_img = self.teacher.encode_image(images).to(self.device)
             t_txt = self.teacher.encode_text(texts).to(self.device)
@@ -224,10 +259,18 @@ class DistillTask:
 
     def stats(self) -> dict[str, Any]:
         out = {"images_seen": self.seen_images, "images_skipped": self.skipped, "timers": dict(self.timers),
-               "target_source": "cache" if self.cache is not None else "online"}
+               "target_source": ("cache" if self.cache is not None else "reinforced shards"
+                                 if self.stream is not None and self.stream.source.reinforced else "online")}
         if self.loader is not None:
             out["stream"] = self.loader.stats(all_ranks=True)  # a collective: fit calls stats on every rank
         return out
+
+
+def _rank_rows(global_rows: torch.Tensor, n: int) -> torch.Tensor:
+    """This rank's ``n`` rows of draws made for the whole global batch: the ranks of a DDP run together
+    draw exactly what one process with the global batch draws (the sampler splits images the same way)."""
+    r = dist_utils.rank()
+    return global_rows[r * n:(r + 1) * n]
 
 
 def view_batches(dataset: TrainSet, cfg: EngineConfig, start_step: int, device: torch.device,

@@ -293,9 +293,14 @@ def _check_stream(cfg: DictConfig) -> Iterator[str]:
     """A training stream has no item indices: no teacher cache, no fine-tune split, no static-int8 calibration set."""
     if OmegaConf.select(cfg, "data.train.stream", default=None) is None:
         return
-    if _number(cfg, "cache.enabled"):
+    reinforced = bool(_number(cfg, "data.train.stream.reinforced"))
+    if _number(cfg, "cache.enabled") and not reinforced:
         yield ("cache.enabled=true cannot serve data.train.stream (the cache addresses items by index): "
-               "set cache.enabled=false, the teacher runs online for streams")
+               "set data.train.stream.reinforced=true (teacher embeddings in companion shards) or "
+               "cache.enabled=false (the teacher runs online)")
+    if reinforced and not _number(cfg, "cache.enabled"):
+        yield ("data.train.stream.reinforced=true stores the teacher's embeddings, which is the cache: set "
+               "cache.enabled=true, or reinforced=false to run the teacher online")
     if _number(cfg, "finetune.method") not in (None, "none"):
         yield "finetune needs indexed training data (data.train.sources): use finetune=none with data.train.stream"
     if "student_onnx_static_int8" in (_number(cfg, "variants") or []):

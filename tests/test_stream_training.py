@@ -186,7 +186,7 @@ def test_stream_with_the_cache_enabled_is_one_line_error(tmp_path, pattern):
 
     with pytest.raises(UserError) as err:
         pipeline.run(_compose(pattern), out_dir=tmp_path / "run")  # cache.enabled defaults to true
-    assert "set cache.enabled=false" in str(err.value) and "\n" not in str(err.value)
+    assert "cache.enabled=false" in str(err.value) and "reinforced=true" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_validate_names_what_a_stream_cannot_serve(pattern):

@@ -126,6 +126,8 @@ class _Run:
         t_step = time.perf_counter()
         for micro in range(accum):
             self.micro_step(micro, accum, terms)
+        if dist_utils.world_size() > 1:  # rank 0 logs the global batch's loss, not its own share's
+            terms = dist_utils.mean_over_ranks(terms)
         t0 = time.perf_counter()
         modules = self.task.modules()
         if dist_utils.world_size() > 1:  # modules outside DDP (the loss's projector): average by hand

@@ -1,0 +1,382 @@
+"""Reinforced WebDataset shards: the teacher's embeddings travel with the samples, in a companion
+shard next to each data shard (``shard-000123.tar`` -> ``shard-000123.teacher.tar``).
+
+Why companions and not rewritten shards: the data shards stay byte-for-byte as they were (they are
+often read-only, shared and hashed on object storage), one data set can carry the embeddings of
+several teachers or view recipes side by side, a rebuild rewrites a few KB per sample instead of
+copying every image, and a companion is checked against its data shard sample by sample.
+
+Companion layout (a plain tar, members in the data shard's sample order):
+    __teacher__.json      header: format, fingerprint (teacher + view recipe), teacher fingerprint,
+                          view spec, data shard name / bytes / sha256, samples, skipped, embed_dim, dtype
+    <key>.timg.npy        (K, D) float16: the teacher's embedding of each of the K augmented views
+    <key>.seeds.npy       (K,) uint64: the seed of each view (``distill.data.augmented_view``)
+    <key>.ttxt.npy        (D,) float16: the teacher's embedding of the caption (captioned samples only)
+    <key>.skip.txt        instead of the three above, for a sample without a readable image
+
+Views. View k of sample ``key`` of shard ``name`` is ``augmented_view(image, size, seed_k, scale)``
+with ``seed_k = _stable_int(spec.seed, name, key, k)`` (``eval_view`` when augment is off); the
+training stream picks one of the K stored seeds per visit and builds the same pixels from them, so
+the student sees exactly the view the teacher embedded and no cache is addressed at random.
+
+Building (``build_companions``). Under torchrun rank r takes shards ``urls[r::world]``; each
+companion is written to a temporary name and renamed, so a killed rank loses only its unfinished
+shard, and a rerun skips every companion whose header carries the wanted fingerprint (a companion
+with another fingerprint is rebuilt, never reused). After a barrier rank 0 writes
+``teacher_manifest.json`` next to the companions. Companions go next to local data shards, or into
+``root`` (required for http(s)/pipe: sources) under the data shard's file name.
+
+Reading (``paired_groups``): the streaming reader opens the data shard and its companion together
+and pairs them key by key; a companion that is missing, has another fingerprint, or holds other
+keys or fewer samples than its data shard is one line naming the problem and the fix, and the
+reader skips the rest of that shard (counted as ``teacher_mismatch``); samples already paired stay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import signal
+import tarfile
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from distill import distributed as dist_utils
+from distill.data import ViewSpec, _stable_int
+from distill.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+HEADER = "__teacher__.json"
+MANIFEST = "teacher_manifest.json"
+KILL_ENV = "DISTILL_REINFORCE_TEST_KILL"  # "RANK:N": SIGKILL that rank after N finished shards (tests)
+REBUILD = "rebuild the companions with `python -m distill cache +experiment=...` (same config)"
+
+
+class CompanionMismatch(Exception):
+    """A companion shard does not belong to its data shard; the message is the one line users see."""
+
+
+def fingerprint(teacher_fp: str, spec: ViewSpec) -> str:
+    """What a companion's embeddings depend on besides the data: the teacher and the view recipe."""
+    return hashlib.sha256(f"reinforce-v{FORMAT}|{teacher_fp}|{spec.describe()}".encode()).hexdigest()[:20]
+
+
+def _stem(url: str) -> str:
+    base = url.rstrip("/").rsplit("/", 1)[-1]
+    for ext in (".tar.gz", ".tgz", ".tar"):
+        if base.endswith(ext):
+            return base[: -len(ext)]
+    return base
+
+
+def companion_url(url: str, root: str | None = None) -> str:
+    """``.../shard-000123.tar`` -> ``<root or the shard's folder>/shard-000123.teacher.tar``."""
+    name = f"{_stem(url)}.teacher.tar"
+    if root:
+        return f"{str(root).rstrip('/')}/{name}"
+    if url.startswith("pipe:"):
+        raise UserError(f"reinforced shards for the pipe: source {url} need a companion folder: set "
+                        f"data.train.stream.teacher_root")
+    return f"{url.rsplit('/', 1)[0]}/{name}" if "/" in url else name
+
+
+def view_seeds(spec: ViewSpec, shard: str, key: str) -> list[int]:
+    return [_stable_int(spec.seed, _stem(shard), key, k) for k in range(int(spec.views))]
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading: a data shard paired with its companion
+# --------------------------------------------------------------------------------------------
+
+
+def read_header(url: str) -> dict[str, Any] | None:
+    """A companion's header, None when it cannot be opened or does not start with one."""
+    from webdataset.gopen import gopen
+
+    from distill.streaming import READ_ERRORS, tar_groups
+
+    try:
+        with gopen(url, "rb") as stream:
+            for key, group in tar_groups(stream):
+                return json.loads(group["json"]) if key == HEADER.split(".")[0] and "json" in group else None
+    except (*READ_ERRORS, json.JSONDecodeError):
+        return None
+    return None
+
+
+def _check_header(head: dict[str, Any] | None, companion: str, data_url: str, want: str | None) -> None:
+    if head is None:
+        raise CompanionMismatch(f"companion teacher shard {companion} of {data_url} is missing or has no header: "
+                                f"{REBUILD}")
+    if want is not None and head.get("fingerprint") != want:
+        raise CompanionMismatch(f"companion teacher shard {companion} was built for another teacher or view recipe "
+                                f"(fingerprint {head.get('fingerprint')}, this run wants {want}): {REBUILD}")
+    if head.get("data_shard") != _stem(data_url):
+        raise CompanionMismatch(f"companion teacher shard {companion} belongs to {head.get('data_shard')}, not "
+                                f"{_stem(data_url)}: {REBUILD}")
+
+
+def _teacher_entry(group: dict[str, bytes]) -> dict[str, Any] | None:
+    if "skip.txt" in group:
+        return None
+    return {"image": _load_npy(group["timg.npy"]), "seeds": _load_npy(group["seeds.npy"]),
+            "text": _load_npy(group["ttxt.npy"]) if "ttxt.npy" in group else None}
+
+
+def _next_group(groups: Iterator, companion: str, data_url: str) -> tuple[str | None, dict | None]:
+    from distill.streaming import READ_ERRORS
+
+    try:
+        return next(groups, (None, None))
+    except READ_ERRORS as e:  # the companion broke, not the data shard: say so, not "data truncated"
+        raise CompanionMismatch(f"companion teacher shard {companion} of {data_url} cannot be read "
+                                f"({str(e).splitlines()[0][:120]}): {REBUILD}") from None
+
+
+def paired_groups(data_stream: Any, data_url: str, companion: str, want: str | None
+                  ) -> Iterator[tuple[str, dict[str, bytes], dict[str, Any] | None]]:
+    """(key, data group, teacher entry or None for a skipped sample) in file order; raises
+    CompanionMismatch (one line) on the first disagreement. Holds one sample of each shard at a time."""
+    from webdataset.gopen import gopen
+
+    from distill.streaming import READ_ERRORS, tar_groups
+
+    try:
+        comp = gopen(companion, "rb")
+    except READ_ERRORS:
+        raise CompanionMismatch(f"companion teacher shard {companion} of {data_url} cannot be opened: "
+                                f"{REBUILD}") from None
+    try:
+        groups = tar_groups(comp)
+        key0, first = _next_group(groups, companion, data_url)
+        head = json.loads(first["json"]) if key0 == "__teacher__" and "json" in first else None
+        _check_header(head, companion, data_url, want)
+        n = 0
+        for key, group in tar_groups(data_stream):
+            if key.startswith("__") and key.endswith("__"):
+                continue
+            tkey, tgroup = _next_group(groups, companion, data_url)
+            if tkey != key:
+                raise CompanionMismatch(
+                    f"companion teacher shard {companion} does not match {data_url} at sample {n} (data {key}, "
+                    f"companion {tkey or 'ended'}; it holds {head.get('samples')} samples): {REBUILD}")
+            n += 1
+            yield key, group, _teacher_entry(tgroup)
+    finally:
+        comp.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------------------------
+
+
+class _HashingReader:
+    """A read-through stream that hashes and counts the data shard's bytes, recorded in the header."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw, self.sha, self.bytes = raw, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.sha.update(data)
+        self.bytes += len(data)
+        return data
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def _views(image: Any, spec: ViewSpec, seeds: Sequence[int]):
+    import torch
+
+    from distill.data import augmented_view, eval_view
+
+    if not spec.augment:
+        return torch.stack([eval_view(image, spec.size)] * len(seeds))
+    return torch.stack([augmented_view(image, spec.size, s, scale=tuple(spec.scale)) for s in seeds])
+
+
+def _embed(teacher: Any, images: list, texts: list[str], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    def run(fn, items, stack):
+        out = []
+        for i in range(0, len(items), batch_size):
+            with torch.no_grad():
+                out.append(fn(stack(items[i:i + batch_size])).float().cpu().numpy().astype(np.float16))
+        return np.concatenate(out) if out else np.zeros((0, teacher.embed_dim), np.float16)
+
+    return run(teacher.encode_image, images, torch.stack), run(teacher.encode_text, texts, list)
+
+
+def _read_shard(url: str, spec: ViewSpec, image_keys: Sequence[str], caption_keys: Sequence[str]):
+    """Every sample of a data shard in file order: (key, views or None, seeds, caption, why skipped), the hash."""
+    from webdataset.gopen import gopen
+
+    from distill.imageio import _reason, load_rgb
+    from distill.streaming import DECODE_ERRORS, _pick, tar_groups
+
+    raw = _HashingReader(gopen(url, "rb"))
+    rows = []
+    try:
+        for key, group in tar_groups(raw):
+            if key.startswith("__") and key.endswith("__"):
+                continue
+            _, data, caption = _pick(url, key, group, image_keys, caption_keys)
+            seeds = view_seeds(spec, url, key)
+            if data is None:
+                rows.append((key, None, seeds, caption, "no image"))
+                continue
+            try:
+                rows.append((key, _views(load_rgb(io.BytesIO(data)), spec, seeds), seeds, caption, ""))
+            except DECODE_ERRORS as e:
+                rows.append((key, None, seeds, caption, f"unreadable image: {_reason(e)}"))
+        while raw.read(1 << 20):  # the end-of-archive padding, so the hash covers the whole file
+            pass
+    finally:
+        raw.close()
+    return rows, raw
+
+
+def build_one(teacher: Any, url: str, dst: Path, spec: ViewSpec, fp: str, *, batch_size: int = 64,
+              image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
+              caption_keys: Sequence[str] = ("txt", "caption", "json")) -> dict[str, Any]:
+    """Embed one data shard's views and captions and write its companion atomically; -> its header."""
+    rows, raw = _read_shard(url, spec, image_keys, caption_keys)
+    if not rows:
+        raise UserError(f"shard {url} holds no samples: check that it is a WebDataset tar shard")
+    kept = [r for r in rows if r[1] is not None]
+    texts = sorted({r[3] for r in kept if r[3]})
+    img, txt = _embed(teacher, [v for r in kept for v in r[1]], texts, batch_size)
+    text_row = {t: i for i, t in enumerate(texts)}
+    head = {"format": FORMAT, "fingerprint": fp, "teacher": teacher.fingerprint, "spec": spec.describe(),
+            "data_shard": _stem(url), "data_bytes": raw.bytes, "data_sha256": raw.sha.hexdigest(),
+            "samples": len(rows), "skipped": len(rows) - len(kept), "views": int(spec.views),
+            "embed_dim": int(img.shape[1]) if len(img) else int(teacher.embed_dim), "dtype": "float16"}
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    with tarfile.open(tmp, "w") as tf:
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 0  # no clock in the bytes: a rebuild writes the same file
+            tf.addfile(info, io.BytesIO(data))
+
+        add(HEADER, json.dumps(head, sort_keys=True).encode())
+        k = 0
+        for key, views, seeds, caption, why in rows:
+            if views is None:
+                add(f"{key}.skip.txt", why.encode())
+                continue
+            add(f"{key}.timg.npy", _npy(img[k * spec.views:(k + 1) * spec.views]))
+            add(f"{key}.seeds.npy", _npy(np.asarray(seeds, dtype=np.uint64)))
+            if caption:
+                add(f"{key}.ttxt.npy", _npy(txt[text_row[caption]]))
+            k += 1
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+    return head
+
+
+def _agree(fp: str) -> None:
+    """Every rank must build the same companions: a rank with another config is one line, before any work."""
+    fps = dist_utils.all_gather_object(fp) if dist_utils.is_dist() else [fp]
+    if len(set(fps)) > 1:
+        raise UserError(f"ranks disagree on the teacher / view config (fingerprints by rank: {fps}): launch every "
+                        f"rank with the same config and overrides")
+
+
+def _local_dir(url: str) -> Path:
+    if url.startswith(("http://", "https://", "pipe:")):
+        raise UserError(f"companion teacher shards cannot be written to {url}: set data.train.stream.teacher_root "
+                        f"to a local (shared) folder")
+    return Path(url[7:] if url.startswith("file:") else url).parent
+
+
+def _out_dir(urls: Sequence[str], root: str | None) -> Path:
+    """Where this build writes: ``root`` (created; every rank must see the same folder) or beside the shards."""
+    if root is None:
+        return _local_dir(urls[0])
+    folder = _local_dir(f"{root}/x")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _companion_path(url: str, root: str | None) -> Path:
+    return (_out_dir([url], root) if root else _local_dir(url)) / f"{_stem(url)}.teacher.tar"
+
+
+def build_companions(teacher: Any, urls: Sequence[str], spec: ViewSpec, *, root: str | None = None,
+                     batch_size: int = 64, image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
+                     caption_keys: Sequence[str] = ("txt", "caption", "json")) -> dict[str, Any]:
+    """This rank's missing companions (see the module docstring); rank 0 then writes the manifest.
+    -> {"built", "kept", "failed": [lines], "seconds", "manifest"} for this rank."""
+    fp = fingerprint(teacher.fingerprint, spec)
+    _agree(fp)
+    _out_dir(urls, root)  # a remote root is refused before any work
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    t0, built, kept, failed = time.perf_counter(), 0, 0, []
+    for url in list(urls)[rank::world]:
+        dst = _companion_path(url, root)
+        head = read_header(str(dst)) if dst.exists() else None
+        if head is not None and head.get("fingerprint") == fp:
+            kept += 1
+            continue
+        try:
+            build_one(teacher, url, dst, spec, fp, batch_size=batch_size, image_keys=image_keys,
+                      caption_keys=caption_keys)
+        except (OSError, EOFError, ValueError, tarfile.TarError) as e:
+            line = f"shard {url}: no companion written ({str(e).splitlines()[0][:160]}): fix or drop the shard and rerun"
+            log.warning("%s", line)
+            failed.append(line)
+            continue
+        built += 1
+        if os.environ.get(KILL_ENV) == f"{rank}:{built}":
+            os.kill(os.getpid(), signal.SIGKILL)
+    dist_utils.barrier()
+    out = {"built": built, "kept": kept, "failed": failed, "seconds": round(time.perf_counter() - t0, 3)}
+    if rank == 0:
+        out["manifest"] = str(write_manifest(urls, spec, fp, root))
+    return out
+
+
+def write_manifest(urls: Sequence[str], spec: ViewSpec, fp: str, root: str | None = None) -> Path:
+    """``teacher_manifest.json`` beside the companions: the recipe, per-shard counts and storage."""
+    shards, folder = [], _out_dir(urls, root)
+    for url in urls:
+        comp = str(_companion_path(url, root))
+        head = read_header(comp) or {}
+        shards.append({"data": url, "companion": comp, "samples": head.get("samples"), "skipped": head.get("skipped"),
+                       "ok": head.get("fingerprint") == fp,
+                       "bytes": os.path.getsize(comp) if os.path.exists(comp) else None})
+    dim = next((s for s in (read_header(x["companion"]) for x in shards if x["ok"]) if s), {}).get("embed_dim")
+    man = {"format": FORMAT, "fingerprint": fp, "spec": spec.describe(), "embed_dim": dim, "dtype": "float16",
+           "bytes_per_view": None if dim is None else 2 * int(dim), "shards": shards,
+           "complete": all(s["ok"] for s in shards)}
+    path = folder / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp")
+    tmp.write_text(json.dumps(man, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+__all__ = ["CompanionMismatch", "build_companions", "build_one", "companion_url", "fingerprint", "paired_groups",
+           "read_header", "view_seeds", "write_manifest"]

@@ -1,0 +1,121 @@
+"""Two "nodes" on this machine: two ``torchrun --nnodes=2 --nproc_per_node=1`` launches meeting at a
+c10d rendezvous on 127.0.0.1 (gloo), each one process, running the real commands.
+
+(a) Training: ``python -m distill +experiment=smoke`` with 8 images per rank logs the same losses
+    and ends with the same student weights as one process with the global batch of 16.
+(b) Reinforced shards: the companion teacher shards written by two ranks (each its share of the
+    shards, ``python -m distill cache`` on a stream config) equal a one-process build byte for byte.
+(c) Ranks launched with different configs stop with one line before writing anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO
+from tests.test_cache_distributed import _free_port
+from tests.test_stream_training import N_SHARDS, write_shards
+
+TIMEOUT = 400
+TRAIN = ["+experiment=smoke", "threads=1", "train.ckpt_every=0", "train.progress=false", "train.tensorboard=false",
+         "variants=[teacher_torch_fp32,student_torch_fp32]", "export.bundle=false"]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    return {**env, "OMP_NUM_THREADS": "1"}
+
+
+def _single(args: list[str], log: Path) -> int:
+    with open(log, "w") as out:
+        return subprocess.run([sys.executable, "-m", "distill", *args], cwd=REPO, env=_env(), stdout=out,
+                              stderr=subprocess.STDOUT, timeout=TIMEOUT).returncode
+
+
+def _two_nodes(args: list[str], tmp: Path, per_node=((), ())) -> list[tuple[int, str]]:
+    """(exit code, output) of each torchrun "node"; output goes to files, not pipes nobody drains."""
+    port, procs, logs = _free_port(), [], [tmp / f"node{i}.log" for i in (0, 1)]
+    for i in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--node_rank={i}",
+               "-m", "distill", *args, *per_node[i]]
+        with open(logs[i], "w") as out:
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+    try:
+        codes = [p.wait(timeout=TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:  # a hung launch: end its whole process group (agent and worker)
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    return [(c, log.read_text()) for c, log in zip(codes, logs)]
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def test_two_nodes_train_like_one_process_with_the_global_batch(tmp_path):
+    cache = f"cache.dir={tmp_path / 'cache'}"
+    assert _single([*TRAIN, cache, "train.batch_size=16", f"hydra.run.dir={tmp_path / 'one'}"],
+                   tmp_path / "one.log") == 0, (tmp_path / "one.log").read_text()[-3000:]
+    nodes = _two_nodes([*TRAIN, cache, "train.batch_size=8", f"hydra.run.dir={tmp_path / 'two'}"], tmp_path)
+    for code, out in nodes:
+        assert code == 0, out[-3000:]
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == 8
+    assert json.loads((tmp_path / "two" / "report.json").read_text())["training"]["world_size"] == 2
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-5)
+    assert abs(one[-1] - one[0]) > 1e-3  # the weights moved: equal losses are not equal by standing still
+    w1 = load_file(tmp_path / "one/export/open_clip/open_clip_model.safetensors")
+    w2 = load_file(tmp_path / "two/export/open_clip/open_clip_model.safetensors")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def _stream_cfg(tmp: Path) -> list[str]:
+    shards = tmp / "shards"
+    shards.mkdir(exist_ok=True)
+    pattern = write_shards(shards)
+    val = pattern.replace(f"{{000..{N_SHARDS - 1:03d}}}", "000")
+    return ["cache", "+experiment=smoke", "data=webdataset_stream", "device=cpu", "threads=1",
+            f"data.train_urls='{pattern}'", f"data.val_urls={val}", "data.train.stream.reinforced=true",
+            "data.train.views=2", "cache.batch_size=4"]
+
+
+def test_two_nodes_write_the_same_companion_shards_as_one_process(tmp_path):
+    args = _stream_cfg(tmp_path)
+    ref_root, two_root = tmp_path / "one", tmp_path / "two"
+    assert _single([*args, f"data.train.stream.teacher_root={ref_root}"], tmp_path / "one.log") == 0, \
+        (tmp_path / "one.log").read_text()[-3000:]
+    nodes = _two_nodes([*args, f"data.train.stream.teacher_root={two_root}"], tmp_path)
+    for code, out in nodes:
+        assert code == 0, out[-3000:]
+    assert "built 2, kept 0" in nodes[0][1]  # rank 0 built its half, rank 1 the other
+    ref = sorted(p.name for p in ref_root.glob("*.teacher.tar"))
+    assert len(ref) == N_SHARDS and ref == sorted(p.name for p in two_root.glob("*.teacher.tar"))
+    for name in ref:
+        assert (two_root / name).read_bytes() == (ref_root / name).read_bytes(), name
+    assert json.loads((two_root / "teacher_manifest.json").read_text())["complete"]
+
+
+@pytest.mark.parametrize("differ", ["data.train.views=3"])
+def test_ranks_that_disagree_on_the_config_stop_with_one_line(tmp_path, differ):
+    args = [*_stream_cfg(tmp_path), f"data.train.stream.teacher_root={tmp_path / 'comp'}"]
+    nodes = _two_nodes(args, tmp_path, per_node=((), (differ,)))
+    assert all(code != 0 for code, _ in nodes)
+    errors = [line for _, out in nodes for line in out.splitlines() if line.startswith("error: ranks disagree")]
+    assert errors and "same config" in errors[0]
+    assert not list((tmp_path / "comp").glob("*.teacher.tar")) if (tmp_path / "comp").exists() else True
