@@ -3,16 +3,26 @@
 This module must never import torch (directly or through another module): it is what runs on the
 device. ``tests/test_edge.py`` checks that in a fresh interpreter.
 
-Bundle (a folder written by ``distill.export.write_bundle``):
+Bundle (a folder written by ``distill.export.write_bundle``; it stands alone on a device):
+    edge.py                     launcher: ``python edge.py classify IMG...`` runs runtime/ on this folder
+    runtime/distill/            this module and the torch-free modules it imports, copied from the package
+    requirements.txt            onnxruntime, numpy, Pillow (``pip install -r requirements.txt``)
+    README.md                   the commands, checksum verification and how a port checks itself
     image_encoder.onnx          "pixels" (B,3,S,S) float32 normalised -> "embedding" (B,D)
     image_encoder.int8.onnx     optional ORT dynamic int8 of the above
     text_encoder.onnx           optional "tokens" (B,L) int64 -> "embedding" (B,D)
+    text_encoder.int8.onnx      optional ORT dynamic int8 of the above (used with precision int8)
     tokenizer/                  bpe_simple_vocab_16e6.txt.gz + tokenizer.json (context_length)
     class_embeddings.npy        (C,D) float32, L2-normalised rows (zero-shot classifier)
     labels.json                 C label strings
     preprocess.json             the preprocessing spec (distill.preprocess): size, mean, std,
                                 interpolation, resize_mode and the rgb conversion rules
+    golden.json, golden/        golden vectors: fixed texts -> token ids -> each text encoder's output,
+                                fixed PNGs -> preprocessed pixels (golden/*.pixels.npy) -> each image
+                                encoder's output, one input per run (``selftest`` recomputes them)
+    web/                        the browser page (``serve``)
     bundle.json                 format_version, embed_dim, files {relative path: sha256}, producer
+    SHA256SUMS                  every listed file and bundle.json, for ``sha256sum -c SHA256SUMS``
 
 Preprocessing is ``distill.preprocess``, the same code the training and evaluation data go through,
 following the bundle's preprocess.json: decode -> RGB (transparency composited on white, 16/32-bit
@@ -22,17 +32,25 @@ project's rules, which are what every student was trained with.
 
 Batching: with the int8 model images go through one at a time by default, because ORT's dynamic
 int8 computes activation scales over the whole batch, so an image's scores would otherwise depend on
-the other images in its batch; fp32 batches 16 by default. ``--batch-size`` overrides both.
+the other images in its batch; fp32 batches 16 by default. ``--batch-size`` overrides both. Texts
+follow the same rule (int8 text encoder: one text per run; fp32: 64).
+
+Precision: ``int8`` runs image_encoder.int8.onnx and, when the bundle has it, text_encoder.int8.onnx
+(older bundles: the fp32 text encoder); ``fp32`` runs the fp32 files; ``auto`` is int8 for images when
+the bundle has it and fp32 for text (see ``AUTO_TEXT_PRECISION``).
 
 Classification scores are CLIP's: softmax over ``logit_scale * cosine`` (logit_scale from
 bundle.json, 100 by default) across all labels; the raw cosine is reported next to each score.
 
 CLI (exit codes: 0 all good, 1 some images could not be read (one stderr line each; the rest are
-still processed), 2 bad bundle or usage (one stderr line)):
+still processed) or a selftest value is off tolerance, 2 bad bundle or usage (one stderr line)):
     python -m distill.edge classify --bundle DIR [--precision auto|int8|fp32] [--top-k 5] [--batch-size N]
                                     [--json] IMAGE...
     python -m distill.edge embed --bundle DIR [--batch-size N] (--images IMG... | --texts TEXT...) -o out.npy
     python -m distill.edge serve DIR [--port 8765] [--host 127.0.0.1]   the bundle's browser page (web/)
+    python -m distill.edge selftest --bundle DIR     recompute golden.json; exit 1 on a mismatch
+From inside a bundle, ``python edge.py COMMAND ...`` is the same with --bundle (serve: DIR) defaulting to
+the bundle's own folder.
 """
 
 from __future__ import annotations
@@ -59,9 +77,27 @@ from distill.errors import UserError
 from distill.preprocess import preprocess_image  # noqa: F401 - the public name benchmarks import from here
 
 SUPPORTED_FORMAT_VERSIONS = (1,)
+TEXT_INT8_FILE = "text_encoder.int8.onnx"
+# encoder file -> (input kind, precision); golden.json holds an output for each of these in the bundle
+ENCODERS = {"image_encoder.onnx": ("image", "fp32"), "image_encoder.int8.onnx": ("image", "int8"),
+            "text_encoder.onnx": ("text", "fp32"), TEXT_INT8_FILE: ("text", "int8")}
+# auto keeps fp32 text: dynamic int8 of a trained text transformer (all-MiniLM-L6-v2, 27 prompts) gave min
+# cosine 0.984 (mean 0.993) to fp32 and moved 1 of 7 captions' nearest class prompt, while a prompt is
+# embedded once and kept, so int8's 2.6x faster text run is rarely worth that drift.
+AUTO_TEXT_PRECISION = "fp32"
 REBUILD_HINT = ("rebuild the bundle (re-run the export stage: python -m distill ... export.bundle=true, "
                 "or distill.export.write_bundle) or copy the whole folder again")
 FP32_BATCH_SIZE = 16
+TEXT_FP32_BATCH_SIZE = 64
+GOLDEN_FILE = "golden.json"
+# selftest tolerances, also written into golden.json for ports: fp32 differs only by summation order,
+# while int8 outputs (5e-8 apart between ORT's fused and unfused graphs here) can move by a whole
+# quantisation step on another CPU's or runtime's int8 kernels, yet the wrong file lands at the
+# int8-vs-fp32 gap (min cosine 0.984 on all-MiniLM-L6-v2 text), so int8 gets 0.995, between the two.
+GOLDEN_MIN_COSINE = {"fp32": 0.9999, "int8": 0.995}
+# the Python runtime reproduces Pillow's pixels exactly, and 1.5 grey levels (/ 255 / std in golden.json)
+# leaves a port's own bicubic room to round a level differently
+GOLDEN_PIXEL_LEVELS = 1.5
 
 
 class BundleError(UserError):
@@ -88,6 +124,7 @@ class Bundle:
     labels: list[str]
     class_embeddings: np.ndarray  # (C, D)
     image_session: Any
+    text_precision: str = "fp32"
     threads: int | None = None
     providers: Sequence[str] | None = None
     _text: Any = field(default=None, repr=False)
@@ -147,18 +184,27 @@ class Bundle:
         emb, _, errors = self._embed_images(paths, batch_size)
         return emb, errors
 
+    @property
+    def text_file(self) -> str:
+        return TEXT_INT8_FILE if self.text_precision == "int8" else "text_encoder.onnx"
+
     def _text_parts(self):
         if self._text is None:
-            if "text_encoder.onnx" not in self.meta["files"]:
-                raise BundleError(f"{self.path}: bundle has no text_encoder.onnx; rebuild it with text_onnx=")
+            if self.text_file not in self.meta["files"]:
+                raise BundleError(f"{self.path}: bundle has no {self.text_file}; rebuild it with text_onnx= "
+                                  f"(text_int8_onnx= for int8)")
             from distill.tokenizer_np import NumpyTokenizer
 
-            self._text = _session(self.path / "text_encoder.onnx", self.threads, self.providers)
+            self._text = _session(self.path / self.text_file, self.threads, self.providers)
             self._tokenizer = NumpyTokenizer.from_dir(self.path / "tokenizer")
         return self._text, self._tokenizer
 
-    def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """B strings -> (B, D) float32 L2-normalised (fp32 text encoder)."""
+    def embed_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
+        """B strings -> (B, D) float32 L2-normalised, with the text encoder of ``text_precision``.
+        batch_size None: 1 for int8 (a text's embedding does not depend on the others), 64 for fp32."""
+        if batch_size is None:
+            batch_size = 1 if self.text_precision == "int8" else TEXT_FP32_BATCH_SIZE
+        batch_size = max(1, int(batch_size))
         sess, tok = self._text_parts()
         out = [sess.run(None, {"tokens": tok(list(texts[i:i + batch_size]))})[0]
                for i in range(0, len(texts), batch_size)]
@@ -199,15 +245,8 @@ def _session(path: Path, threads: int | None, providers: Sequence[str] | None):
         raise BundleError(f"{e}; {REBUILD_HINT}") from None
 
 
-def load_bundle(path: str | Path, precision: str = "auto", *, threads: int | None = None,
-                providers: Sequence[str] | None = None, verify: bool = True) -> Bundle:
-    """Open and verify a bundle: every file listed in bundle.json exists and matches its sha256, and
-    the embedding sizes (bundle.json, class_embeddings.npy, ONNX outputs) agree.
-
-    precision: "int8" (image_encoder.int8.onnx), "fp32" (image_encoder.onnx) or "auto" (int8 when
-    the bundle has it). Raises BundleError (one line naming the file and how to rebuild) otherwise.
-    """
-    root = Path(path)
+def _read_manifest(root: Path) -> tuple[dict[str, Any], dict[str, str], int]:
+    """bundle.json -> (meta, files, embed_dim), or BundleError naming what is wrong."""
     meta_path = root / "bundle.json"
     if not meta_path.is_file():
         raise BundleError(f"{meta_path}: not found, {root} is not a bundle; " + REBUILD_HINT)
@@ -223,16 +262,50 @@ def load_bundle(path: str | Path, precision: str = "auto", *, threads: int | Non
     for required in ("image_encoder.onnx", "class_embeddings.npy", "labels.json", "preprocess.json"):
         if required not in files:
             raise BundleError(f"bundle.json lists no {required}; " + REBUILD_HINT)
+    return meta, files, embed_dim
+
+
+def verify_files(root: str | Path, files: dict[str, str], check_sha256: bool = True) -> None:
+    """Every listed file exists (and matches its sha256): the models, the runtime copy and the golden
+    vectors alike. Raises BundleError naming the first file that does not."""
     for rel, digest in files.items():
-        f = root / rel
+        f = Path(root) / rel
         if not f.is_file():
             raise BundleError(f"{f}: missing from the bundle; " + REBUILD_HINT)
-        if verify and onnx_tools.sha256_file(f) != digest:
+        if check_sha256 and onnx_tools.sha256_file(f) != digest:
             raise BundleError(f"{f}: sha256 does not match bundle.json (modified or partly copied); " + REBUILD_HINT)
-    if precision == "auto":
-        precision = "int8" if "image_encoder.int8.onnx" in files else "fp32"
-    if precision not in ("int8", "fp32"):
-        raise BundleError(f"unknown precision {precision!r}; use int8 or fp32")
+
+
+def _precisions(precision: str, text_precision: str | None, files: dict[str, str]) -> tuple[str, str]:
+    """(image precision, text precision) for a requested precision; older bundles without the int8 text
+    encoder keep fp32 text under int8."""
+    if precision not in ("auto", "int8", "fp32"):
+        raise BundleError(f"unknown precision {precision!r}; use auto, int8 or fp32")
+    image = ("int8" if "image_encoder.int8.onnx" in files else "fp32") if precision == "auto" else precision
+    if text_precision is None:
+        text_precision = AUTO_TEXT_PRECISION if precision == "auto" else precision
+        if text_precision == "int8" and TEXT_INT8_FILE not in files:
+            text_precision = "fp32"
+    if text_precision not in ("int8", "fp32"):
+        raise BundleError(f"unknown text precision {text_precision!r}; use int8 or fp32")
+    return image, text_precision
+
+
+def load_bundle(path: str | Path, precision: str = "auto", *, threads: int | None = None,
+                providers: Sequence[str] | None = None, verify: bool = True,
+                text_precision: str | None = None) -> Bundle:
+    """Open and verify a bundle: every file listed in bundle.json exists and matches its sha256, and
+    the embedding sizes (bundle.json, class_embeddings.npy, ONNX outputs) agree.
+
+    precision: "int8" (image_encoder.int8.onnx, and text_encoder.int8.onnx when the bundle has it),
+    "fp32" (the fp32 files) or "auto" (int8 images when the bundle has them, ``AUTO_TEXT_PRECISION``
+    text). text_precision overrides the text side. Raises BundleError (one line naming the file and how
+    to rebuild) otherwise.
+    """
+    root = Path(path)
+    meta, files, embed_dim = _read_manifest(root)
+    verify_files(root, files, verify)
+    precision, text_precision = _precisions(precision, text_precision, files)
     image_file = "image_encoder.int8.onnx" if precision == "int8" else "image_encoder.onnx"
     if image_file not in files:
         raise BundleError(f"{root}: bundle has no {image_file}; use --precision fp32 or rebuild with int8 enabled")
@@ -252,7 +325,97 @@ def load_bundle(path: str | Path, precision: str = "auto", *, threads: int | Non
     if sess.get_inputs()[0].name != "pixels":
         raise BundleError(f"{image_file}: input is {sess.get_inputs()[0].name!r}, expected 'pixels'; " + REBUILD_HINT)
     return Bundle(path=root, meta=meta, precision=precision, preprocess=pre, labels=list(labels),
-                  class_embeddings=_unit(emb), image_session=sess, threads=threads, providers=providers)
+                  class_embeddings=_unit(emb), image_session=sess, text_precision=text_precision,
+                  threads=threads, providers=providers)
+
+
+# ---------------------------------------------------------------------------- golden vectors
+
+def golden_inputs(root: str | Path, texts: Sequence[str], images: Sequence[str],
+                  spec: dict[str, Any] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Fixed texts and the bundle's golden images -> ((N, L) int64 token ids from the bundle's tokenizer,
+    [(3, S, S) float32 normalised pixels per image, by the bundle's preprocess.json])."""
+    from distill.tokenizer_np import NumpyTokenizer
+
+    root = Path(root)
+    if spec is None:
+        spec = _pre.check_spec(json.loads((root / "preprocess.json").read_text()))
+    tokens = NumpyTokenizer.from_dir(root / "tokenizer")(list(texts))
+    return tokens, [_pre.load_image(root / rel, spec) for rel in images]
+
+
+def golden_embeddings(root: str | Path, files: Sequence[str], tokens: np.ndarray, pixels: Sequence[np.ndarray],
+                      threads: int | None = None) -> dict[str, np.ndarray]:
+    """Each encoder file's raw outputs (the towers L2-normalise): {file: (N, D) float32}, one input per
+    run, because dynamic int8 scales activations over the whole batch and a port must be able to match."""
+    out: dict[str, np.ndarray] = {}
+    for rel in files:
+        if rel not in ENCODERS:
+            raise BundleError(f"{GOLDEN_FILE} names {rel!r}, which is not an encoder file; " + REBUILD_HINT)
+        kind = ENCODERS[rel][0]
+        sess = _session(Path(root) / rel, threads, None)
+        inputs = [{"tokens": t[None]} for t in tokens] if kind == "text" else [{"pixels": p[None]} for p in pixels]
+        out[rel] = np.stack([sess.run(None, feed)[0][0] for feed in inputs]).astype(np.float32)
+    return out
+
+
+def _check_tokens(golden: dict[str, Any], tokens: np.ndarray) -> tuple[bool, str]:
+    bad = [t["text"] for t, got in zip(golden["texts"], tokens) if list(map(int, got)) != list(t["tokens"])]
+    if bad:
+        return False, f"tokens: {len(bad)} of {len(tokens)} texts differ from golden.json, first {bad[0]!r}"
+    return True, f"tokens: {len(tokens)} texts, ids identical"
+
+
+def _check_pixels(root: Path, golden: dict[str, Any], pixels: Sequence[np.ndarray]) -> list[tuple[bool, str]]:
+    tol = float(golden["tolerance"]["pixels_max_abs"])
+    lines = []
+    for img, got in zip(golden["images"], pixels):
+        want = np.load(root / img["pixels"]["file"])
+        if want.shape != got.shape:
+            lines.append((False, f"pixels {img['file']}: shape {got.shape} != golden {want.shape}"))
+            continue
+        d = float(np.abs(got - want).max())
+        lines.append((d <= tol, f"pixels {img['file']}: max abs diff {d:.3g} (tol {tol:.3g})"))
+    return lines
+
+
+def _check_embeddings(golden: dict[str, Any], got: dict[str, np.ndarray]) -> list[tuple[bool, str]]:
+    lines = []
+    for rel, e in golden["embeddings"].items():
+        want = np.asarray(e["rows"], np.float32)
+        tol = float(golden["tolerance"]["min_cosine"][e["precision"]])
+        if want.shape != got[rel].shape:
+            lines.append((False, f"{rel}: output shape {got[rel].shape} != golden {want.shape}"))
+            continue
+        cos = float(np.min(np.sum(_unit(got[rel]) * _unit(want), axis=-1))) if len(want) else 1.0
+        mad = float(np.abs(got[rel] - want).max()) if want.size else 0.0
+        lines.append((cos >= tol, f"{rel} ({e['precision']}, {len(want)} {e['input']}): min cosine {cos:.7f} "
+                                  f"(tol {tol}), max abs diff {mad:.2e}"))
+    return lines
+
+
+def selftest(bundle: str | Path, threads: int | None = None) -> tuple[bool, list[str]]:
+    """Recompute the bundle's golden vectors with this runtime (tokenizer, preprocessing, every encoder
+    file) and compare: (all passed, one line per check). Raises BundleError for a bundle that fails its
+    sha256 check or has no golden.json."""
+    b = load_bundle(bundle, "fp32", threads=threads)  # sha256 of every listed file, golden ones included
+    if GOLDEN_FILE not in b.meta["files"]:
+        raise BundleError(f"{b.path}: bundle has no {GOLDEN_FILE} (older bundle); " + REBUILD_HINT)
+    try:
+        golden = json.loads((b.path / GOLDEN_FILE).read_text())
+        texts, images = [t["text"] for t in golden["texts"]], [i["file"] for i in golden["images"]]
+        tokens, pixels = golden_inputs(b.path, texts, images, b.preprocess)
+        checks = [_check_tokens(golden, tokens), *_check_pixels(b.path, golden, pixels)]
+        got = golden_embeddings(b.path, list(golden["embeddings"]), tokens, pixels, threads)
+        checks += _check_embeddings(golden, got)
+    except (KeyError, TypeError, ValueError, OSError) as e:
+        raise BundleError(f"{b.path / GOLDEN_FILE}: unreadable ({_one_line(e)}); " + REBUILD_HINT) from None
+    ok = all(c[0] for c in checks)
+    lines = [f"{'ok  ' if passed else 'FAIL'} {line}" for passed, line in checks]
+    failed = sum(not c[0] for c in checks)
+    lines.append(f"selftest {'passed' if ok else 'FAILED'}: {len(checks) - failed} of {len(checks)} checks "
+                 f"against {GOLDEN_FILE}")
+    return ok, lines
 
 
 # ---------------------------------------------------------------------------- serve
@@ -347,16 +510,18 @@ def serve(bundle: str | Path, port: int = 8765, host: str = "127.0.0.1") -> int:
 
 # ---------------------------------------------------------------------------- CLI
 
-BATCH_HELP = ("images per ONNX run (default: 1 with the int8 model, because dynamic int8 computes its "
+BATCH_HELP = ("images (or texts) per ONNX run (default: 1 with an int8 model, because dynamic int8 computes its "
               "activation scales over the whole batch and an image's scores would change with the other "
-              "images; 16 with fp32)")
+              "images; 16 images or 64 texts with fp32)")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m distill.edge", description=__doc__.split("\n\n")[0])
+def _parser(default_bundle: str | None = None, prog: str = "python -m distill.edge") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
+    where = {"required": True} if default_bundle is None else {"default": default_bundle,
+                                                                "help": "default: this bundle (%(default)s)"}
     c = sub.add_parser("classify", help="zero-shot top-k labels per image (softmax over logit_scale * cosine)")
-    c.add_argument("--bundle", required=True)
+    c.add_argument("--bundle", **where)
     c.add_argument("--precision", default="auto", choices=["auto", "int8", "fp32"])
     c.add_argument("--top-k", type=int, default=5)
     c.add_argument("--threads", type=int, default=None)
@@ -364,8 +529,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="one JSON object per image (JSON Lines)")
     c.add_argument("images", nargs="+")
     e = sub.add_parser("embed", help="L2-normalised embeddings to a .npy file (readable inputs only, in order)")
-    e.add_argument("--bundle", required=True)
-    e.add_argument("--precision", default="auto", choices=["auto", "int8", "fp32"])
+    e.add_argument("--bundle", **where)
+    e.add_argument("--precision", default="auto", choices=["auto", "int8", "fp32"],
+                   help="auto: int8 images when the bundle has them, fp32 text; int8: int8 text too when present")
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
     g = e.add_mutually_exclusive_group(required=True)
@@ -374,46 +540,64 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", required=True)
     s = sub.add_parser("serve", help="serve the bundle's browser page (web/) locally, with the COOP/COEP headers "
                                      "wasm threads need")
-    s.add_argument("bundle")
+    s.add_argument("bundle", **({} if default_bundle is None else {"nargs": "?", "default": default_bundle}))
     s.add_argument("--port", type=int, default=8765, help="0 picks a free port")
     s.add_argument("--host", default="127.0.0.1")
+    t = sub.add_parser("selftest", help=f"recompute the bundle's golden vectors ({GOLDEN_FILE}) with this runtime; "
+                                        "exit 1 when one is off tolerance")
+    t.add_argument("--bundle", **where)
+    t.add_argument("--threads", type=int, default=None)
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry; returns the exit code (0 ok, 1 some images unreadable, 2 bad bundle/usage)."""
+def _classify(bundle: Bundle, args: argparse.Namespace) -> int:
+    failed = 0
+    for r in bundle.classify(args.images, top_k=args.top_k, batch_size=args.batch_size):
+        if "error" in r:
+            failed += 1
+            print(f"error: {r['image']}: {r['error']}", file=sys.stderr)
+        elif args.json:
+            print(json.dumps(r, ensure_ascii=False))
+        else:
+            print(f"{r['image']}: " + ", ".join(f"{t['label']} {t['score']:.4f}" for t in r["top_k"]))
+    return 1 if failed else 0
+
+
+def _embed(bundle: Bundle, args: argparse.Namespace) -> int:
+    failed = 0
+    if args.images:
+        emb, errors = bundle.embed_images(args.images, batch_size=args.batch_size)
+        for p, why in errors:
+            print(f"error: {p}: {why}", file=sys.stderr)
+        failed = len(errors)
+        bad = {p for p, _ in errors}
+        rows = [p for p in args.images if p not in bad]
+    else:
+        emb, rows = bundle.embed_texts(args.texts, batch_size=args.batch_size), list(args.texts)
+    np.save(args.output, emb)
+    Path(str(args.output) + ".json").write_text(json.dumps({"rows": rows}, ensure_ascii=False))
+    print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {args.output} (row order in {args.output}.json)")
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None, default_bundle: str | Path | None = None,
+         prog: str = "python -m distill.edge") -> int:
+    """CLI entry; returns the exit code (0 ok, 1 some images unreadable or a selftest mismatch, 2 bad
+    bundle/usage). default_bundle (the bundle's own edge.py launcher passes its folder) makes --bundle
+    optional."""
     try:
-        args = _parser().parse_args(argv)
+        args = _parser(None if default_bundle is None else str(default_bundle), prog).parse_args(argv)
     except SystemExit as e:  # argparse prints its own one-line usage error
         return 2 if e.code else 0
     try:
         if args.cmd == "serve":
             return serve(args.bundle, args.port, args.host)
+        if args.cmd == "selftest":
+            ok, lines = selftest(args.bundle, threads=args.threads)
+            print("\n".join(lines))
+            return 0 if ok else 1
         bundle = load_bundle(args.bundle, args.precision, threads=args.threads)
-        failed = 0
-        if args.cmd == "classify":
-            for r in bundle.classify(args.images, top_k=args.top_k, batch_size=args.batch_size):
-                if "error" in r:
-                    failed += 1
-                    print(f"error: {r['image']}: {r['error']}", file=sys.stderr)
-                elif args.json:
-                    print(json.dumps(r, ensure_ascii=False))
-                else:
-                    print(f"{r['image']}: " + ", ".join(f"{t['label']} {t['score']:.4f}" for t in r["top_k"]))
-        else:
-            if args.images:
-                emb, errors = bundle.embed_images(args.images, batch_size=args.batch_size)
-                for p, why in errors:
-                    print(f"error: {p}: {why}", file=sys.stderr)
-                failed = len(errors)
-                bad = {p for p, _ in errors}
-                rows = [p for p in args.images if p not in bad]
-            else:
-                emb, rows = bundle.embed_texts(args.texts), list(args.texts)
-            np.save(args.output, emb)
-            Path(str(args.output) + ".json").write_text(json.dumps({"rows": rows}, ensure_ascii=False))
-            print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {args.output} (row order in {args.output}.json)")
-        return 1 if failed else 0
+        return _classify(bundle, args) if args.cmd == "classify" else _embed(bundle, args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -254,6 +254,7 @@ def _write_bundle(ctx: VariantContext, names: list[str], templates: list[str], s
     return export.write_bundle(
         ctx.export_dir / "bundle", image_onnx=ctx.info["onnx"]["image"]["path"],
         image_int8_onnx=(ctx.info.get("onnx_int8") or {}).get("image"), text_onnx=ctx.info["onnx"]["text"]["path"],
+        text_int8_onnx=(ctx.info.get("onnx_int8") or {}).get("text"),
         class_embeddings=clf.cpu().numpy().astype(np.float32), labels=list(names),
         preprocess=export.default_preprocess(ctx.image_size), context_length=ctx.context_length,
         extra={**where, "templates": list(templates)})  # the browser page fills typed prompts into these

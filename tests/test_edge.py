@@ -75,7 +75,8 @@ def test_bundle_layout(student_bundle):
     assert meta["format_version"] == 1 and meta["embed_dim"] == 32 and meta["context_length"] == CTX
     assert set(meta["files"]) >= {"image_encoder.onnx", "image_encoder.int8.onnx", "text_encoder.onnx",
                                   "class_embeddings.npy", "labels.json", "preprocess.json",
-                                  "tokenizer/bpe_simple_vocab_16e6.txt.gz", "tokenizer/tokenizer.json"}
+                                  "tokenizer/bpe_simple_vocab_16e6.txt.gz", "tokenizer/tokenizer.json",
+                                  "golden.json", "edge.py", "runtime/distill/edge.py", "requirements.txt"}
     assert all(len(h) == 64 for h in meta["files"].values()) and "torch" in meta["producer"]
 
 
