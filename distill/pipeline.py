@@ -243,6 +243,19 @@ def export_stage(cfg: DictConfig, variants: list[str], student: torch.nn.Module,
     elif cfg.bundle:
         log.warning("no edge bundle: it needs the student_onnx_fp32 variant and a label set (a classification "
                     "eval set, export.bundle_labels or retrieval captions)")
+    mob = _as_dict(cfg.get("mobile"))
+    if mob.get("enabled") and "bundle" in ctx.info:  # phone/NPU files into the bundle (distill.mobile)
+        from distill import mobile
+
+        calib, held = (mobile.training_views(trainset, int(cfg.int8.calibration_images))
+                       if mob.get("static_int8", True) else (None, None))
+        res = mobile.write_mobile_files(ctx.info["bundle"], calibration=calib, check_images=held,
+                                        batch1=bool(mob.get("batch1", False)), fp16=bool(mob.get("fp16", True)),
+                                        static_int8=bool(mob.get("static_int8", True)), ort=bool(mob.get("ort", True)),
+                                        ort_style=str(mob.get("ort_style", "fixed")), threads=threads)
+        ctx.info["mobile"] = {"dir": res["dir"], **mobile.summary(res)}  # the full figures: bundle/mobile/*.json
+    elif mob.get("enabled"):
+        log.warning("no mobile files: export.mobile writes into the edge bundle, which this run did not write")
     return ctx.info, ctx
 
 

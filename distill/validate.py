@@ -308,6 +308,39 @@ def _check_stream(cfg: DictConfig) -> Iterator[str]:
                "data.train.stream")
 
 
+MOBILE_KEYS = ("enabled", "batch1", "fp16", "static_int8", "ort", "ort_style")
+
+
+def _check_export(cfg: DictConfig) -> Iterator[str]:
+    """export.mobile (distill.mobile): known keys and values, and what its files are made from."""
+    mob = _number(cfg, "export.mobile")
+    if mob is None:
+        return
+    for key, val in mob.items():
+        if key not in MOBILE_KEYS:
+            yield f"export.mobile.{key} is not a setting; closest: {_closest(str(key), list(MOBILE_KEYS))}"
+        elif key != "ort_style" and not isinstance(val, bool):
+            yield f"export.mobile.{key}={val!r} must be true or false"
+    from distill.mobile import ORT_STYLES
+
+    if mob.get("ort_style", "fixed") not in ORT_STYLES:
+        yield (f"export.mobile.ort_style={mob.get('ort_style')!r} is not known: use fixed (CPU fusions baked in) or "
+               f"runtime (ONNX-only graph, for NNAPI/CoreML)")
+    if not mob.get("enabled"):
+        return
+    if not _number(cfg, "export.bundle") or "student_onnx_fp32" not in (_number(cfg, "variants") or []):
+        yield ("export.mobile.enabled=true writes into the edge bundle: set export.bundle=true and list "
+               "student_onnx_fp32 in variants, or export.mobile.enabled=false")
+    if mob.get("static_int8", True):
+        if OmegaConf.select(cfg, "data.train.stream", default=None) is not None:
+            yield ("export.mobile.static_int8 calibrates on indexed training images: set "
+                   "export.mobile.static_int8=false for data.train.stream")
+        n = _number(cfg, "export.int8.calibration_images")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            yield (f"export.int8.calibration_images={n!r} must be a positive integer for export.mobile.static_int8: "
+                   f"set it to 64, or export.mobile.static_int8=false")
+
+
 CHECKS: tuple[Callable[[DictConfig], Iterator[str]], ...] = (
     _check_train, _check_student, _check_teacher, _check_loss, _check_data, _check_bench, _check_finetune,
-    _check_stream)
+    _check_stream, _check_export)
