@@ -18,6 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 PIN = REPO / "tests" / "data" / "smoke_pin.json"
 
 
+def _points(metrics: dict) -> dict:
+    """The metrics without their bootstrap intervals ("*_ci95"): the pin holds the figures themselves."""
+    return {k: _points(v) if isinstance(v, dict) else v for k, v in metrics.items() if not k.endswith("_ci95")}
+
+
 def pin_of(run_dir: Path) -> dict:
     """The deterministic part of a smoke run: per-step losses, and each variant's accuracy, recall
     and agreement with the teacher (no timings, sizes or paths)."""
@@ -25,7 +30,7 @@ def pin_of(run_dir: Path) -> dict:
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     losses = [{k: v for k, v in rec.items() if k == "step" or k.endswith("loss")} for rec in steps
               if "loss" in rec]
-    variants = {name: {k: v[k] for k in ("zeroshot", "retrieval", "agreement") if k in v}
+    variants = {name: {k: _points(v[k]) for k in ("zeroshot", "retrieval", "agreement") if k in v}
                 for name, v in report["variants"].items() if v.get("status") == "ok"}
     return {"steps": report["training"]["steps"], "losses": losses, "variants": variants}
 
