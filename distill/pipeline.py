@@ -244,19 +244,28 @@ def export_stage(cfg: DictConfig, variants: list[str], student: torch.nn.Module,
         log.warning("no edge bundle: it needs the student_onnx_fp32 variant and a label set (a classification "
                     "eval set, export.bundle_labels or retrieval captions)")
     mob = _as_dict(cfg.get("mobile"))
-    if mob.get("enabled") and "bundle" in ctx.info:  # phone/NPU files into the bundle (distill.mobile)
-        from distill import mobile
-
-        calib, held = (mobile.training_views(trainset, int(cfg.int8.calibration_images))
-                       if mob.get("static_int8", True) else (None, None))
-        res = mobile.write_mobile_files(ctx.info["bundle"], calibration=calib, check_images=held,
-                                        batch1=bool(mob.get("batch1", False)), fp16=bool(mob.get("fp16", True)),
-                                        static_int8=bool(mob.get("static_int8", True)), ort=bool(mob.get("ort", True)),
-                                        ort_style=str(mob.get("ort_style", "fixed")), threads=threads)
-        ctx.info["mobile"] = {"dir": res["dir"], **mobile.summary(res)}  # the full figures: bundle/mobile/*.json
-    elif mob.get("enabled"):
-        log.warning("no mobile files: export.mobile writes into the edge bundle, which this run did not write")
+    if mob.get("enabled") and "bundle" in ctx.info:
+        ctx.info["mobile"] = _mobile_files(cfg, mob, ctx, trainset, threads)
     return ctx.info, ctx
+
+
+def _mobile_files(cfg: DictConfig, mob: dict[str, Any], ctx: VariantContext, trainset: Any,
+                  threads: int | None) -> dict[str, Any]:
+    """Phone/NPU files into the bundle (distill.mobile); static int8 calibrates on indexed training views,
+    so a stream's bundle goes without it (one warning) rather than failing the run."""
+    from distill import mobile
+
+    static = bool(mob.get("static_int8", True))
+    if static and isinstance(trainset, TrainStream):
+        log.warning("export.mobile: no static int8 file, it calibrates on indexed training images and this run "
+                    "streams (set export.mobile.static_int8=false to silence this)")
+        static = False
+    calib, held = mobile.training_views(trainset, int(cfg.int8.calibration_images)) if static else (None, None)
+    res = mobile.write_mobile_files(ctx.info["bundle"], calibration=calib, check_images=held,
+                                    batch1=bool(mob.get("batch1", False)), fp16=bool(mob.get("fp16", True)),
+                                    static_int8=static, ort=bool(mob.get("ort", True)),
+                                    ort_style=str(mob.get("ort_style", "fixed")), threads=threads)
+    return {"dir": res["dir"], **mobile.summary(res)}  # the full figures: bundle/mobile/*.json
 
 
 def _write_bundle(ctx: VariantContext, names: list[str], templates: list[str], source: str) -> Path:

@@ -328,13 +328,7 @@ def _check_export(cfg: DictConfig) -> Iterator[str]:
                f"runtime (ONNX-only graph, for NNAPI/CoreML)")
     if not mob.get("enabled"):
         return
-    if not _number(cfg, "export.bundle") or "student_onnx_fp32" not in (_number(cfg, "variants") or []):
-        yield ("export.mobile.enabled=true writes into the edge bundle: set export.bundle=true and list "
-               "student_onnx_fp32 in variants, or export.mobile.enabled=false")
     if mob.get("static_int8", True):
-        if OmegaConf.select(cfg, "data.train.stream", default=None) is not None:
-            yield ("export.mobile.static_int8 calibrates on indexed training images: set "
-                   "export.mobile.static_int8=false for data.train.stream")
         n = _number(cfg, "export.int8.calibration_images")
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             yield (f"export.int8.calibration_images={n!r} must be a positive integer for export.mobile.static_int8: "

@@ -252,8 +252,6 @@ def test_problems_are_one_line_naming_the_fix(tmp_path, monkeypatch):
 
 def test_sha256sums_lists_the_mobile_files_when_export_writes_it(built):
     bundle, res, _, _ = built
-    if getattr(export, "write_checksums", None) is None:
-        pytest.skip("distill.export.write_checksums has not landed")
     sums = dict(reversed(line.split("  ", 1)) for line in (bundle / export.CHECKSUMS).read_text().splitlines())
     assert all(sums[k] == sha256_file(bundle / k) for k in res["files"])
 
@@ -285,6 +283,29 @@ def test_export_stage_calibrates_on_training_views_only(tmp_path, monkeypatch):
     load_bundle(info["bundle"])
 
 
+def test_a_streamed_run_gets_mobile_files_without_static_int8(tmp_path, caplog):
+    from omegaconf import OmegaConf
+
+    from distill import pipeline
+    from distill.data import ViewSpec
+    from distill.streaming import StreamingShards
+    from distill.train import TrainStream
+    from tests.conftest import REPO
+
+    cfg = OmegaConf.load(REPO / "conf" / "export" / "default.yaml")
+    cfg.bundle_labels, cfg.open_clip = ["a cat", "a dog"], False
+    stream = TrainStream(StreamingShards(str(tmp_path / "never-read-{0..1}.tar")), ViewSpec(size=32))
+    torch.manual_seed(0)
+    student = open_clip.model.CLIP(**CFG).eval()
+    info, _ = pipeline.export_stage(cfg, ["student_onnx_fp32"], student, CFG, tmp_path,
+                                    {"classification": {}, "retrieval": {}}, stream,
+                                    open_clip.SimpleTokenizer(context_length=16), threads=1)
+    files = info["mobile"]["files"]
+    assert not any("qdq" in f for f in files) and any(f.endswith(".ort") for f in files)
+    assert "no static int8 file" in caplog.text
+    load_bundle(info["bundle"])
+
+
 def test_config_checks_name_the_mobile_key_and_fix():
     from hydra import compose, initialize_config_dir
 
@@ -304,7 +325,7 @@ def test_config_checks_name_the_mobile_key_and_fix():
     assert "export.mobile.ort_style='arm' is not known: use fixed" in problems("export.mobile.ort_style=arm")
     assert "export.mobile.fp16='yes' must be true or false" in problems("export.mobile.fp16=yes")
     assert "export.mobile.static_int9 is not a setting; closest: static_int8" in problems("+export.mobile.static_int9=true")
-    assert "set export.bundle=true" in problems("export.mobile.enabled=true", "export.bundle=false")
+    assert problems("export.bundle=false") == ""  # on by default: a run without a bundle just has no mobile files
     assert "export.int8.calibration_images=0 must be a positive integer" in problems(
         "export.mobile.enabled=true", "export.int8.calibration_images=0")
     assert problems("export.mobile.enabled=true", "export.mobile.static_int8=false", "export.int8.calibration_images=0") == ""
