@@ -8,11 +8,13 @@ copying every image, and a companion is checked against its data shard sample by
 
 Companion layout (a plain tar, members in the data shard's sample order):
     __teacher__.json      header: format, fingerprint (teacher + view recipe), teacher fingerprint,
-                          view spec, data shard name / bytes / sha256, samples, skipped, embed_dim, dtype
-    <key>.timg.npy        (K, D) float16: the teacher's embedding of each of the K augmented views
-    <key>.seeds.npy       (K,) uint64: the seed of each view (``distill.data.augmented_view``)
-    <key>.ttxt.npy        (D,) float16: the teacher's embedding of the caption (captioned samples only)
-    <key>.skip.txt        instead of the three above, for a sample without a readable image
+                          view spec, views K, embed_dim D, data shard name / bytes / sha256, samples, skipped
+    <key>.teacher         one record per sample, little-endian: uint64[K] view seeds
+                          (``distill.data.augmented_view``), uint64 flags (bit 0: has a caption row),
+                          float16[K, D] the teacher's embedding of each view, float16[D] the caption's
+                          embedding (when flagged). One member, not three .npy files: every tar member
+                          costs a 512-byte header plus padding, which tripled the bytes per sample.
+    <key>.skip.txt        instead of the record, for a sample without a readable image
 
 Views. View k of sample ``key`` of shard ``name`` is ``augmented_view(image, size, seed_k, scale)``
 with ``seed_k = _stable_int(spec.seed, name, key, k)`` (``eval_view`` when augment is off); the
@@ -92,14 +94,26 @@ def view_seeds(spec: ViewSpec, shard: str, key: str) -> list[int]:
     return [_stable_int(spec.seed, _stem(shard), key, k) for k in range(int(spec.views))]
 
 
-def _npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
+def encode_record(seeds: Sequence[int], image: np.ndarray, text: np.ndarray | None) -> bytes:
+    """One sample's ``.teacher`` member (layout in the module docstring)."""
+    head = np.asarray([*seeds, int(text is not None)], dtype="<u8").tobytes()
+    rows = [np.asarray(image, dtype="<f2").tobytes()]
+    if text is not None:
+        rows.append(np.asarray(text, dtype="<f2").tobytes())
+    return head + b"".join(rows)
 
 
-def _load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+def decode_record(data: bytes, views: int, dim: int) -> dict[str, Any]:
+    """``{"seeds": (K,) uint64, "image": (K, D) float16, "text": (D,) float16 | None}`` of a record."""
+    meta = np.frombuffer(data, dtype="<u8", count=views + 1)
+    off = 8 * (views + 1)
+    has_text = bool(meta[-1] & 1)
+    want = off + 2 * dim * (views + has_text)
+    if len(data) != want:
+        raise ValueError(f"teacher record of {len(data)} bytes, expected {want} for K={views}, D={dim}")
+    image = np.frombuffer(data, dtype="<f2", count=views * dim, offset=off).reshape(views, dim)
+    text = np.frombuffer(data, dtype="<f2", count=dim, offset=off + 2 * views * dim) if has_text else None
+    return {"seeds": meta[:views], "image": image, "text": text}
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,11 +148,13 @@ def _check_header(head: dict[str, Any] | None, companion: str, data_url: str, wa
                                 f"{_stem(data_url)}: {REBUILD}")
 
 
-def _teacher_entry(group: dict[str, bytes]) -> dict[str, Any] | None:
+def _teacher_entry(group: dict[str, bytes], head: dict[str, Any], companion: str) -> dict[str, Any] | None:
     if "skip.txt" in group:
         return None
-    return {"image": _load_npy(group["timg.npy"]), "seeds": _load_npy(group["seeds.npy"]),
-            "text": _load_npy(group["ttxt.npy"]) if "ttxt.npy" in group else None}
+    try:
+        return decode_record(group["teacher"], int(head["views"]), int(head["embed_dim"]))
+    except (KeyError, ValueError) as e:
+        raise CompanionMismatch(f"companion teacher shard {companion} has a damaged record ({e}): {REBUILD}") from None
 
 
 def _next_group(groups: Iterator, companion: str, data_url: str) -> tuple[str | None, dict | None]:
@@ -179,7 +195,7 @@ def paired_groups(data_stream: Any, data_url: str, companion: str, want: str | N
                     f"companion teacher shard {companion} does not match {data_url} at sample {n} (data {key}, "
                     f"companion {tkey or 'ended'}; it holds {head.get('samples')} samples): {REBUILD}")
             n += 1
-            yield key, group, _teacher_entry(tgroup)
+            yield key, group, _teacher_entry(tgroup, head, companion)
     finally:
         comp.close()
 
@@ -215,21 +231,47 @@ def _views(image: Any, spec: ViewSpec, seeds: Sequence[int]):
     return torch.stack([augmented_view(image, spec.size, s, scale=tuple(spec.scale)) for s in seeds])
 
 
-def _embed(teacher: Any, images: list, texts: list[str], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    import torch
+class _ShardEmbedder:
+    """Embeds a shard's views batch by batch as they are read, so memory holds float16 embeddings
+    (K x D per sample), never a whole shard of decoded pixels."""
 
-    def run(fn, items, stack):
-        out = []
-        for i in range(0, len(items), batch_size):
+    def __init__(self, teacher: Any, batch_size: int) -> None:
+        self.teacher, self.batch_size = teacher, int(batch_size)
+        self.pending: list = []  # view tensors not yet embedded
+        self.done: list[np.ndarray] = []
+
+    def add(self, views: Any) -> None:
+        self.pending.extend(views)
+        if len(self.pending) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        import torch
+
+        if self.pending:
             with torch.no_grad():
-                out.append(fn(stack(items[i:i + batch_size])).float().cpu().numpy().astype(np.float16))
-        return np.concatenate(out) if out else np.zeros((0, teacher.embed_dim), np.float16)
+                emb = self.teacher.encode_image(torch.stack(self.pending))
+            self.done.append(emb.float().cpu().numpy().astype(np.float16))
+            self.pending = []
 
-    return run(teacher.encode_image, images, torch.stack), run(teacher.encode_text, texts, list)
+    def images(self) -> np.ndarray:
+        self.flush()
+        return np.concatenate(self.done) if self.done else np.zeros((0, self.teacher.embed_dim), np.float16)
+
+    def texts(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            with torch.no_grad():
+                out.append(self.teacher.encode_text(texts[i:i + self.batch_size]).float().cpu().numpy())
+        return np.concatenate(out).astype(np.float16) if out else np.zeros((0, self.teacher.embed_dim), np.float16)
 
 
-def _read_shard(url: str, spec: ViewSpec, image_keys: Sequence[str], caption_keys: Sequence[str]):
-    """Every sample of a data shard in file order: (key, views or None, seeds, caption, why skipped), the hash."""
+def _read_shard(url: str, spec: ViewSpec, embedder: _ShardEmbedder, image_keys: Sequence[str],
+                caption_keys: Sequence[str]) -> tuple[list[tuple], _HashingReader]:
+    """Every sample of a data shard in file order as (key, seeds, caption, why skipped or ""), its
+    views handed to ``embedder`` in that order; and the reader that hashed the shard's bytes."""
     from webdataset.gopen import gopen
 
     from distill.imageio import _reason, load_rgb
@@ -242,14 +284,13 @@ def _read_shard(url: str, spec: ViewSpec, image_keys: Sequence[str], caption_key
             if key.startswith("__") and key.endswith("__"):
                 continue
             _, data, caption = _pick(url, key, group, image_keys, caption_keys)
-            seeds = view_seeds(spec, url, key)
-            if data is None:
-                rows.append((key, None, seeds, caption, "no image"))
-                continue
-            try:
-                rows.append((key, _views(load_rgb(io.BytesIO(data)), spec, seeds), seeds, caption, ""))
-            except DECODE_ERRORS as e:
-                rows.append((key, None, seeds, caption, f"unreadable image: {_reason(e)}"))
+            seeds, why = view_seeds(spec, url, key), "no image" if data is None else ""
+            if data is not None:
+                try:
+                    embedder.add(_views(load_rgb(io.BytesIO(data)), spec, seeds))
+                except DECODE_ERRORS as e:
+                    why = f"unreadable image: {_reason(e)}"
+            rows.append((key, seeds, caption, why))
         while raw.read(1 << 20):  # the end-of-archive padding, so the hash covers the whole file
             pass
     finally:
@@ -257,22 +298,8 @@ def _read_shard(url: str, spec: ViewSpec, image_keys: Sequence[str], caption_key
     return rows, raw
 
 
-def build_one(teacher: Any, url: str, dst: Path, spec: ViewSpec, fp: str, *, batch_size: int = 64,
-              image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
-              caption_keys: Sequence[str] = ("txt", "caption", "json")) -> dict[str, Any]:
-    """Embed one data shard's views and captions and write its companion atomically; -> its header."""
-    rows, raw = _read_shard(url, spec, image_keys, caption_keys)
-    if not rows:
-        raise UserError(f"shard {url} holds no samples: check that it is a WebDataset tar shard")
-    kept = [r for r in rows if r[1] is not None]
-    texts = sorted({r[3] for r in kept if r[3]})
-    img, txt = _embed(teacher, [v for r in kept for v in r[1]], texts, batch_size)
-    text_row = {t: i for i, t in enumerate(texts)}
-    head = {"format": FORMAT, "fingerprint": fp, "teacher": teacher.fingerprint, "spec": spec.describe(),
-            "data_shard": _stem(url), "data_bytes": raw.bytes, "data_sha256": raw.sha.hexdigest(),
-            "samples": len(rows), "skipped": len(rows) - len(kept), "views": int(spec.views),
-            "embed_dim": int(img.shape[1]) if len(img) else int(teacher.embed_dim), "dtype": "float16"}
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+def _write_tar(tmp: Path, head: dict[str, Any], rows: list[tuple], img: np.ndarray, txt: dict[str, np.ndarray],
+               views: int) -> None:
     with tarfile.open(tmp, "w") as tf:
         def add(name: str, data: bytes) -> None:
             info = tarfile.TarInfo(name)
@@ -281,17 +308,34 @@ def build_one(teacher: Any, url: str, dst: Path, spec: ViewSpec, fp: str, *, bat
 
         add(HEADER, json.dumps(head, sort_keys=True).encode())
         k = 0
-        for key, views, seeds, caption, why in rows:
-            if views is None:
+        for key, seeds, caption, why in rows:
+            if why:
                 add(f"{key}.skip.txt", why.encode())
                 continue
-            add(f"{key}.timg.npy", _npy(img[k * spec.views:(k + 1) * spec.views]))
-            add(f"{key}.seeds.npy", _npy(np.asarray(seeds, dtype=np.uint64)))
-            if caption:
-                add(f"{key}.ttxt.npy", _npy(txt[text_row[caption]]))
+            add(f"{key}.teacher", encode_record(seeds, img[k * views:(k + 1) * views], txt.get(caption)))
             k += 1
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+
+
+def build_one(teacher: Any, url: str, dst: Path, spec: ViewSpec, fp: str, *, batch_size: int = 64,
+              image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
+              caption_keys: Sequence[str] = ("txt", "caption", "json")) -> dict[str, Any]:
+    """Embed one data shard's views and captions and write its companion atomically; -> its header."""
+    embedder = _ShardEmbedder(teacher, batch_size)
+    rows, raw = _read_shard(url, spec, embedder, image_keys, caption_keys)
+    if not rows:
+        raise UserError(f"shard {url} holds no samples: check that it is a WebDataset tar shard")
+    img = embedder.images()
+    texts = sorted({r[2] for r in rows if r[2] and not r[3]})
+    txt = dict(zip(texts, embedder.texts(texts)))
+    skipped = sum(bool(r[3]) for r in rows)
+    head = {"format": FORMAT, "fingerprint": fp, "teacher": teacher.fingerprint, "spec": spec.describe(),
+            "data_shard": _stem(url), "data_bytes": raw.bytes, "data_sha256": raw.sha.hexdigest(),
+            "samples": len(rows), "skipped": skipped, "views": int(spec.views),
+            "embed_dim": int(img.shape[1]) if len(img) else int(teacher.embed_dim), "dtype": "float16"}
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    _write_tar(tmp, head, rows, img, txt, int(spec.views))
     os.replace(tmp, dst)
     return head
 

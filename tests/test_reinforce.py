@@ -58,14 +58,14 @@ def test_companions_hold_k_views_seeds_and_captions_and_a_manifest(tmp_path, pat
     assert head["samples"] == PER_SHARD and head["skipped"] == 0 and head["views"] == 3
     assert head["data_shard"] == "shard-000" and head["data_bytes"] == (folder / "shard-000.tar").stat().st_size
     names = _members(comp)
-    assert names[0] == reinforce.HEADER and "000000.timg.npy" in names and "000000.ttxt.npy" not in names  # uncaptioned
-    assert "000001.ttxt.npy" in names
+    assert names[0] == reinforce.HEADER and names[1:] == [f"{i:06d}.teacher" for i in range(PER_SHARD)]
+    with tarfile.open(comp) as tf:
+        rec = {n: reinforce.decode_record(tf.extractfile(n).read(), 3, tiny_teacher.embed_dim) for n in names[1:]}
+    assert rec["000000.teacher"]["text"] is None and rec["000001.teacher"]["text"] is not None  # uncaptioned, captioned
     man = json.loads((folder / reinforce.MANIFEST).read_text())
     assert man["complete"] and len(man["shards"]) == N_SHARDS and man["bytes_per_view"] == 2 * tiny_teacher.embed_dim
     # the stored rows are the teacher's embeddings of the views built from the stored seeds
-    with tarfile.open(comp) as tf:
-        emb = np.load(io.BytesIO(tf.extractfile("000001.timg.npy").read()))
-        seeds = np.load(io.BytesIO(tf.extractfile("000001.seeds.npy").read()))
+    emb, seeds = rec["000001.teacher"]["image"], rec["000001.teacher"]["seeds"]
     from PIL import Image
 
     with tarfile.open(folder / "shard-000.tar") as tf:
@@ -168,7 +168,7 @@ def test_a_companion_with_fewer_samples_keeps_what_it_paired(pattern, tiny_teach
     comp = Path(pattern).parent / "shard-000.teacher.tar"
     with tarfile.open(comp) as tf:
         members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
-    with tarfile.open(comp, "w") as tf:  # drop the last sample's members
+    with tarfile.open(comp, "w") as tf:  # drop the last sample's record
         for m, data in members:
             if not m.name.startswith("000005."):
                 tf.addfile(m, io.BytesIO(data))
@@ -176,6 +176,28 @@ def test_a_companion_with_fewer_samples_keeps_what_it_paired(pattern, tiny_teach
     shard0 = [k for k in keys if "shard-000" in k]
     assert len(shard0) == PER_SHARD - 1 and stats["teacher_mismatch"] == 1
     assert "at sample 5" in stats["failures"][0] and "companion ended" in stats["failures"][0]
+
+
+def test_records_round_trip_and_a_damaged_record_is_a_mismatch(pattern, tiny_teacher):
+    img = np.arange(6, dtype=np.float16).reshape(2, 3)
+    rec = reinforce.decode_record(reinforce.encode_record([2**64 - 1, 7], img, np.ones(3)), 2, 3)
+    assert rec["seeds"].tolist() == [2**64 - 1, 7] and np.array_equal(rec["image"], img) and rec["text"].sum() == 3
+    assert reinforce.decode_record(reinforce.encode_record([1, 2], img, None), 2, 3)["text"] is None
+    with pytest.raises(ValueError, match="expected"):
+        reinforce.decode_record(reinforce.encode_record([1, 2], img, None)[:-2], 2, 3)
+    _build(tiny_teacher, pattern)
+    comp = Path(pattern).parent / "shard-000.teacher.tar"
+    with tarfile.open(comp) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    with tarfile.open(comp, "w") as tf:
+        for m, data in members:
+            if m.name == "000003.teacher":
+                data = data[:-6]
+                m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+    keys, stats = _read_all(_reinforced(pattern, tiny_teacher, resampled=False, buffer=0))
+    assert len([k for k in keys if "shard-000" in k]) == 3 and stats["teacher_mismatch"] == 1
+    assert "damaged record" in stats["failures"][0]
 
 
 def test_another_teacher_or_recipe_is_refused_with_the_rebuild_command(pattern, tiny_teacher):
