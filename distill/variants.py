@@ -183,6 +183,36 @@ register(VariantSpec("student_onnx_static_int8", "student", "onnxruntime", "int8
                      reference="student_onnx_fp32"))
 
 
+# ------------------------------------------------------------------------------------ openvino
+
+
+def _openvino_spec(name: str, onnx_variant: str, doc: str) -> VariantSpec:
+    """``onnx_variant``'s files run on OpenVINO's CPU runtime (distill.openvino_encoder), measured
+    against the ONNX fp32 student. Optional: a file OpenVINO cannot run fails this variant only."""
+    base = VARIANTS[onnx_variant]
+
+    def export(ctx: VariantContext) -> None:
+        from distill.export import default_preprocess
+        from distill.openvino_encoder import OpenVinoDualEncoder
+
+        ctx.require(onnx_variant)
+        image, text = base.files(ctx)
+        # compiled here so that a file OpenVINO cannot run fails the export with OpenVINO's reason
+        ctx.built[name] = OpenVinoDualEncoder(image_onnx=image, text_onnx=text, threads=ctx.threads,
+                                              preprocess=default_preprocess(ctx.image_size))
+        ctx.info[name] = {"openvino": ctx.built[name].openvino_version, "files": [image, text]}
+
+    return VariantSpec(name, "student", "openvino", base.precision, doc, export, lambda ctx: ctx.built[name],
+                       files=base.files, reference="student_onnx_fp32", optional=True)
+
+
+register(_openvino_spec("student_openvino_fp32", "student_onnx_fp32",
+                        "student_onnx_fp32's two ONNX files on OpenVINO's CPU runtime, in f32 (pip install openvino)."))
+register(_openvino_spec("student_openvino_static_int8", "student_onnx_static_int8",
+                        "student_onnx_static_int8's files on OpenVINO's CPU runtime: the static QDQ int8 image tower "
+                        "and the dynamic int8 text tower, which OpenVINO runs as is (pip install openvino)."))
+
+
 def _torch_int8(student: torch.nn.Module) -> torch.nn.Module:
     from distill.quantize import torch_dynamic_int8
 
