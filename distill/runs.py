@@ -26,13 +26,16 @@ log = logging.getLogger(__name__)
 
 RUN_STATE = "run_state.json"
 # Sections of the config that decide what is trained on what.
-IDENTITY_SECTIONS = ("teacher", "student", "data", "loss", "train", "seed")
-# train.* keys that steer a run without changing its result (logging, checkpoint cadence, workers).
-RUN_CONTROL_KEYS = frozenset({
-    "train.resume", "train.stop_after_steps", "train.progress", "train.tensorboard", "train.log_every",
-    "train.eval_every", "train.ckpt_every", "train.keep_checkpoints", "train.num_workers",
-    "train.find_unused_parameters",
-})
+IDENTITY_SECTIONS = ("teacher", "finetune", "student", "data", "loss", "train", "seed")
+# train.* (and the fine-tune's own train.*) keys that steer a run without changing its result
+# (logging, checkpoint cadence, workers). finetune.train.eval_every is not among them: it picks the
+# steps early stopping can stop at.
+_CONTROL = ("resume", "stop_after_steps", "progress", "tensorboard", "log_every", "ckpt_every",
+            "keep_checkpoints", "num_workers", "find_unused_parameters")
+RUN_CONTROL_KEYS = frozenset({f"train.{k}" for k in (*_CONTROL, "eval_every")}
+                             | {f"finetune.train.{k}" for k in _CONTROL})
+# where a run's engine stages keep their checkpoints: the student's, and the fine-tune's before it
+CHECKPOINT_DIRS = ("checkpoints", "finetune/checkpoints")
 
 
 def _flatten(node: Any, prefix: str, out: dict[str, Any]) -> None:
@@ -78,8 +81,13 @@ def write_state(run_dir: Path, status: str, ident: dict[str, Any]) -> None:
     os.replace(tmp, run_dir / RUN_STATE)
 
 
+def _latest_files(run_dir: Path) -> list[Path]:
+    return [f for f in (run_dir / d / "latest.json" for d in CHECKPOINT_DIRS) if f.exists()]
+
+
 def has_checkpoint(run_dir: Path) -> bool:
-    return (run_dir / "checkpoints" / "latest.json").exists()
+    """A checkpoint of any stage: a run killed while fine-tuning is as resumable as one killed while distilling."""
+    return bool(_latest_files(run_dir))
 
 
 def check_resumable(run_dir: Path, ident: dict[str, Any]) -> None:
@@ -109,7 +117,7 @@ def find_unfinished(parent: Path, ident: dict[str, Any], exclude: Path) -> Path 
         else:
             log.info("not resuming %s: its config differs in %s", d,
                      ", ".join(differing_keys(state.get("identity", {}), ident)[:8]))
-    return max(candidates, key=lambda d: (d / "checkpoints" / "latest.json").stat().st_mtime, default=None)
+    return max(candidates, key=lambda d: max(f.stat().st_mtime for f in _latest_files(d)), default=None)
 
 
 def _only_hydra_files(run_dir: Path) -> bool:
