@@ -85,6 +85,31 @@ def test_two_nodes_train_like_one_process_with_the_global_batch(tmp_path):
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+FINETUNE = ["+experiment=smoke", "threads=1", "finetune=lora", "finetune.train.steps=6", "finetune.train.eval_every=0",
+            "finetune.train.ckpt_every=6", "finetune.train.log_every=1", "+finetune.train.progress=false",
+            "finetune.chain_eval=false", "finetune.wise_ft.alpha=1.0", "finetune.then=export", "export.bundle=false",
+            "variants=[teacher_torch_fp32,student_torch_fp32]"]
+
+
+def test_two_nodes_fine_tune_like_one_process_with_the_global_batch(tmp_path):
+    """LoRA fine-tuning with the CLIP contrastive loss: each rank's rows meet the whole global batch."""
+    cache = f"cache.dir={tmp_path / 'cache'}"
+    assert _single([*FINETUNE, cache, "finetune.train.batch_size=16", f"hydra.run.dir={tmp_path / 'one'}"],
+                   tmp_path / "one.log") == 0, (tmp_path / "one.log").read_text()[-3000:]
+    nodes = _two_nodes([*FINETUNE, cache, "finetune.train.batch_size=8", f"hydra.run.dir={tmp_path / 'two'}"],
+                       tmp_path)
+    for code, out in nodes:
+        assert code == 0, out[-3000:]
+    one, two = _losses(tmp_path / "one/finetune"), _losses(tmp_path / "two/finetune")
+    assert len(one) == len(two) == 6 and abs(one[-1] - one[0]) > 1e-3
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-5)
+    (w1,), (w2,) = ((tmp_path / r / "finetune/checkpoints/step_0000006").glob("*.safetensors") for r in ("one", "two"))
+    a, b = load_file(w1), load_file(w2)
+    assert any("lora_" in k for k in a) and a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def _stream_cfg(tmp: Path) -> list[str]:
     shards = tmp / "shards"
     shards.mkdir(exist_ok=True)

@@ -37,15 +37,23 @@ def clip_contrastive(image: torch.Tensor, text: torch.Tensor, logit_scale: torch
                      labels: torch.Tensor | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
     """½ [CE(s I Tᵀ, y) + CE(s T Iᵀ, y)] on L2-normalised (B, D) features. With ``labels`` (captions
     made from class names), other pairs of the same class are not negatives (FLYP): their logits are
-    masked out, so the loss does not push apart images and texts that say the same thing."""
+    masked out, so the loss does not push apart images and texts that say the same thing.
+
+    Under torch.distributed every rank's rows meet the features of the whole global batch (gathered
+    with their gradients, as open_clip's gather_with_grad + local_loss), so ranks of B images train
+    exactly like one process of world x B, not like world separate B x B problems."""
     image, text = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
-    logits = logit_scale.float() * image @ text.T  # (B, B)
-    target = torch.arange(len(image), device=image.device)
+    all_image = dist_utils.gather_features(image, with_grad=True)  # (N, D); the local rows in one process
+    all_text = dist_utils.gather_features(text, with_grad=True)
+    target = torch.arange(len(image), device=image.device) + dist_utils.rank() * len(image)  # own pair's column
+    i2t, t2i = logit_scale.float() * image @ all_text.T, logit_scale.float() * text @ all_image.T  # (B, N)
     if labels is not None:
-        same = labels[:, None] == labels[None, :]
-        logits = logits.masked_fill(same & ~torch.eye(len(image), dtype=torch.bool, device=image.device), float("-inf"))
-    return 0.5 * (F.cross_entropy(logits, target, label_smoothing=label_smoothing)
-                  + F.cross_entropy(logits.T, target, label_smoothing=label_smoothing))
+        all_labels = dist_utils.gather_features(labels[:, None], with_grad=False)[:, 0]
+        own = torch.arange(len(all_image), device=image.device)[None, :] == target[:, None]
+        same = (labels[:, None] == all_labels[None, :]) & ~own
+        i2t, t2i = i2t.masked_fill(same, float("-inf")), t2i.masked_fill(same, float("-inf"))
+    return 0.5 * (F.cross_entropy(i2t, target, label_smoothing=label_smoothing)
+                  + F.cross_entropy(t2i, target, label_smoothing=label_smoothing))
 
 
 def prompt_cross_entropy(image: torch.Tensor, class_text: torch.Tensor, logit_scale: torch.Tensor,
