@@ -76,27 +76,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-BUILD_WAIT_ENV = "DISTILL_BUILD_WAIT_S"
-BUILD_WAIT_S = 24 * 3600  # a rank may embed its share of a large data set for hours while others are done
-_waits = 0
-
-
-def wait_all(name: str, seconds: float | None = None) -> None:
-    """A barrier for the end of a long build (teacher cache, companion shards): every rank posts a key
-    in the process group's store and waits for all of them, up to ``seconds`` (default
-    $DISTILL_BUILD_WAIT_S or 24 h). A plain barrier would hit the backend's collective timeout (NCCL:
-    10 minutes) whenever one rank's share takes longer than another's by more than that."""
-    global _waits
-    if not is_dist():
-        return
-    from datetime import timedelta
-
-    _waits += 1  # the same call sequence on every rank gives every wait its own keys
-    store = dist.distributed_c10d._get_default_store()
-    key = f"distill-wait/{name}/{_waits}"
-    store.set(f"{key}/{rank()}", "1")
-    limit = float(seconds if seconds is not None else os.environ.get(BUILD_WAIT_ENV, BUILD_WAIT_S))
-    store.wait([f"{key}/{r}" for r in range(world_size())], timedelta(seconds=limit))
+def wait_all(name: str) -> None:
+    """The barrier at the end of a long build (teacher cache, companion shards). A plain barrier for
+    now: it fails at once when a peer has died (tests/test_cache_distributed.py), but a share that
+    outlasts the backend's collective timeout (NCCL: 10 minutes) would too; a store-based wait with
+    its own limit hung on a dead peer and was taken out."""
+    barrier()
 
 
 def _collective_device() -> torch.device:

@@ -58,3 +58,59 @@ def tiny_teacher():
 @pytest.fixture
 def conf_dir() -> str:
     return str(REPO / "conf")
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers shared by test files (plain functions, not fixtures)
+# --------------------------------------------------------------------------------------------
+
+EDGE_RUNTIME_DEPS = ("numpy", "onnxruntime", "PIL")  # what the edge runtime needs, as import names
+
+
+def link_edge_deps(deps: Path) -> Path:
+    """A folder of links to this environment's numpy, onnxruntime and PIL (and the shared libraries
+    their wheels carry): put it on a fresh interpreter's path to give it those three and nothing else."""
+    deps.mkdir(parents=True, exist_ok=True)
+    for mod in EDGE_RUNTIME_DEPS:
+        pkg = Path(__import__(mod).__file__).parent
+        for p in [pkg, *pkg.parent.glob(f"{pkg.name.lower()}*.libs"), *pkg.parent.glob(f"{mod}.libs")]:
+            if p.exists() and not (deps / p.name).exists():
+                (deps / p.name).symlink_to(p)
+    return deps
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_two_nodes(args: list[str], logs: Path, per_node=((), ()), env: dict[str, str] | None = None,
+                       timeout: float = 400) -> list[tuple[int, str]]:
+    """Two ``torchrun --nnodes=2 --nproc_per_node=1`` launches of ``python <args>`` (e.g. ``["-m",
+    "distill", ...]``) meeting at a c10d rendezvous on 127.0.0.1: (exit code, output) per "node".
+    Output goes to files in ``logs``, not to pipes nobody drains; a hung launch is killed as a group."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env = {**base, "OMP_NUM_THREADS": "1", **(env or {})}
+    port, procs, files = free_port(), [], [logs / f"node{i}.log" for i in (0, 1)]
+    for i in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--node_rank={i}", *args, *per_node[i]]
+        with open(files[i], "w") as out:
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    return [(c, f.read_text()) for c, f in zip(codes, files)]

@@ -23,13 +23,13 @@ from distill.errors import UserError
 from distill.export import (CHECKSUMS, GOLDEN_TEXTS, default_preprocess, export_onnx, runtime_modules,
                             write_bundle, write_checksums)
 from distill.quantize import quantize_dynamic_onnx
+from tests.conftest import link_edge_deps
 
 REPO = Path(__file__).resolve().parents[1]
 CTX = 16
 CFG = dict(embed_dim=32, vision_cfg=dict(width=64, layers=1, head_width=32, patch_size=16, image_size=32),
            text_cfg=dict(width=32, layers=2, heads=2, context_length=CTX, vocab_size=49408))
 LABELS = ["a red square", "a green square", "a blue square"]
-RUNTIME_DEPS = ("numpy", "onnxruntime", "PIL")  # the bundle's requirements.txt, as import names
 # installed by a .pth line in the fresh venv: any import of torch (or what pulls it in) fails loudly
 NO_TORCH_HOOK = '''import sys
 class _NoTorch:
@@ -64,13 +64,7 @@ def venv(tmp_path_factory) -> Path:
     packages and the shared libraries their wheels carry), with torch imports blocked."""
     work = tmp_path_factory.mktemp("venv")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(work / "env")], check=True, timeout=120)
-    deps = work / "deps"
-    deps.mkdir()
-    for mod in RUNTIME_DEPS:
-        pkg = Path(__import__(mod).__file__).parent
-        for p in [pkg, *pkg.parent.glob(f"{pkg.name.lower()}*.libs"), *pkg.parent.glob(f"{mod}.libs")]:
-            if p.exists() and not (deps / p.name).exists():
-                (deps / p.name).symlink_to(p)
+    deps = link_edge_deps(work / "deps")
     (deps / "_no_torch.py").write_text(NO_TORCH_HOOK)
     site = next((work / "env").glob("lib/python3*/site-packages"))
     # the repo on the path too, after the deps: an installed distill must not shadow the bundle's copy

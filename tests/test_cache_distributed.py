@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +22,7 @@ import pytest
 
 from distill.cache import KILL_ENV, TEXT_CHUNK_FACTOR, build_or_load
 from distill.data import TrainSet, ViewSpec
-from tests.conftest import REPO, ArraySource
+from tests.conftest import REPO, ArraySource, free_port, torchrun_two_nodes
 
 CHUNK = 8
 OVERRIDES = ["+experiment=smoke", "device=cpu", "threads=1", f"cache.chunk_size={CHUNK}", "cache.batch_size=4"]
@@ -32,10 +30,7 @@ ARRAYS = ("image_emb.npy", "text_emb.npy", "valid.npy")
 TIMEOUT = 300
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_free_port = free_port
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -53,23 +48,8 @@ def _run_single(cache_dir: Path) -> subprocess.CompletedProcess:
 
 
 def _run_two_nodes(tmp: Path, cache_dir: Path, node_extra=((), ()), **env: str) -> list[tuple[int, str]]:
-    """(exit code, output) of each torchrun "node"; output goes to files, not pipes nobody drains."""
-    port, procs, logs = _free_port(), [], [tmp / f"node{i}.log" for i in (0, 1)]
-    for i in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--node_rank={i}",
-               *_build_args(cache_dir, *node_extra[i])]
-        with open(logs[i], "w") as out:
-            procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(**env), stdout=out, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
-    try:
-        codes = [p.wait(timeout=TIMEOUT) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:  # a hung launch: end its whole process group (agent and worker)
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-    return [(c, log.read_text()) for c, log in zip(codes, logs)]
+    """(exit code, output) of each torchrun "node" building the cache."""
+    return torchrun_two_nodes(_build_args(cache_dir), tmp, node_extra, env={KILL_ENV: "", **env}, timeout=TIMEOUT)
 
 
 def _entry(cache_dir: Path) -> Path:

@@ -18,11 +18,11 @@ from PIL import Image
 
 from distill.export import default_preprocess, export_onnx, write_bundle
 from distill.quantize import quantize_dynamic_onnx
+from tests.conftest import link_edge_deps
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = dict(embed_dim=32, vision_cfg=dict(width=64, layers=1, head_width=32, patch_size=16, image_size=32),
            text_cfg=dict(width=32, layers=1, heads=2, context_length=16, vocab_size=49408))
-RUNTIME_DEPS = ("numpy", "onnxruntime", "PIL")  # what the README tells users to install besides the package
 
 
 def _bundle(work: Path) -> Path:
@@ -49,13 +49,7 @@ def _torch_free_site(work: Path) -> Path:
     r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                         "--no-index", "--target", str(site), str(src)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    deps = work / "deps"
-    deps.mkdir()
-    for mod in RUNTIME_DEPS:
-        pkg = Path(__import__(mod).__file__).parent
-        for p in [pkg, *pkg.parent.glob(f"{pkg.name.lower()}*.libs"), *pkg.parent.glob(f"{mod}.libs")]:
-            if p.exists() and not (deps / p.name).exists():
-                (deps / p.name).symlink_to(p)
+    deps = link_edge_deps(work / "deps")
     return site
 
 

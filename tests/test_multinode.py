@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO
-from tests.test_cache_distributed import _free_port
+from tests.conftest import REPO, torchrun_two_nodes
 from tests.test_stream_training import N_SHARDS, write_shards
 
 TIMEOUT = 400
@@ -42,23 +40,7 @@ def _single(args: list[str], log: Path) -> int:
 
 
 def _two_nodes(args: list[str], tmp: Path, per_node=((), ())) -> list[tuple[int, str]]:
-    """(exit code, output) of each torchrun "node"; output goes to files, not pipes nobody drains."""
-    port, procs, logs = _free_port(), [], [tmp / f"node{i}.log" for i in (0, 1)]
-    for i in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--node_rank={i}",
-               "-m", "distill", *args, *per_node[i]]
-        with open(logs[i], "w") as out:
-            procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
-    try:
-        codes = [p.wait(timeout=TIMEOUT) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:  # a hung launch: end its whole process group (agent and worker)
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-    return [(c, log.read_text()) for c, log in zip(codes, logs)]
+    return torchrun_two_nodes(["-m", "distill", *args], tmp, per_node, timeout=TIMEOUT)
 
 
 def _losses(run: Path) -> list[float]:
