@@ -37,6 +37,7 @@ from distill import bench, datasets  # noqa: E402
 from distill.data import TrainSet, ViewSpec, load_eval_set  # noqa: E402
 from distill.export import default_preprocess  # noqa: E402
 from distill.students import build_student  # noqa: E402
+from distill.pipeline import _Unbuildable  # noqa: E402 - the pipeline's stand-in for a failed variant
 from distill.variants import VARIANTS, VariantContext  # noqa: E402
 
 REFERENCE = "student_onnx_fp32"
@@ -45,20 +46,6 @@ REFERENCE = "student_onnx_fp32"
 ROWS = [("onnxruntime", "fp32", "student_onnx_fp32"), ("onnxruntime", "dynamic int8", "student_onnx_int8"),
         ("onnxruntime", "QDQ int8", "student_onnx_static_int8"), ("OpenVINO", "fp32", "student_openvino_fp32"),
         ("OpenVINO", "dynamic int8", "student_openvino_int8"), ("OpenVINO", "QDQ int8", "student_openvino_static_int8")]
-
-
-class _Unbuildable:
-    """Stands in for a variant that could not be built, so measure_variants reports it failed."""
-
-    image_size = 224
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError(self.reason)
-
-    encode_text = encode_image
 
 
 def _student() -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -500,10 +500,10 @@ def build_or_load(
              len(todo[r::world]), len(chunks), len(chunks) - len(todo))
     _build_chunks(teacher, dataset, part, todo[r::world], state, num_workers, device, progress and r == 0,
                   _stop_after_chunks)
-    dist_utils.wait_all("cache-built")  # shares can differ by hours: past a collective's timeout
+    dist_utils.barrier()
     if r == 0:
         _finish(teacher, dataset, part, final, chunks, (fp, data_fp, identity))
-    dist_utils.wait_all("cache-assembled")
+    dist_utils.barrier()
     return _load_hit(final, fp, len(dataset))
 
 

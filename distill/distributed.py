@@ -76,14 +76,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def wait_all(name: str) -> None:
-    """The barrier at the end of a long build (teacher cache, companion shards). A plain barrier for
-    now: it fails at once when a peer has died (tests/test_cache_distributed.py), but a share that
-    outlasts the backend's collective timeout (NCCL: 10 minutes) would too; a store-based wait with
-    its own limit hung on a dead peer and was taken out."""
-    barrier()
-
-
 def _collective_device() -> torch.device:
     # nccl only moves CUDA tensors; gloo only CPU ones.
     if is_dist() and dist.get_backend() == "nccl":

@@ -121,6 +121,16 @@ def decode_record(data: bytes, views: int, dim: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+def _header(key: str | None, group: dict[str, bytes] | None) -> dict[str, Any] | None:
+    """The header of a companion's first member group, None when it is not one (or not JSON)."""
+    if key != HEADER.split(".")[0] or not group or "json" not in group:
+        return None
+    try:
+        return json.loads(group["json"])
+    except ValueError:
+        return None
+
+
 def read_header(url: str) -> dict[str, Any] | None:
     """A companion's header, None when it cannot be opened or does not start with one."""
     from webdataset.gopen import gopen
@@ -130,8 +140,8 @@ def read_header(url: str) -> dict[str, Any] | None:
     try:
         with gopen(url, "rb") as stream:
             for key, group in tar_groups(stream):
-                return json.loads(group["json"]) if key == HEADER.split(".")[0] and "json" in group else None
-    except (*READ_ERRORS, json.JSONDecodeError):
+                return _header(key, group)
+    except READ_ERRORS:
         return None
     return None
 
@@ -183,7 +193,7 @@ def paired_groups(data_stream: Any, data_url: str, companion: str, want: str | N
     try:
         groups = tar_groups(comp)
         key0, first = _next_group(groups, companion, data_url)
-        head = json.loads(first["json"]) if key0 == "__teacher__" and "json" in first else None
+        head = _header(key0, first)
         _check_header(head, companion, data_url, want)
         n = 0
         for key, group in tar_groups(data_stream):
@@ -395,7 +405,7 @@ def build_companions(teacher: Any, urls: Sequence[str], spec: ViewSpec, *, root:
         built += 1
         if os.environ.get(KILL_ENV) == f"{rank}:{built}":
             os.kill(os.getpid(), signal.SIGKILL)
-    dist_utils.wait_all("companions-built")  # shares can differ by hours: past a collective's timeout
+    dist_utils.barrier()
     out = {"built": built, "kept": kept, "failed": failed, "seconds": round(time.perf_counter() - t0, 3)}
     if rank == 0:
         out["manifest"] = str(write_manifest(urls, spec, fp, root))

@@ -15,21 +15,14 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from tests.test_resume_cli import _env, _runs
+
 STEPS = 40
 ARGS = ["+experiment=smoke", "threads=1", "finetune=lora", f"finetune.train.steps={STEPS}",
         "finetune.train.ckpt_every=5", "finetune.train.eval_every=0", "+finetune.train.progress=false",
         "finetune.train.log_every=1",
         "finetune.class_balanced=true", "finetune.chain_eval=false", "finetune.wise_ft.alpha=1.0",
         "finetune.then=export", "export.bundle=false", "variants=[teacher_torch_fp32,student_torch_fp32]"]
-
-
-def _env(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "DISTILL_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-
-
-def _runs(work: Path) -> list[Path]:
-    root = work / "outputs" / "smoke"
-    return sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []
 
 
 def _latest_step(work: Path) -> int:
