@@ -186,12 +186,15 @@ class DistillTask:
         if bare and not corpus:
             raise UserError(f"stream sample {batch['key'][bare[0]]} has no caption and the text corpus is empty: "
                             f"set data.train.corpus (e.g. imagenet_classes: true) or add captions (.txt/.json)")
+        world = dist_utils.world_size()  # draws made for every rank and split, as for the indexed set
         if bare:
-            for i, k in zip(bare, torch.randint(0, len(corpus), (len(bare),), generator=draw).tolist()):
-                texts[i] = corpus[k]
+            rows = _rank_rows(torch.randint(0, len(corpus), (len(texts) * world,), generator=draw), len(texts))
+            for i in bare:
+                texts[i] = corpus[int(rows[i])]
         if self.cfg.extra_texts and corpus:
-            texts += [corpus[k] for k in torch.randint(0, len(corpus), (int(self.cfg.extra_texts),),
-                                                       generator=draw).tolist()]
+            e = int(self.cfg.extra_texts)
+            texts += [corpus[k] for k in _rank_rows(torch.randint(0, len(corpus), (e * world,), generator=draw),
+                                                    e).tolist()]
         return texts
 
     def _stored_targets(self, batch: Mapping[str, Any], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
