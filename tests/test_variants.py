@@ -27,7 +27,9 @@ def ctx(tmp_path_factory):
                           trainset=TrainSet([ArraySource(8)], ViewSpec(size=32)), threads=1)
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
+# OpenVINO's variants are exercised in tests/test_openvino.py, in a pytest process of their own: loaded in
+# this one, OpenVINO made later tests of the suite segfault (CI, exit 139)
+@pytest.mark.parametrize("name", [n for n, v in VARIANTS.items() if v.runtime != "openvino"])
 def test_every_variant_exports_and_encodes(ctx, name):
     spec = VARIANTS[name]
     ctx.require(name)
