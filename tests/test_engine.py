@@ -77,6 +77,18 @@ def test_a_task_trains_logs_and_reports(tmp_path):
     assert set(out["step_time_split_ms"]) == {"optim"}
 
 
+def test_step_ms_counts_the_optimizer_steps_not_the_evaluations(tmp_path):
+    import time
+
+    def slow_eval(model):
+        time.sleep(0.2)
+        return {"val": 0.0}
+
+    out = fit(Regression(), _cfg(steps=4, eval_every=1), tmp_path, torch.device("cpu"), evaluate=slow_eval)
+    # four 0.2 s evaluations are in the run's seconds, none in its per-step time
+    assert out["seconds"] >= 0.8 and out["step_ms"] < 1000 * (out["seconds"] - 0.8) / 4 + 1e-6
+
+
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     full = Regression()
     fit(full, _cfg(steps=12), tmp_path / "a", torch.device("cpu"))

@@ -102,7 +102,7 @@ class _Run:
         self.loggers = Loggers(out_dir, enabled=self.main, steps=int(cfg.steps), start_step=self.start_step,
                                resumed=self.resumed_from is not None, log_every=int(cfg.log_every),
                                progress=bool(cfg.progress), tensorboard=bool(cfg.tensorboard))
-        self.optim_s, self.last, self.stopped_early = 0.0, {}, False
+        self.optim_s, self.step_s, self.last, self.stopped_early = 0.0, 0.0, {}, False
 
     def micro_step(self, micro: int, accum: int, terms: dict[str, float]) -> None:
         losses = self.task.loss(next(self.batches), self.step, micro, self.autocast)
@@ -144,6 +144,7 @@ class _Run:
         self.optim_s += time.perf_counter() - t0
         self.step += 1
         dt = time.perf_counter() - t_step
+        self.step_s += dt
         self.last = {**terms, "loss": sum(v for k, v in terms.items() if k.endswith("_loss")),
                      "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                      "images_per_s": self.task.samples_per_step / max(dt, 1e-9), "step": self.step}
@@ -212,6 +213,8 @@ def fit(task: Task, cfg: EngineConfig, out_dir: str | Path, device: torch.device
         **{f"final_{k}": v for k, v in r.last.items() if k.endswith("_loss")},
         **{k: v for k, v in stats.items() if k != "timers"},
         "seconds": round(elapsed, 2),
+        # optimizer steps only: setup, evaluation and checkpoints are in "seconds", not here
+        "step_ms": round(1000 * r.step_s / run_steps, 2),
         "step_time_split_ms": {k: round(1000 * v / run_steps, 2)
                                for k, v in {**stats.get("timers", {}), "optim": r.optim_s}.items()},
         "precision": r.precision,
