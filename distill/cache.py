@@ -67,6 +67,7 @@ PARTIAL_LAYOUT = 2
 TEXT_CHUNK_FACTOR = 8  # a text costs far less than an image: its chunks are 8 times longer
 SHARED_FS_WAIT_S = 60.0  # how long a rank waits for another node's file to show on a network file system
 KILL_ENV = "DISTILL_CACHE_TEST_KILL"  # test hook, see _test_kill
+DELAY_ENV = "DISTILL_CACHE_TEST_DELAY"  # test hook, see _test_delay
 
 
 @dataclass
@@ -363,6 +364,13 @@ def _test_kill(saved: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _test_delay() -> None:
+    """Test hook: ``DISTILL_CACHE_TEST_DELAY=RANK:SECONDS`` holds that rank back after its share."""
+    want = os.environ.get(DELAY_ENV, "")
+    if want.partition(":")[0] == str(dist_utils.rank()):
+        time.sleep(float(want.partition(":")[2]))
+
+
 def _build_chunks(teacher: Teacher, dataset: TrainSet, part: Path, mine: list[_Chunk], state: dict[str, Any],
                   num_workers: int, device: torch.device | str, progress: bool,
                   stop_after: int | None) -> None:
@@ -500,10 +508,11 @@ def build_or_load(
              len(todo[r::world]), len(chunks), len(chunks) - len(todo))
     _build_chunks(teacher, dataset, part, todo[r::world], state, num_workers, device, progress and r == 0,
                   _stop_after_chunks)
-    dist_utils.barrier()
+    _test_delay()
+    dist_utils.wait_for_peers()  # shares may end far apart: past the default group's timeout
     if r == 0:
         _finish(teacher, dataset, part, final, chunks, (fp, data_fp, identity))
-    dist_utils.barrier()
+    dist_utils.wait_for_peers()  # rank 0 assembles the entry
     return _load_hit(final, fp, len(dataset))
 
 

@@ -7,10 +7,19 @@ Everything here degrades to the single-process case: without an initialised proc
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Iterable
 
 import torch
 import torch.distributed as dist
+
+
+# Waits where ranks may arrive far apart (the end of a teacher-embedding build, whose shares can
+# differ by more than the default group's timeout: NCCL's is 10 minutes) go through a gloo group
+# with a long timeout. It is made at init, while every rank is alive: made later, it hangs once a
+# peer has died, and so did a store-based wait. Gloo reports a dead peer at once.
+WAIT_TIMEOUT = timedelta(hours=float(os.environ.get("DISTILL_WAIT_HOURS", 24)))
+_wait_group = None
 
 
 def is_dist() -> bool:
@@ -52,7 +61,11 @@ def setup_from_env(backend: str | None = None) -> bool:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend=backend)
+    # DISTILL_DIST_TIMEOUT_S: the default group's collective timeout (torch's default when unset)
+    timeout = os.environ.get("DISTILL_DIST_TIMEOUT_S")
+    dist.init_process_group(backend=backend, **({"timeout": timedelta(seconds=float(timeout))} if timeout else {}))
+    global _wait_group
+    _wait_group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
     return True
 
 
@@ -63,10 +76,12 @@ def cleanup() -> None:
     still inside its last collective; the peer then dies with SIGABRT ("terminate called without
     an active exception"), seen now and then in tests/test_losses_ddp.py.
     """
+    global _wait_group
     if is_dist():
         try:
             dist.barrier()
         finally:
+            _wait_group = None
             dist.destroy_process_group()
 
 
@@ -74,6 +89,17 @@ def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if is_dist():
         dist.barrier()
+
+
+def wait_for_peers() -> None:
+    """A barrier for ranks that may arrive far apart (up to WAIT_TIMEOUT, DISTILL_WAIT_HOURS, 24 h by
+    default); a plain barrier where the process group was not made by ``setup_from_env``."""
+    if not is_dist():
+        return
+    if _wait_group is None:
+        dist.barrier()
+    else:
+        dist.barrier(group=_wait_group)
 
 
 def _collective_device() -> torch.device:

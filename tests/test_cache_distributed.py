@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distill.cache import KILL_ENV, TEXT_CHUNK_FACTOR, build_or_load
+from distill.cache import DELAY_ENV, KILL_ENV, TEXT_CHUNK_FACTOR, build_or_load
 from distill.data import TrainSet, ViewSpec
 from tests.conftest import REPO, ArraySource, free_port, torchrun_two_nodes
 
@@ -34,7 +34,7 @@ _free_port = free_port
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", KILL_ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", KILL_ENV, DELAY_ENV)}
     return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 
@@ -114,6 +114,15 @@ def test_killed_rank_loses_only_its_unfinished_chunk_and_the_rerun_completes(tmp
     assert f"({len(done)} already built)" in rerun.stderr
     _assert_same(_entry(tmp_path / "c"), reference)
     assert not part.exists()
+
+
+@pytest.mark.slow
+def test_a_rank_finishing_long_after_the_other_outlasts_the_collective_timeout(tmp_path, reference):
+    # the default group times out after 3 s (as NCCL's does after 10 minutes); rank 1 ends its share
+    # 10 s after rank 0: the end-of-build wait must not use that timeout
+    results = _run_two_nodes(tmp_path, tmp_path / "c", **{"DISTILL_DIST_TIMEOUT_S": "3", DELAY_ENV: "1:10"})
+    assert [c for c, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    _assert_same(_entry(tmp_path / "c"), reference)
 
 
 @pytest.mark.slow
