@@ -52,6 +52,7 @@ import numpy as np
 from distill import distributed as dist_utils
 from distill.data import ViewSpec, _stable_int
 from distill.errors import UserError
+from distill.streaming import shard_stem as _stem
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +70,6 @@ class CompanionMismatch(Exception):
 def fingerprint(teacher_fp: str, spec: ViewSpec) -> str:
     """What a companion's embeddings depend on besides the data: the teacher and the view recipe."""
     return hashlib.sha256(f"reinforce-v{FORMAT}|{teacher_fp}|{spec.describe()}".encode()).hexdigest()[:20]
-
-
-def _stem(url: str) -> str:
-    base = url.rstrip("/").rsplit("/", 1)[-1]
-    for ext in (".tar.gz", ".tgz", ".tar"):
-        if base.endswith(ext):
-            return base[: -len(ext)]
-    return base
 
 
 def companion_url(url: str, root: str | None = None) -> str:

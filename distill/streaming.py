@@ -146,6 +146,22 @@ def shards_digest(urls: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]
 
 
+def shard_stem(url: str) -> str:
+    """A shard's file name without its folder or tar extension: ``.../shard-000123.tar`` -> ``shard-000123``."""
+    base = url.rstrip("/").rsplit("/", 1)[-1]
+    for ext in (".tar.gz", ".tgz", ".tar"):
+        if base.endswith(ext):
+            return base[: -len(ext)]
+    return base
+
+
+def stable_key(key: str) -> str:
+    """A sample key without its shard's location (``shard-000123#000045``): what seeds are drawn
+    from, so the draws stay the same when the shards move (another mount, a mirror, http)."""
+    url, _, member = key.rpartition("#")
+    return f"{shard_stem(url)}#{member}"
+
+
 # --------------------------------------------------------------------------------------------
 # Reading one shard
 # --------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from distill.encoders import normalize_images, resize_to
 from distill.engine import EngineConfig, TrainingDiverged, fit
 from distill.engine.checkpoint import unwrap
 from distill.errors import UserError
-from distill.streaming import Sample, StreamingShards, StreamLoader
+from distill.streaming import Sample, StreamingShards, StreamLoader, stable_key
 from distill.students import tower_of
 
 __all__ = ["DistillTask", "StreamViews", "TrainStream", "TrainingDiverged", "stream_collate", "train"]
@@ -47,8 +47,9 @@ class TrainStream:
 
 class StreamViews:
     """A stream ``Sample`` -> {"key", "image": (3, S, S) in [0, 1], "caption"}. The augmented crop is
-    seeded by (spec seed, key, the reader's sample counter): a key met again gets a fresh crop, and a
-    resumed reader, whose counter continues from the checkpoint, draws the same crop as before.
+    seeded by (spec seed, shard name + member key, the reader's sample counter): a key met again gets
+    a fresh crop, a resumed reader, whose counter continues from the checkpoint, draws the same crop
+    as before, and moved shards (another folder, a mirror) give the same crops.
 
     A reinforced sample (``sample.teacher``, distill.reinforce) instead picks one of its K stored views,
     by the same seeding, and rebuilds it from the stored seed; the item then carries the teacher's
@@ -58,7 +59,8 @@ class StreamViews:
         self.spec = spec
 
     def seed(self, sample: Sample) -> int:
-        return _stable_int(self.spec.seed, sample.key, int(sample.state["samples"]))
+        # not the full key: the shards' location (a tmp folder, a mount, a URL) must not change the crops
+        return _stable_int(self.spec.seed, stable_key(sample.key), int(sample.state["samples"]))
 
     def __call__(self, sample: Sample) -> dict[str, Any]:
         spec, t = self.spec, sample.teacher

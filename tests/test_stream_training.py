@@ -98,6 +98,16 @@ def test_stream_trains_with_the_online_teacher_and_reports_the_stream(tmp_path, 
     assert out["stream"]["samples"] == 120 and out["stream"]["shards_failed"] == 0 and out["stream"]["failures"] == []
 
 
+def test_shards_moved_to_another_folder_give_the_same_batches(tmp_path, pattern, tiny_teacher):
+    import shutil
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(Path(pattern).parent, moved)
+    a, _ = _fit_recording(_stream(pattern), tiny_teacher, tmp_path / "a", steps=3)
+    b, _ = _fit_recording(_stream(str(moved / Path(pattern).name)), tiny_teacher, tmp_path / "b", steps=3)
+    assert [v[1] for v in a.seen.values()] == [v[1] for v in b.seen.values()]  # the same crops, pixel for pixel
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_stopped_stream_run_resumes_with_the_same_batches_and_weights(tmp_path, pattern, tiny_teacher, workers):
     full, _ = _fit_recording(_stream(pattern), tiny_teacher, tmp_path / "a", num_workers=workers)
