@@ -11,7 +11,7 @@ import logging
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -58,11 +58,13 @@ def _pre_process(src: Path, dst: Path) -> None:
         quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
 
 
-def quantize_dynamic_onnx(src: str | Path, dst: str | Path, mode: str = DEFAULT_DYNAMIC_MODE) -> Path:
+def quantize_dynamic_onnx(src: str | Path, dst: str | Path, mode: str = DEFAULT_DYNAMIC_MODE,
+                          op_types: Sequence[str] | None = None) -> Path:
     """ORT dynamic int8 (weights int8 offline, activations quantised per call) of an ONNX file.
 
     mode: "s8_per_channel_reduce_range" (QInt8 weights, per-channel, reduce_range: safe on AVX2
     without VNNI), "u8u8" (QUInt8 weights) or "s8" (plain QInt8; saturates on AVX2 without VNNI).
+    op_types: the ONNX ops to quantise (default: onnxruntime's, which include Conv).
     Input/output names and shapes are unchanged: (B, ...) -> (B, D).
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -82,7 +84,8 @@ def quantize_dynamic_onnx(src: str | Path, dst: str | Path, mode: str = DEFAULT_
         pre = Path(tmp) / "pre.onnx"
         _pre_process(src, pre)
         with _QuietRoot():
-            quantize_dynamic(str(pre), str(dst), nodes_to_exclude=_standard_attention_nodes(pre), **kw)
+            quantize_dynamic(str(pre), str(dst), nodes_to_exclude=_standard_attention_nodes(pre),
+                             **({"op_types_to_quantize": list(op_types)} if op_types else {}), **kw)
     return dst
 
 

@@ -428,8 +428,10 @@ def _finetune_lines(report: Mapping[str, Any]) -> list[str]:
                                  else "teacher_torch_fp32")), cols)]
         if not alone:
             rows.append(["student distilled from it"] + _chain_cells(_variant_flat(variants.get("student_torch_fp32")), cols))
+        # a tuned teacher exported alone that is no open_clip model (ConSE) has the teacher variants only
+        int8 = "teacher_onnx_int8" if alone and "student_onnx_int8" not in variants else "student_onnx_int8"
         rows.append([("tuned model" if alone else "student") + " int8 (ONNX)"]
-                    + _chain_cells(_variant_flat(variants.get("student_onnx_int8")), cols))
+                    + _chain_cells(_variant_flat(variants.get(int8)), cols))
         lines += ["", "Down the chain (percent; the change from zero-shot on a set the fine-tune never saw is its "
                   "forgetting):", ""] + _table(["model"] + cols, rows)
     return lines

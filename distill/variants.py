@@ -96,6 +96,36 @@ register(VariantSpec("teacher_onnx_fp32", "teacher", "onnxruntime", "fp32",
                      reference="teacher_torch_fp32", optional=True))
 
 
+def _teacher_onnx_int8_export(ctx: VariantContext) -> None:
+    ctx.require("teacher_onnx_fp32")
+    fp32 = ctx.built["teacher_onnx_fp32"]
+    if not hasattr(fp32, "quantized"):
+        raise RuntimeError(f"{type(fp32).__name__} has no int8 form")
+    mode = ctx.cfg.int8.mode
+    enc = fp32.quantized(ctx.export_dir / "teacher_onnx_int8", threads=ctx.threads,
+                         **({} if mode == "default" else {"mode": mode}))
+    ctx.built["teacher_onnx_int8"] = enc
+    ctx.info["teacher_onnx_int8"] = {"image": str(enc.image_onnx), "text": str(enc.text_onnx),
+                                     "parity_min_cosine": _parity(fp32, enc)}
+
+
+def _parity(ref: Any, enc: Any) -> dict[str, float]:
+    """Min cosine of ``enc`` to ``ref`` on fixed random images and a few texts (the bench then
+    measures agreement on the evaluation sets)."""
+    images = torch.rand(4, 3, ref.image_size, ref.image_size, generator=torch.Generator().manual_seed(0))
+    texts = ["a photo of a dog.", "a red shoe", "an x-ray of a chest", "a picture of a t-shirt."]
+    cos = lambda a, b: float((torch.as_tensor(a) * torch.as_tensor(b)).sum(-1).min())  # noqa: E731
+    return {"image": round(cos(ref.encode_image(images), enc.encode_image(images)), 5),
+            "text": round(cos(ref.encode_text(texts), enc.encode_text(texts)), 5)}
+
+
+register(VariantSpec("teacher_onnx_int8", "teacher", "onnxruntime", "int8",
+                     "The teacher's ONNX files as onnxruntime dynamic int8 (export.int8.mode): a tuned teacher shipped "
+                     "without distilling.", _teacher_onnx_int8_export, lambda ctx: ctx.built["teacher_onnx_int8"],
+                     files=lambda ctx: [ctx.info["teacher_onnx_int8"]["image"], ctx.info["teacher_onnx_int8"]["text"]],
+                     reference="teacher_onnx_fp32", optional=True))
+
+
 # ------------------------------------------------------------------------------------- student
 
 

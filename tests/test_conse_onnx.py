@@ -119,3 +119,18 @@ def test_fingerprint_stable_and_reuse(pair):
 def test_not_an_export(tmp_path):
     with pytest.raises(UserError, match="not a ConSE ONNX export"):
         ConSEOnnx(tmp_path)
+
+
+def test_int8_form_keeps_the_embeddings_and_top1_class(pair, tmp_path):
+    """``quantized``: both graphs as dynamic int8 (the teacher_onnx_int8 variant), close to fp32."""
+    _, onx = pair
+    q = onx.quantized(tmp_path / "int8", threads=1)
+    assert [Path(f).name for f in q.files] == ["image_encoder.onnx", "text_encoder.onnx"]
+    assert q.meta["int8"]["quantizer"] == "onnxruntime dynamic" and q.fingerprint != onx.fingerprint
+    size = lambda files: sum(Path(f).stat().st_size for f in files)  # noqa: E731
+    assert size(q.files[1:]) < 0.5 * size(onx.files[1:]) and size(q.files[:1]) < size(onx.files[:1])
+    paths = [STAMPS / p for p in PHOTOS if (STAMPS / p).is_file()]
+    x = torch.cat([torch.nn.functional.interpolate(_photo(p), size=(224, 224)) for p in paths]) if paths \
+        else torch.rand(4, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    assert _cos(q.encode_image(x), onx.encode_image(x)).min() > 0.98
+    assert _cos(q.encode_text(TEXTS[:5]), onx.encode_text(TEXTS[:5])).min() > 0.95

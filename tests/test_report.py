@@ -137,3 +137,17 @@ def test_unsteady_latency_is_flagged_in_the_markdown():
     assert u["variant"] == "teacher_torch_fp32" and u["shape"] == "text_b1" and u["ratio"] == LATENCY_SPREAD_WARN + 3
     md = render_markdown(stalled)
     assert "**Warning: unsteady latency**" in md and "`teacher_torch_fp32` text_b1" in md
+
+
+def test_chain_of_a_tuned_teacher_exported_alone_takes_its_int8_row_from_the_teacher_variant():
+    from distill.report import _finetune_lines
+
+    ft = {"method": "head", "loss": "contrastive", "trainable_params": 6, "total_params": 100, "trainable_pct": 6.0,
+          "steps": 4, "seconds": 1.0, "step_ms": 250.0, "peak_rss_gb": 1.0, "alpha": 1.0, "val_images": 10,
+          "then": "export", "wise_ft": {"rule": {"metric": "val/top1"}, "plot": "p.png",
+                                        "sweep": [{"alpha": 0.0, "val/top1": 0.2}, {"alpha": 1.0, "val/top1": 0.7}]},
+          "chain": {"zero_shot": {"fm/top1": 0.2}, "fine_tuned": {"fm/top1": 0.7}}}
+    variants = {"teacher_torch_fp32": {"zeroshot": {"fm": {"top1": 0.7}}},
+                "teacher_onnx_int8": {"zeroshot": {"fm": {"top1": 0.69}}}}
+    rows = [ln for ln in _finetune_lines({"finetune": ft, "variants": variants}) if "int8 (ONNX)" in ln]
+    assert rows == ["| tuned model int8 (ONNX) | 69.00 |"]

@@ -61,6 +61,7 @@ class OnnxDualEncoder:
             raise UserError("the ONNX dual encoder needs both encoders: pass teacher.bundle=DIR (with "
                             "text_encoder.onnx) or teacher.image_onnx=... and teacher.text_onnx=...")
         self.image_onnx, self.text_onnx = Path(image_onnx), Path(text_onnx)
+        self.tokenizer_dir = tokenizer_dir
         for f in (self.image_onnx, self.text_onnx):
             if not f.is_file():
                 raise UserError(f"ONNX teacher file not found: {f}; pass the path of an exported encoder")
@@ -99,6 +100,17 @@ class OnnxDualEncoder:
     def export_onnx(self, out_dir: str, threads: int | None = None) -> "OnnxDualEncoder":
         """Already ONNX: the files are used where they are."""
         return self
+
+    def quantized(self, out_dir: str | Path, threads: int | None = None, **int8: Any) -> "OnnxDualEncoder":
+        """Both graphs as onnxruntime dynamic int8 (distill.quantize, ``int8``: its mode) in ``out_dir``,
+        with this encoder's tokenizer, preprocessing and logit scale."""
+        from distill.quantize import quantize_dynamic_onnx
+
+        out = Path(out_dir)
+        image, text = (quantize_dynamic_onnx(f, out / f.name.replace(".onnx", ".int8.onnx"), **int8)
+                       for f in (self.image_onnx, self.text_onnx))
+        return OnnxDualEncoder(image_onnx=image, text_onnx=text, tokenizer_dir=self.tokenizer_dir,
+                               preprocess=self.preprocess, logit_scale=self.logit_scale, threads=threads)
 
     def stats(self) -> dict[str, Any]:
         """{"params", "flops", "files"} counted from the two graphs (distill.flops), batch 1."""
