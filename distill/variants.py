@@ -96,14 +96,18 @@ register(VariantSpec("teacher_onnx_fp32", "teacher", "onnxruntime", "fp32",
                      reference="teacher_torch_fp32", optional=True))
 
 
+def _int8_mode(ctx: VariantContext) -> dict[str, str]:
+    """export.int8.mode as quantize_dynamic_onnx's keyword ("default": its own default)."""
+    mode = ctx.cfg.int8.mode
+    return {} if mode == "default" else {"mode": mode}
+
+
 def _teacher_onnx_int8_export(ctx: VariantContext) -> None:
     ctx.require("teacher_onnx_fp32")
     fp32 = ctx.built["teacher_onnx_fp32"]
     if not hasattr(fp32, "quantized"):
         raise RuntimeError(f"{type(fp32).__name__} has no int8 form")
-    mode = ctx.cfg.int8.mode
-    enc = fp32.quantized(ctx.export_dir / "teacher_onnx_int8", threads=ctx.threads,
-                         **({} if mode == "default" else {"mode": mode}))
+    enc = fp32.quantized(ctx.export_dir / "teacher_onnx_int8", threads=ctx.threads, **_int8_mode(ctx))
     ctx.built["teacher_onnx_int8"] = enc
     ctx.info["teacher_onnx_int8"] = {"image": str(enc.image_onnx), "text": str(enc.text_onnx),
                                      "parity_min_cosine": _parity(fp32, enc)}
@@ -155,10 +159,9 @@ def _onnx_int8_export(ctx: VariantContext) -> None:
     from distill.quantize import quantize_dynamic_onnx
 
     ctx.require("student_onnx_fp32")
-    mode = ctx.cfg.int8.mode
-    kw = {} if mode == "default" else {"mode": mode}
     ctx.info["onnx_int8"] = {t: str(quantize_dynamic_onnx(ctx.info["onnx"][t]["path"],
-                                                          ctx.export_dir / "onnx" / f"{t}_encoder.int8.onnx", **kw))
+                                                          ctx.export_dir / "onnx" / f"{t}_encoder.int8.onnx",
+                                                          **_int8_mode(ctx)))
                              for t in ("image", "text")}
 
 
