@@ -15,7 +15,8 @@ from distill.data import TrainSet, ViewSpec  # noqa: E402
 from distill.engine import EngineConfig, fit  # noqa: E402
 from distill.engine.config import defaults  # noqa: E402
 from distill.finetune import methods, wise  # noqa: E402
-from distill.finetune.conse import CONSE, ConSEModule, ConSESubject, MemoisedTeacher, tuned_conse  # noqa: E402
+from distill.finetune.conse import (CONSE, ConSEModule, ConSESubject, MemoisedTeacher, ort_backbone,  # noqa: E402
+                                   tuned_conse)
 from distill.finetune.task import FineTuneTask  # noqa: E402
 from distill.teachers.conse import ConSETeacher  # noqa: E402
 from tests.conftest import ArraySource  # noqa: E402
@@ -75,7 +76,7 @@ def test_lora_targets_query_value_and_only_ungrouped_1x1_convs(teacher):
 def test_head_fine_tune_uses_the_backbone_memo_and_yields_a_new_teacher(teacher, tmp_path):
     m = ConSEModule(teacher)
     methods.select_trainable(m, "head", CONSE)
-    m.memo = {}
+    m.memo, m.memo_runtime = {}, "torch"  # torch computes the misses here, so extract_features counts them
     calls = []
     m.image.extract_features = (lambda f: (lambda x: calls.append(len(x)) or f(x)))(m.image.extract_features)
     ds = TrainSet([ArraySource(8)], ViewSpec(size=48))
@@ -94,6 +95,27 @@ def test_head_fine_tune_uses_the_backbone_memo_and_yields_a_new_teacher(teacher,
     memo = MemoisedTeacher(tuned, m)
     torch.testing.assert_close(memo.encode_image(X), tuned.encode_image(X), atol=1e-4, rtol=1e-4)
     assert memo.release() is tuned and m.memo is None
+
+
+def test_memo_misses_run_the_frozen_backbone_in_onnxruntime_once_per_view_and_captions_once(teacher):
+    m = ConSEModule(teacher).eval()
+    methods.select_trainable(m, "head", CONSE)
+    ref = ConSESubject().encoder(m)
+    want_img, want_txt = ref.encode_image(X), ref.encode_text(TEXTS)
+    m.memo, m.text_memo = {}, {}
+    runs, texts = [], []
+    assert m._frozen_pass(X) != m._pooled  # on CPU, by default, the misses go to onnxruntime
+    m._runner = (lambda f: (lambda x: runs.append(len(x)) or f(x)))(ort_backbone(m.image, m.image_size))
+    m._encode_text = (lambda f: (lambda t: texts.extend(t) or f(t)))(m._encode_text)
+    enc = ConSESubject().encoder(m)
+    for _ in range(3):
+        torch.testing.assert_close(enc.encode_image(X), want_img, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(enc.encode_text(TEXTS + TEXTS[:1]), torch.cat([want_txt, want_txt[:1]]),
+                                   atol=1e-5, rtol=1e-5)
+    assert sum(runs) == 2 and sorted(texts) == sorted(TEXTS)
+    m.text.encoder.layer[0].output.dense.weight.requires_grad_(True)  # a text tower that trains is never memoised
+    enc.encode_text(TEXTS)
+    assert len(texts) == 4
 
 
 def test_adapters_follow_minilm_mlps_and_efficientnet_projection_convs(teacher):

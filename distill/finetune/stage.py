@@ -43,7 +43,7 @@ def subject_for(teacher: Any) -> tuple[Any, torch.nn.Module]:
         subject = OpenClipSubject.of_teacher(teacher)
     elif isinstance(teacher, ConSETeacher):
         subject, model = ConSESubject(), ConSEModule(teacher)
-        model.memo = {}
+        model.memo, model.text_memo = {}, {}
     else:
         raise UserError(f"finetune needs a trainable teacher (open_clip or ConSE); {type(teacher).__name__} cannot be "
                         f"fine-tuned: use teacher=openclip or finetune=none")
