@@ -6,8 +6,9 @@ Each seed is one whole `python -m distill +experiment=offline_finetuned` run in 
 and folder, with every seed of the config set to S: the student's initialisation (`seed`), both
 trainings' batch order (`train.seed`, `finetune.train.seed`) and the augmented views
 (`data.train.seed`; the teacher cache is built anew for each seed). The validation split is carved
-by a hash of the image keys, the same for every seed. The BPE token table is cached by the first run and
-reused by the later ones (under a minute saved); the first seed's wall time is the empty-cache one.
+by a hash of the image keys, the same for every seed. Every seed starts from an empty cache for
+what it builds: the teacher cache and the BPE token table are keyed by the tuned teacher, which
+differs per seed.
 Writes benchmarks/results/flagship_seeds.{json,md} after every seed: mean ± sd over seeds and a
 t-based 95% interval of the mean, per figure, next to each seed's own figures and targets.
 """
@@ -103,10 +104,12 @@ def write(rows: list[dict], args: argparse.Namespace, env: dict) -> None:
         "# The fine-tune -> distill -> ship flagship over seeds",
         "",
         f"`benchmarks/bench_flagship_seeds.py --seeds {args.seeds}`: each seed one whole "
-        "`python -m distill +experiment=offline_finetuned seed=S` run, alone on the machine unless noted. "
+        "`python -m distill +experiment=offline_finetuned` run with `seed`, `train.seed`, `finetune.train.seed` and "
+        "`data.train.seed` all set to S (init, both trainings' batch order, the augmented views), alone on the "
+        "machine unless noted. "
         f"Seeds {seeds}; mean ± sd over seeds and the t-based 95% interval of the mean. All 10,000 "
         "Fashion-MNIST test images (top-1 after tuning is supervised in-domain, not zero-shot); Tux Paint val, "
-        "108 pairs. The first seed ran with an empty cache; later seeds reuse its BPE token table.",
+        "108 pairs. Every seed builds its teacher cache and token table anew (both are keyed by the tuned teacher).",
         "",
         "| figure | target | mean ± sd | 95% interval of the mean | " + " | ".join(f"seed {s}" for s in seeds) + " |",
         "|---|---|---|---|" + "---|" * len(seeds),

@@ -6,8 +6,8 @@ the temperature (the ConSE counterpart of CLIP's projections); text = MiniLM. Wh
 frozen (head, lock_image, LoRA or adapters on the text side only) its pooled features are memoised
 by the view's pixels, so a fine-tune, its WiSE-FT sweep and the teacher cache built after it run the
 backbone once per view instead of once per visit. On CPU those passes run through onnxruntime (the
-frozen backbone exported once, parity-checked against torch): about 2.5x faster than torch's
-depthwise convolutions on 2 cores (benchmarks/results/finetune_conse.md). Where the text tower is
+frozen backbone exported once, parity-checked against torch): 1.7x faster than torch's
+depthwise convolutions on 2 cores (benchmarks/results/frozen_backbone.md). Where the text tower is
 frozen, caption embeddings are memoised by string the same way.
 """
 
@@ -84,7 +84,8 @@ def ort_backbone(image: nn.Module, size: int, tol: float = 1e-3) -> Any | None:
             warnings.simplefilter("ignore")
             torch.onnx.export(graph, (probe,), buf, dynamo=False, opset_version=17, input_names=["pixels"],
                               output_names=["pooled"], dynamic_axes={"pixels": {0: "batch"}, "pooled": {0: "batch"}})
-        sess = onnx_tools.session(buf.getvalue(), threads=torch.get_num_threads())
+        # no spinning: each run is followed by torch work (the head) on the same cores
+        sess = onnx_tools.session(buf.getvalue(), threads=torch.get_num_threads(), spinning=False)
         with torch.no_grad():
             err = float((torch.from_numpy(sess.run(None, {"pixels": probe.numpy()})[0]) - graph(probe)).abs().max())
     except Exception as e:  # noqa: BLE001 - any export or load failure: torch computes the memo instead
