@@ -59,15 +59,20 @@ def _plain_pointwise_convs(module: nn.Module) -> None:
             _plain_pointwise_convs(child)
 
 
+def pooled_features(image: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) normalised -> (B, 1280): EfficientNet's backbone and average pooling, no classifier."""
+    return image._avg_pooling(image.extract_features(x)).flatten(1)
+
+
 class _Pooled(nn.Module):
-    """pixels (normalised) -> pooled backbone features: the graph the memo's onnxruntime runner runs."""
+    """``pooled_features`` as a module: the graph the memo's onnxruntime runner runs."""
 
     def __init__(self, image: nn.Module) -> None:
         super().__init__()
         self.image = image
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.image._avg_pooling(self.image.extract_features(x)).flatten(1)
+        return pooled_features(self.image, x)
 
 
 def ort_backbone(image: nn.Module, size: int, tol: float = 1e-3) -> Any | None:
@@ -121,7 +126,7 @@ class ConSEModule(nn.Module):
         return not any(p.requires_grad for n, p in self.image.named_parameters() if not n.startswith("_fc."))
 
     def _pooled(self, x: torch.Tensor) -> torch.Tensor:
-        return self.image._avg_pooling(self.image.extract_features(x)).flatten(1)
+        return pooled_features(self.image, x)
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalised -> (B, 1280) pooled backbone features, memoised while the backbone is frozen."""
