@@ -6,9 +6,9 @@ Each seed is one whole `python -m distill +experiment=offline_finetuned` run in 
 and folder, with every seed of the config set to S: the student's initialisation (`seed`), both
 trainings' batch order (`train.seed`, `finetune.train.seed`) and the augmented views
 (`data.train.seed`; the teacher cache is built anew for each seed). The validation split is carved
-by a hash of the image keys, the same for every seed. Every seed starts from an empty cache for
-what it builds: the teacher cache and the BPE token table are keyed by the tuned teacher, which
-differs per seed.
+by a hash of the image keys, the same for every seed. Every seed starts from an empty cache of its
+own (DISTILL_CACHE_DIR=<work>/seed<S>.cache), as on a fresh machine: the BPE token table, keyed by
+the text tower alone, would otherwise be reused by the later seeds.
 Writes benchmarks/results/flagship_seeds.{json,md} after every seed: mean ± sd over seeds and a
 t-based 95% interval of the mean, per figure, next to each seed's own figures and targets.
 """
@@ -135,7 +135,8 @@ def run_seed(seed: int, work: Path, extra: list[str]) -> dict:
     t0 = time.perf_counter()
     if not (out / "report.json").is_file():  # --work of an earlier call: a finished seed is collected, not rerun
         with open(work / f"seed{seed}.log", "w") as log:
-            rc = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+            env = {**os.environ, "DISTILL_CACHE_DIR": str(work / f"seed{seed}.cache")}
+            rc = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
         if rc != 0:
             raise SystemExit(f"seed {seed} failed (exit {rc}): see {work / f'seed{seed}.log'}")
     report = json.loads((out / "report.json").read_text())

@@ -519,8 +519,11 @@ def build_or_load(
 def text_embeddings(teacher: Teacher, texts: list[str], root: str | os.PathLike, *, batch_size: int = 512,
                     progress: bool = True, desc: str = "teacher texts") -> np.ndarray:
     """The teacher's embeddings of ``texts`` as (T, D) float32, computed once per (teacher, texts)
-    and kept under ``<root>/texts/<fingerprint>.npy`` (float16, written atomically) for later runs."""
-    h = hashlib.sha256(f"v{CACHE_FORMAT}|{teacher.fingerprint}|".encode())
+    and kept under ``<root>/texts/<fingerprint>.npy`` (float16, written atomically) for later runs.
+    Keyed by the teacher's ``text_fingerprint`` where it has one (what its text tower depends on),
+    so a fine-tune that leaves the text tower alone reuses the entry."""
+    key = getattr(teacher, "text_fingerprint", None) or teacher.fingerprint
+    h = hashlib.sha256(f"v{CACHE_FORMAT}|{key}|".encode())
     for t in texts:
         h.update(t.encode() + b"\x00")
     path = Path(root) / "texts" / f"{h.hexdigest()[:20]}.npy"

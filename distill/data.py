@@ -9,6 +9,10 @@ horizontal flip drawn from that seed; with it off it is the eval transform (resi
 side, centre crop). The teacher cache stores one embedding per (i, v), and the student later
 regenerates the identical view from the same seed.
 
+Memo. The pipeline visits the same views many times: the fine-tune, the teacher cache, every epoch
+of the student, every variant of the bench. A ``ViewMemo`` keeps each decoded view as uint8 (lossless:
+every view is an 8-bit image / 255) up to a byte budget, so decoding, cropping and resizing run once.
+
 Texts. Each item carries a text: its own caption when the source has captions (a real pair),
 otherwise a text drawn deterministically from the corpus (ImageNet class names with templates,
 plus whatever the config adds). The contrastive-distribution loss needs B images and B texts
@@ -26,7 +30,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, get_worker_info
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
@@ -126,6 +130,57 @@ def build_corpus(
     return out
 
 
+class ViewMemo:
+    """Decoded views as uint8, up to ``budget_mb``; past the budget new views are simply not kept.
+
+    Only the process that owns it reads or fills it: a DataLoader worker holds a copy, and copies
+    filled in every worker would multiply the memory. A hit returns to_tensor's own arithmetic
+    (uint8 / 255 in float32), so it is bit-identical to decoding the view again."""
+
+    def __init__(self, budget_mb: float) -> None:
+        self.budget = int(float(budget_mb) * 2**20)
+        self.used = self.hits = self.misses = 0
+        self.full = False
+        self._rows: dict[Any, torch.Tensor] = {}
+
+    def get(self, key: Any) -> torch.Tensor | None:
+        if get_worker_info() is not None:
+            return None
+        row = self._rows.get(key)
+        if row is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return row.float().div_(255)
+
+    def put(self, key: Any, view: torch.Tensor) -> None:
+        if get_worker_info() is not None or key in self._rows:
+            return
+        if self.used + view.numel() > self.budget:
+            self.full = True
+            return
+        self._rows[key] = view.mul(255).round_().to(torch.uint8)
+        self.used += view.numel()
+
+    def stats(self) -> dict[str, Any]:
+        return {"views": len(self._rows), "mb": round(self.used / 2**20, 1), "budget_mb": round(self.budget / 2**20),
+                "hits": self.hits, "misses": self.misses, "full": self.full}
+
+
+def attach_view_memo(trainset: Any, eval_sets: dict[str, dict[str, Any]], budget_mb: float) -> ViewMemo | None:
+    """One memo shared by the training set (not a stream: it is read once) and every eval set;
+    ``budget_mb`` 0 turns it off."""
+    if not budget_mb or float(budget_mb) <= 0:
+        return None
+    memo = ViewMemo(budget_mb)
+    if isinstance(trainset, TrainSet):
+        trainset.memo = memo
+    for sets in eval_sets.values():
+        for es in sets.values():
+            es.memo = memo
+    return memo
+
+
 @dataclass
 class ViewSpec:
     size: int
@@ -173,6 +228,7 @@ class TrainSet(Dataset):
             raise UserError("some training images have no caption and the text corpus is empty: "
                             "set data.train.corpus (e.g. imagenet_classes: true)")
         self.skips = SkipLog()
+        self.memo: ViewMemo | None = None
 
     def __len__(self) -> int:
         return len(self.index) * self.spec.views
@@ -219,13 +275,20 @@ class TrainSet(Dataset):
         return h.hexdigest()[:16]
 
     def load_view(self, j: int) -> torch.Tensor | None:
+        key = ("train", self.spec.describe(), j)
+        if self.memo is not None and (hit := self.memo.get(key)) is not None:
+            return hit
         s, i = self.index[j // self.spec.views]
         img = try_open(self.sources[s], i, self.skips)
         if img is None:
             return None
         if self.spec.augment:
-            return augmented_view(img, self.spec.size, self.view_seed(j), scale=tuple(self.spec.scale))
-        return eval_view(img, self.spec.size)
+            view = augmented_view(img, self.spec.size, self.view_seed(j), scale=tuple(self.spec.scale))
+        else:
+            view = eval_view(img, self.spec.size)
+        if self.memo is not None:
+            self.memo.put(key, view)
+        return view
 
     def __getitem__(self, j: int) -> dict[str, Any]:
         return {"index": j, "image": self.load_view(j), "text_index": self.text_index(j), "paired": self.paired(j)}
@@ -285,8 +348,9 @@ class EvalSet:
     Images come either from ``source`` (its readable items ``indices``, through ``eval_view`` at
     ``size`` px, as ``load_eval_set`` builds it) or from an in-memory (N, 3, S, S) [0, 1] tensor given
     as ``images`` (tests, hand-made sets). ``chunks`` streams them (what evaluation uses, so a 10k-image
-    set never sits in memory as pixels), ``head`` gives a small batch, and ``images`` decodes them all
-    at once for callers that want one tensor (bit-identical to the chunks).
+    set never sits in memory as float pixels; a ``memo`` keeps them as uint8 within its budget),
+    ``head`` gives a small batch, and ``images`` decodes them all at once for callers that want one
+    tensor (bit-identical to the chunks).
     """
 
     def __init__(self, name: str, images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -300,6 +364,7 @@ class EvalSet:
         self.captions, self.skipped, self.keys = captions, skipped, list(keys or [])
         self.source, self.size, self._tensor = source, size, images
         self.indices = list(range(len(images))) if images is not None else list(indices or [])
+        self.memo: ViewMemo | None = None  # decoded views, shared with the training set (attach_view_memo)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -313,11 +378,16 @@ class EvalSet:
             return self._tensor[start:stop]
         out = torch.empty(0, 3, self.size, self.size)
         for p in range(start, stop):
-            img = try_open(self.source, self.indices[p], SkipLog(keep=0))
-            if img is None:  # it was readable when the set was loaded: the data changed under the run
-                raise UserError(f"eval set {self.name}: image {self.keys[p] if self.keys else p} became unreadable "
-                                f"after loading; restore the data or rerun")
-            view = eval_view(img, self.size)
+            key = ("eval", self.name, self.size, self.indices[p])
+            view = self.memo.get(key) if self.memo is not None else None
+            if view is None:
+                img = try_open(self.source, self.indices[p], SkipLog(keep=0))
+                if img is None:  # it was readable when the set was loaded: the data changed under the run
+                    raise UserError(f"eval set {self.name}: image {self.keys[p] if self.keys else p} became "
+                                    f"unreadable after loading; restore the data or rerun")
+                view = eval_view(img, self.size)
+                if self.memo is not None:
+                    self.memo.put(key, view)
             if p == start:  # filled in place, not stacked from a list: no second copy of the chunk
                 out = torch.empty((stop - start, *view.shape), dtype=view.dtype)
             out[p - start] = view

@@ -26,7 +26,7 @@ from distill import bench, evaluation, export, flops, metrics, runs, students, v
 from distill import distributed as dist_utils
 from distill import report as report_mod
 from distill.cache import TeacherCache, build_or_load, text_embeddings
-from distill.data import EvalSet, TrainSet, ViewSpec, build_corpus, load_eval_set
+from distill.data import EvalSet, TrainSet, ViewSpec, attach_view_memo, build_corpus, load_eval_set
 from distill.encoders import ClipEncoder
 from distill.errors import UserError
 from distill.finetune.stage import finetune_stage
@@ -377,6 +377,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     teacher = build_teacher(cfg.teacher, device)
     log.info("stage data")
     trainset, eval_sets, data_info = build_data(cfg.data)
+    memo = attach_view_memo(trainset, eval_sets, float(cfg.get("view_memo_mb") or 0))
     zero_shot = teacher
     teacher, ft_info = finetune_stage(cfg.finetune, teacher, trainset, eval_sets, out, device)
     if ft_info is not None and cfg.finetune.then == "export":
@@ -408,6 +409,9 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
                                     teacher=teacher, threads=int(cfg.bench.threads))
     log.info("stage bench")
     measured = bench_stage(cfg.bench, variants, ctx, eval_sets, teacher)
+    if memo is not None:
+        data_info["view_memo"] = memo.stats()
+        log.info("view memo: %(views)d views, %(mb).0f of %(budget_mb)d MB, %(hits)d hits, %(misses)d misses", memo.stats())
     report = report_stage(cfg, teacher, model_cfg, measured, train_metrics, export_info, out, finetune=ft_info,
                           started=started)
     if train_metrics["steps"] >= int(cfg.train.steps) or train_metrics.get("early_stopped"):

@@ -80,6 +80,12 @@ def test_text_embeddings_are_computed_once_per_teacher_and_texts(tmp_path):
     text_embeddings(t, texts[:3], tmp_path, progress=False)  # other texts: a new entry
     assert t.encoded == 3
     assert len(list((tmp_path / "texts").glob("*.npy"))) == 2 and not list((tmp_path / "texts").glob("*tmp*"))
+    # a teacher whose text tower is unchanged (other image weights: another fingerprint) reuses the entry
+    t.encoded, t.fingerprint, t.text_fingerprint = 0, "tuned-image", t.fingerprint
+    assert np.array_equal(text_embeddings(t, texts, tmp_path, progress=False), first) and t.encoded == 0
+    t.text_fingerprint = "tuned-text"
+    text_embeddings(t, texts, tmp_path, progress=False)
+    assert t.encoded == 4
 
 
 # ---------------------------------------------------------------- data identity: files, not paths

@@ -66,3 +66,42 @@ def test_sampler_resumes_and_splits_ranks():
     assert a[:2] + b[:2] + a[2:] + b[2:] == stream[:8]
     valid = [i % 2 == 0 for i in range(10)]
     assert all(i % 2 == 0 for _, i in zip(range(12), iter(ResumableSampler(10, valid=valid, batch_size=2))))
+
+
+def test_view_memo_returns_bit_identical_views_within_its_budget_and_decodes_each_once():
+    from distill.data import EvalSet, attach_view_memo
+
+    spec = ViewSpec(size=24, views=2, augment=True, seed=3)
+    plain = TrainSet([ArraySource(6, broken=(5,))], spec)
+    src = ArraySource(6, broken=(5,))  # the same images
+    memod = TrainSet([src], spec)
+    evals = EvalSet("e", source=src, indices=[0, 1, 2, 3], size=20, labels=torch.zeros(4, dtype=torch.long))
+    opened = []
+    src.open = (lambda f: (lambda i: opened.append(i) or f(i)))(src.open)
+    # room for the 4 eval views (3x20x20) and 7 of the 10 readable training views (3x24x24)
+    memo = attach_view_memo(memod, {"classification": {"e": evals}}, (4 * 1200 + 7 * 1728) / 2**20)
+    first = next(evals.chunks(4))
+    assert torch.equal(first, torch.stack([eval_view(ArraySource(6).open(i), 20) for i in range(4)]))
+    for _ in range(3):
+        for j in range(len(plain)):
+            a, b = memod[j]["image"], plain[j]["image"]
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b))  # bit-identical hits
+        assert torch.equal(next(evals.chunks(4)), first)
+    st = memo.stats()
+    assert st["views"] == 11 and st["full"] and st["hits"] == 2 * 7 + 3 * 4
+    # eval: 4 opens once; training: 12 in the first pass, then only the 3 views past the budget and
+    # the broken image's 2 items (still counted as skipped every time) in each later pass
+    assert len(opened) == 4 + 12 + 2 * (3 + 2) and memod.skips.count == 6
+    assert attach_view_memo(memod, {}, 0) is None
+
+
+def test_view_memo_is_left_alone_inside_a_dataloader_worker(monkeypatch):
+    import distill.data as data
+
+    memo = data.ViewMemo(1)
+    memo.put("k", torch.full((3, 2, 2), 0.2))
+    monkeypatch.setattr(data, "get_worker_info", lambda: object())  # as in a worker process
+    memo.put("w", torch.zeros(3, 2, 2))
+    assert memo.get("k") is None and memo.stats()["views"] == 1
+    monkeypatch.setattr(data, "get_worker_info", lambda: None)
+    assert torch.equal(memo.get("k"), torch.full((3, 2, 2), 51 / 255)) and memo.get("w") is None

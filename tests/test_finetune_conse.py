@@ -92,6 +92,11 @@ def test_head_fine_tune_uses_the_backbone_memo_and_yields_a_new_teacher(teacher,
                                    atol=1e-4, rtol=1e-4)
     tuned = tuned_conse(teacher, m, "head", 1.0)
     assert tuned.fingerprint != teacher.fingerprint and teacher.class_embeddings is not tuned.class_embeddings
+    # MiniLM did not train: text-only caches (the token table) are shared with the zero-shot teacher
+    assert tuned.text_fingerprint == teacher.text_fingerprint
+    with torch.no_grad():
+        m.text.embeddings.word_embeddings.weight[0, 0] += 1.0
+    assert tuned_conse(teacher, m, "head", 1.0).text_fingerprint != teacher.text_fingerprint
     memo = MemoisedTeacher(tuned, m)
     torch.testing.assert_close(memo.encode_image(X), tuned.encode_image(X), atol=1e-4, rtol=1e-4)
     assert memo.release() is tuned and m.memo is None

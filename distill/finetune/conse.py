@@ -27,6 +27,7 @@ from torch import nn
 
 from distill.finetune.methods import Layout
 from distill.teachers.base import freeze, hash_state_dict
+from distill.teachers.conse import text_fingerprint
 from distill.teachers.conse_common import MEAN, STD, resize_crop
 
 log = logging.getLogger("distill")
@@ -224,6 +225,7 @@ def tuned_conse(teacher: Any, module: ConSEModule, method: str, alpha: float) ->
     t.logit_scale = float(module.logit_scale.detach().exp())
     t.fingerprint = hash_state_dict({k: v for k, v in module.state_dict().items() if v.dim() > 0}, extra=[
         "finetuned", f"base={teacher.fingerprint}", f"method={method}", f"alpha={alpha}"])
+    t.text_fingerprint = text_fingerprint(t.text_model, t._max_len)
     t.name = f"{teacher.name} + {method} (WiSE-FT α={alpha:g})"
     t._stats = None
     return t

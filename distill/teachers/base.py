@@ -23,6 +23,7 @@ class Teacher(Protocol):
     image_size: int  # side of the square input the image encoder expects
     logit_scale: float  # exp(logit_scale), e.g. 100.0 for CLIP
     fingerprint: str  # stable hex digest of architecture + weights (+ config that changes outputs)
+    # optional: text_fingerprint, the digest of what encode_text alone depends on (text-only caches)
     model: torch.nn.Module | None  # the open_clip CLIP (weight inheritance, a shared text tower); None otherwise
     activation: str | None  # "gelu" | "quick_gelu" for transformer teachers, None where it does not apply
 

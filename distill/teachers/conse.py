@@ -119,6 +119,13 @@ def _load_minilm() -> tuple[torch.nn.Module, Any, int]:
     return model, tokenizer, max_len
 
 
+def text_fingerprint(text_model: torch.nn.Module, max_len: int) -> str:
+    """What ``encode_text`` depends on (MiniLM's weights and the truncation length): the key of
+    text-only caches such as the token table, which a fine-tune that leaves MiniLM alone can reuse."""
+    state = {k: v.reshape(1) if v.dim() == 0 else v for k, v in text_model.state_dict().items()}
+    return hash_state_dict(state, extra=["conse-text", f"max_len={max_len}"])
+
+
 class ConSETeacher:
     """EfficientNet-Lite (ImageNet-1k) + all-MiniLM-L6-v2 as a frozen 384-d dual encoder.
 
@@ -193,6 +200,7 @@ class ConSETeacher:
         self.fingerprint = hash_state_dict(state, extra=[
             "conse", f"variant={variant}", f"top_k={self.top_k}", f"prompt={prompt}", f"classnames={names_hash}",
             f"norm={MEAN},{STD}", f"max_len={self._max_len}"])
+        self.text_fingerprint = text_fingerprint(self.text_model, self._max_len)
         self._stats: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ encoders
