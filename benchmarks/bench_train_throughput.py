@@ -115,11 +115,11 @@ def main() -> None:
           f"Command: `python benchmarks/bench_train_throughput.py {' '.join(sys.argv[1:])}`\n",
           f"Environment: `{json.dumps(env)}`\n",
           f"Cache build: {n} images x views = {len(ds)} items in {cache_s:.1f} s.\n",
-          "| targets | precision | images/s (median step) | step split ms (data/teacher/student/optim) | achieved TFLOP/s | peak mem GB | % bf16 peak |",
+          "| targets | precision | images/s (median step) | step split ms (load/data/teacher/student/optim) | achieved TFLOP/s | peak mem GB | % bf16 peak |",
           "|---|---|---|---|---|---|---|"]
     for r in rows:
         sp = r["step_time_split_ms"]
-        md.append(f"| {r['mode']} | {r['precision']} | {r['images_per_s_median']} | {sp['data']}/{sp['teacher']}/{sp['student']}/{sp['optim']} "
+        md.append(f"| {r['mode']} | {r['precision']} | {r['images_per_s_median']} | {sp.get('load', '-')}/{sp['data']}/{sp['teacher']}/{sp['student']}/{sp['optim']} "
                   f"| {r['achieved_tflops']} | {r.get('peak_memory_gb', '-')} | {r.get('share_of_bf16_peak_pct', '-')} |")
 
     def median_ips(mode: str, precision: str) -> float | None:

@@ -102,10 +102,13 @@ class _Run:
         self.loggers = Loggers(out_dir, enabled=self.main, steps=int(cfg.steps), start_step=self.start_step,
                                resumed=self.resumed_from is not None, log_every=int(cfg.log_every),
                                progress=bool(cfg.progress), tensorboard=bool(cfg.tensorboard))
-        self.optim_s, self.step_s, self.last, self.stopped_early = 0.0, 0.0, {}, False
+        self.optim_s, self.load_s, self.step_s, self.last, self.stopped_early = 0.0, 0.0, 0.0, {}, False
 
     def micro_step(self, micro: int, accum: int, terms: dict[str, float]) -> None:
-        losses = self.task.loss(next(self.batches), self.step, micro, self.autocast)
+        t_load = time.perf_counter()
+        batch = next(self.batches)  # the loader's fetch: decoding, augmenting and collating the batch
+        self.load_s += time.perf_counter() - t_load
+        losses = self.task.loss(batch, self.step, micro, self.autocast)
         if losses is None:
             return
         total = sum(v for k, v in losses.items() if k.endswith("_loss"))
@@ -216,7 +219,7 @@ def fit(task: Task, cfg: EngineConfig, out_dir: str | Path, device: torch.device
         # optimizer steps only: setup, evaluation and checkpoints are in "seconds", not here
         "step_ms": round(1000 * r.step_s / run_steps, 2),
         "step_time_split_ms": {k: round(1000 * v / run_steps, 2)
-                               for k, v in {**stats.get("timers", {}), "optim": r.optim_s}.items()},
+                               for k, v in {"load": r.load_s, **stats.get("timers", {}), "optim": r.optim_s}.items()},
         "precision": r.precision,
         "world_size": dist_utils.world_size(),
         "early_stopped": r.stopped_early,
