@@ -16,9 +16,11 @@ t-based 95% interval of the mean, per figure, next to each seed's own figures an
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -33,7 +35,19 @@ FM, TUX = "fashion-mnist/test", "tuxpaint/val"
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def figures(report: dict) -> dict:
+def stage_minutes(run_dir: Path) -> dict[str, float]:
+    """Minutes per pipeline stage, from the timestamps of run.log's "stage X" lines to the next one
+    (the last, bench, ends at "report written")."""
+    marks = []
+    for line in (run_dir / "run.log").read_text().splitlines():
+        m = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO distill: (stage (\w+)|report written)", line)
+        if m:
+            t = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            marks.append((m.group(3) or "end", t))
+    return {name: (t1 - t0) / 60 for (name, t0), (_, t1) in zip(marks, marks[1:])}
+
+
+def figures(report: dict, run_dir: Path) -> dict:
     """The flagship's figures of one run, in percent (minutes for times)."""
     v, ft, summ = report["variants"], report["finetune"], report["summary"]
     ref, st, q = v["teacher_torch_fp32"], v["student_torch_fp32"], v["student_onnx_int8"]
@@ -48,10 +62,11 @@ def figures(report: dict) -> dict:
         "top1_retained": 100 * summ["accuracy_retained"]["student_torch_fp32"][FM],
         "int8_loss_points": summ["int8_loss_points"]["onnxruntime"][FM],
         "minutes": report.get("run_minutes"),
-        "finetune_minutes": ft["seconds"] / 60,
-        "train_minutes": (tr.get("seconds") or float("nan")) / 60,
-        "cache_minutes": ((tr.get("cache") or {}).get("build_seconds") or float("nan")) / 60,
+        "finetune_train_minutes": ft["seconds"] / 60,
     }
+    stages = stage_minutes(run_dir)
+    for name in ("finetune", "cache", "student", "train", "export", "bench"):
+        out[f"{name}_minutes"] = stages.get(name, float("nan"))
     for d in ("i2t", "t2i"):
         out[f"teacher_{d}_r5"] = 100 * ref["retrieval"][TUX][f"{d}_r5"]
         out[f"student_{d}_r5"] = 100 * st["retrieval"][TUX][f"{d}_r5"]
@@ -87,9 +102,13 @@ ROWS = [  # (key, label, target as text)
     ("student_t2i_r5", "student, Tux Paint t2i R@5 (%)", ""),
     ("t2i_r5_retained", "student / teacher t2i R@5 (%)", ">= 90"),
     ("minutes", "whole run (min)", "<= 30"),
-    ("finetune_minutes", "fine-tune stage incl. WiSE-FT sweep and chain evaluation (min)", ""),
-    ("cache_minutes", "teacher cache (min)", ""),
-    ("train_minutes", "student training (min)", ""),
+    ("finetune_minutes", "stage fine-tune: training, WiSE-FT sweep, chain evaluation on all test images (min)", ""),
+    ("finetune_train_minutes", "of which the fine-tune's training (min)", ""),
+    ("cache_minutes", "stage teacher cache (min)", ""),
+    ("student_minutes", "stage student: the BPE token table from the teacher (min)", ""),
+    ("train_minutes", "stage student training (min)", ""),
+    ("export_minutes", "stage export (min)", ""),
+    ("bench_minutes", "stage bench: 6 variants on all test images, latency rounds (min)", ""),
 ]
 
 
@@ -141,7 +160,7 @@ def run_seed(seed: int, work: Path, extra: list[str]) -> dict:
             raise SystemExit(f"seed {seed} failed (exit {rc}): see {work / f'seed{seed}.log'}")
     report = json.loads((out / "report.json").read_text())
     return {"seed": seed, "wall_minutes": (time.perf_counter() - t0) / 60, "out": str(out),
-            "figures": figures(report), "targets": report.get("targets", {})}
+            "figures": figures(report, out), "targets": report.get("targets", {})}
 
 
 def main() -> None:

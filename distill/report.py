@@ -409,7 +409,8 @@ def _finetune_lines(report: Mapping[str, Any]) -> list[str]:
     lines = ["", "## Fine-tune", "",
              f"Method `{ft['method']}` ({ft['loss']} loss): {ft['trainable_params']:,} of {ft['total_params']:,} "
              f"parameters train ({_fmt(ft['trainable_pct'], 3)}%); {ft['steps']} steps in {_fmt(ft['seconds'], 1)} s "
-             f"({_fmt(ft['step_ms'], 1)} ms a step), process peak RSS {_fmt(ft['peak_rss_gb'])} GB; "
+             f"({_fmt(ft['step_ms'], 1)} ms a step); the whole stage, with the WiSE-FT sweep and the chain "
+             f"evaluation, {_fmt(ft.get('stage_seconds'), 1)} s; process peak RSS {_fmt(ft['peak_rss_gb'])} GB; "
              f"WiSE-FT α* = {ft['alpha']:g} by {ft['wise_ft']['rule'].get('metric')} on "
              f"{ft['val_images']} validation images carved from the training data. Plot: `{ft['wise_ft']['plot']}`.", ""]
     sweep = ft["wise_ft"]["sweep"]

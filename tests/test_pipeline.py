@@ -237,6 +237,10 @@ def test_finetune_then_distill_uses_the_tuned_teacher_and_its_own_cache(tmp_path
     manifest = json.loads((Path(report["training"]["cache"]["path"]) / "manifest.json").read_text())
     assert ft["tuned_fingerprint"] in json.dumps(manifest)  # the cache was built from the tuned teacher
     assert "WiSE-FT" in report["teacher"]["name"]
+    assert ft["stage_seconds"] >= ft["seconds"] > 0  # the stage adds the sweep to the training
+    # the view memo: the cache build and the student reused the views the fine-tune decoded
+    memo = report["training"]["data"]["view_memo"]
+    assert memo["hits"] > 0 and memo["views"] > 0 and memo["mb"] <= memo["budget_mb"]
     written = json.loads((tmp_path / "run" / "report.json").read_text())
     assert written["summary"]["run_minutes"] == report["run_minutes"] > 0  # bench.targets can name run_minutes
     summ = report["summary"]["finetune"]  # what bench.targets can name, e.g. finetune.teacher_top1.<set>
