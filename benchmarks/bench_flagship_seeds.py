@@ -1,6 +1,6 @@
 """The fine-tune -> distill -> ship flagship (`+experiment=offline_finetuned`) over several seeds.
 
-    .venv/bin/python benchmarks/bench_flagship_seeds.py [--seeds 0,1,2] [--work DIR] [-- extra overrides]
+    .venv/bin/python benchmarks/bench_flagship_seeds.py [--seeds 0,1,2] [--work DIR] [--name N] [-- extra overrides]
 
 Each seed is one whole `python -m distill +experiment=offline_finetuned` run in its own process
 and folder, with every seed of the config set to S: the student's initialisation (`seed`), both
@@ -9,7 +9,7 @@ trainings' batch order (`train.seed`, `finetune.train.seed`) and the augmented v
 by a hash of the image keys, the same for every seed. Every seed starts from an empty cache of its
 own (DISTILL_CACHE_DIR=<work>/seed<S>.cache), as on a fresh machine: the BPE token table, keyed by
 the text tower alone, would otherwise be reused by the later seeds.
-Writes benchmarks/results/flagship_seeds.{json,md} after every seed: mean ± sd over seeds and a
+Writes benchmarks/results/<name>.{json,md} (default flagship_seeds) after every seed: mean ± sd over seeds and a
 t-based 95% interval of the mean, per figure, next to each seed's own figures and targets.
 """
 
@@ -115,20 +115,21 @@ ROWS = [  # (key, label, target as text)
 def write(rows: list[dict], args: argparse.Namespace, env: dict) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     agg = {k: stats([r["figures"][k] for r in rows]) for k, _, _ in ROWS}
-    (OUT / "flagship_seeds.json").write_text(json.dumps(
+    (OUT / f"{args.name}.json").write_text(json.dumps(
         {"args": vars(args), "environment": env, "rows": rows, "aggregate": agg}, indent=2))
     seeds = [r["seed"] for r in rows]
     f = lambda x: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"  # noqa: E731
     lines = [
         "# The fine-tune -> distill -> ship flagship over seeds",
         "",
-        f"`benchmarks/bench_flagship_seeds.py --seeds {args.seeds}`: each seed one whole "
+        f"`benchmarks/bench_flagship_seeds.py --seeds {args.seeds} --name {args.name}"
+        + (f" -- {' '.join(args.overrides)}" if args.overrides else "") + "`: each seed one whole "
         "`python -m distill +experiment=offline_finetuned` run with `seed`, `train.seed`, `finetune.train.seed` and "
         "`data.train.seed` all set to S (init, both trainings' batch order, the augmented views), alone on the "
         "machine unless noted. "
         f"Seeds {seeds}; mean ± sd over seeds and the t-based 95% interval of the mean. All 10,000 "
         "Fashion-MNIST test images (top-1 after tuning is supervised in-domain, not zero-shot); Tux Paint val, "
-        "108 pairs. Every seed builds its teacher cache and token table anew (both are keyed by the tuned teacher).",
+        "108 pairs. Every seed starts from an empty cache of its own, as on a fresh machine.",
         "",
         "| figure | target | mean ± sd | 95% interval of the mean | " + " | ".join(f"seed {s}" for s in seeds) + " |",
         "|---|---|---|---|" + "---|" * len(seeds),
@@ -144,7 +145,7 @@ def write(rows: list[dict], args: argparse.Namespace, env: dict) -> None:
         lines.append(f"- seed {r['seed']}: {len(r['targets']) - len(missed)} of {len(r['targets'])} met"
                      + (f"; missed: {', '.join(missed)}" if missed else "") + (f" ({r['note']})" if r.get("note") else ""))
     lines += ["", "## Environment", "", "```", *[f"{k}: {v}" for k, v in env.items()], "```", ""]
-    (OUT / "flagship_seeds.md").write_text("\n".join(lines))
+    (OUT / f"{args.name}.md").write_text("\n".join(lines))
 
 
 def run_seed(seed: int, work: Path, extra: list[str]) -> dict:
@@ -168,6 +169,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--work", default=None, help="folder for the runs and their logs (default: a temporary one)")
     ap.add_argument("--note", default="", help="seed=text notes, comma-separated (e.g. '2=shared the machine with CI')")
+    ap.add_argument("--name", default="flagship_seeds", help="file name of the results, in benchmarks/results")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
