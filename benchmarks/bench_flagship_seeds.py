@@ -113,6 +113,8 @@ ROWS = [  # (key, label, target as text)
 
 
 def write(rows: list[dict], args: argparse.Namespace, env: dict) -> None:
+    from distill.bench import environment_section
+
     OUT.mkdir(parents=True, exist_ok=True)
     agg = {k: stats([r["figures"][k] for r in rows]) for k, _, _ in ROWS}
     (OUT / f"{args.name}.json").write_text(json.dumps(
@@ -144,7 +146,7 @@ def write(rows: list[dict], args: argparse.Namespace, env: dict) -> None:
         missed = [f"{k} ({t['measured']:.3f} vs {t['direction']} {t['target']})" for k, t in r["targets"].items() if not t["met"]]
         lines.append(f"- seed {r['seed']}: {len(r['targets']) - len(missed)} of {len(r['targets'])} met"
                      + (f"; missed: {', '.join(missed)}" if missed else "") + (f" ({r['note']})" if r.get("note") else ""))
-    lines += ["", "## Environment", "", "```", *[f"{k}: {v}" for k, v in env.items()], "```", ""]
+    lines += ["", *environment_section(env)]
     (OUT / f"{args.name}.md").write_text("\n".join(lines))
 
 

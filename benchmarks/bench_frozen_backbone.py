@@ -39,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from distill.bench import environment
+    from distill.bench import environment, environment_section
     from distill.finetune.conse import ConSEModule, ort_backbone
     from distill.teachers.conse import ConSETeacher
 
@@ -83,12 +83,7 @@ def main() -> None:
         f"Largest |onnxruntime - torch| over 8 images' features: {diff:.1e} (features reach ~5; the memo "
         "refuses onnxruntime above 1e-3 and stays on torch).",
         "",
-        "## Environment",
-        "",
-        "```",
-        *[f"{k}: {v}" for k, v in env.items()],
-        "```",
-        "",
+        *environment_section(env),
     ]
     (OUT / "frozen_backbone.md").write_text("\n".join(lines))
     print("\n".join(lines[:12]))

@@ -72,7 +72,7 @@ def main() -> None:
     if args.arm:
         print(json.dumps({"ms": arm(args.arm, args.steps)}))
         return
-    from distill.bench import environment
+    from distill.bench import environment, environment_section
 
     runs = []
     for r in range(args.rounds):
@@ -103,12 +103,7 @@ def main() -> None:
         f"{med['memo'] / med['none']:.3f}). The rounds' spread is the machine's own; compare it with the "
         "difference between arms.",
         "",
-        "## Environment",
-        "",
-        "```",
-        *[f"{k}: {v}" for k, v in env.items()],
-        "```",
-        "",
+        *environment_section(env),
     ]
     (OUT / "step_memo_ab.md").write_text("\n".join(lines))
     print("\n".join(lines[:12]))

@@ -115,6 +115,8 @@ def _ms(xs: list[float]) -> str:
 
 
 def write(rows: list[dict], args: argparse.Namespace, env: dict) -> None:
+    from distill.bench import environment_section
+
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "two_paths.json").write_text(json.dumps({"args": vars(args), "environment": env, "rows": rows}, indent=2))
     col = lambda path, key: [r[path][key] for r in rows]  # noqa: E731
@@ -157,12 +159,7 @@ def write(rows: list[dict], args: argparse.Namespace, env: dict) -> None:
           f"{r['B']['top1']:.1f} / {r['B']['r5']:.1f} | {r['A_generic']['top1']:.1f} / {r['A_generic']['r5']:.1f} | "
           f"{r['A']['top1']:.1f} / {r['A']['r5']:.1f} |" for r in rows],
         "",
-        "## Environment",
-        "",
-        "```",
-        *[f"{k}: {v}" for k, v in env.items()],
-        "```",
-        "",
+        *environment_section(env),
     ]
     (OUT / "two_paths.md").write_text("\n".join(lines))
 

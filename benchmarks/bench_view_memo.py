@@ -32,7 +32,7 @@ def main() -> None:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from distill.bench import environment
+    from distill.bench import environment, environment_section
     from distill.data import ViewMemo, collate
     from distill.pipeline import build_data
 
@@ -89,12 +89,7 @@ def main() -> None:
         f"Hits are bit-identical to a fresh decode: {same}. One run, one machine: the ratios are what to "
         "quote, not the milliseconds.",
         "",
-        "## Environment",
-        "",
-        "```",
-        *[f"{k}: {v}" for k, v in env.items()],
-        "```",
-        "",
+        *environment_section(env),
     ]
     (OUT / "view_memo.md").write_text("\n".join(lines))
     print("\n".join(lines[:10]))

@@ -80,6 +80,11 @@ def environment() -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- timing and memory
 
+def environment_section(env: dict[str, Any]) -> list[str]:
+    """The "## Environment" block every benchmark's Markdown ends with: one ``key: value`` line each."""
+    return ["## Environment", "", "```", *[f"{k}: {v}" for k, v in env.items()], "```", ""]
+
+
 def _auto_sync() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()

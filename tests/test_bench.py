@@ -235,3 +235,12 @@ def test_interleaved_times_visits_every_call_each_round_in_rotated_order():
     assert visits == ["a", "b", "c", "b", "c", "a", "c", "a", "b"] and len(log) == 27
     with pytest.raises(ValueError, match="rounds"):
         interleaved_times(calls, rounds=0, per_round=1)
+
+
+def test_environment_section_lists_every_field_in_one_code_block():
+    from distill.bench import environment, environment_section
+
+    env = environment()
+    lines = environment_section(env)
+    assert lines[0] == "## Environment" and lines.count("```") == 2
+    assert [l.split(":")[0] for l in lines[3:-2]] == list(env)
