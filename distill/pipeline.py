@@ -411,7 +411,8 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     measured = bench_stage(cfg.bench, variants, ctx, eval_sets, teacher)
     if memo is not None:
         data_info["view_memo"] = memo.stats()
-        log.info("view memo: %(views)d views, %(mb).0f of %(budget_mb)d MB, %(hits)d hits, %(misses)d misses", memo.stats())
+        log.info("view memo: %(views)d views, %(mb).0f of %(budget_mb)d MB, %(hits)d hits, %(misses)d misses",
+                 data_info["view_memo"])
     report = report_stage(cfg, teacher, model_cfg, measured, train_metrics, export_info, out, finetune=ft_info,
                           started=started)
     if train_metrics["steps"] >= int(cfg.train.steps) or train_metrics.get("early_stopped"):
