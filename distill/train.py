@@ -128,6 +128,7 @@ class DistillTask:
         self.seen_images = self.skipped = 0
         self.forward: torch.nn.Module = student
         self._pending: tuple[float, float, float, int] = (0.0, 0.0, 0.0, 0)  # times and images of the micro-batch in flight
+        self._token_rows: dict[int, torch.Tensor] = {}  # dataset.texts row -> its tokens: BPE in Python costs ~20 ms a step
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"student": self.model, "loss": self.loss_fn}
@@ -213,6 +214,17 @@ class DistillTask:
                 stored[i] = row
         return batch["t_image"].to(self.device), torch.stack(stored).to(self.device)
 
+    def _tokenize(self, texts: list[str], text_index: torch.Tensor | None) -> torch.Tensor:
+        """The texts' tokens; an indexed set's rows are tokenized once (a finite set of texts), a stream's every time."""
+        if text_index is None:
+            return self.tokenizer(texts)
+        rows = text_index.tolist()
+        missing = sorted({r for r in rows if r not in self._token_rows})
+        if missing:
+            for r, t in zip(missing, self.tokenizer([self.dataset.texts[r] for r in missing])):
+                self._token_rows[r] = t
+        return torch.stack([self._token_rows[r] for r in rows])
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -236,7 +248,7 @@ class DistillTask:
             t_txt = self.teacher.encode_text(texts).to(self.device)
         self._sync()
         t2 = time.perf_counter()
-        tokens = self.tokenizer(texts).to(self.device)
+        tokens = self._tokenize(texts, text_index).to(self.device)
         with autocast():
             out = self.forward(image=normalize_images(resize_to(images, self.image_size)), text=tokens)
             out = {k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()}

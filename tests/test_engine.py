@@ -140,7 +140,7 @@ def test_early_stopping_restores_the_best_weights(tmp_path):
 
 
 def test_config_declares_every_default_once():
-    with pytest.raises(UserError, match=r"missing \['batch_size'.*unknown \['stepz'\]"):
+    with pytest.raises(UserError, match=r"missing \['attention', 'batch_size'.*unknown \['stepz'\]"):
         EngineConfig.from_mapping({"stepz": 3})
     cfg = defaults()
     assert EngineConfig.from_mapping(cfg).steps == cfg["steps"]

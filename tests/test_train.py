@@ -206,6 +206,49 @@ def test_bf16_on_cpu_only_where_the_cpu_has_native_bf16(tmp_path, setup, monkeyp
         train(student=_student(), cfg=_cfg(steps=1, precision="fp16"), out_dir=tmp_path / "d", **kw)
 
 
+def test_attention_kernel_auto_is_math_on_cpu_and_trains_like_torchs_own_choice(tmp_path, setup):
+    import torch.nn.functional as F
+
+    from distill.engine import precision as prec
+
+    ds, cache, tok = setup
+    kw = dict(loss_fn=_loss(), dataset=ds, tokenizer=tok, device=torch.device("cpu"), cache=cache)
+    runs = {a: train(student=_student(), cfg=_cfg(steps=3, attention=a), out_dir=tmp_path / a, **kw)
+            for a in ("auto", "any")}
+    assert runs["auto"]["final_loss"] == pytest.approx(runs["any"]["final_loss"], rel=1e-4)
+    # the kernel the forward dispatched to names the backward autograd records
+    q = torch.randn(2, 2, 5, 8, requires_grad=True)
+    grad_fns = {}
+    for a in ("auto", "any"):
+        with prec.attention_kernel(a, torch.device("cpu"))():
+            grad_fns[a] = type(F.scaled_dot_product_attention(q, q, q).grad_fn).__name__
+    assert "Flash" not in grad_fns["auto"] and "Flash" in grad_fns["any"], grad_fns
+    assert prec.attention_kernel("auto", torch.device("cuda")) is prec.nullcontext
+    with pytest.raises(UserError, match="attention='flash' is not known"):
+        train(student=_student(), cfg=_cfg(steps=1, attention="flash"), out_dir=tmp_path / "bad", **kw)
+
+
+def test_an_indexed_sets_texts_are_tokenized_once_and_train_as_tokenized_every_step(tmp_path, tiny_teacher,
+                                                                                  monkeypatch):
+    corpus = [f"a photo of word {k}" for k in range(40)]
+    ds = TrainSet([ArraySource(12, captions=False)], ViewSpec(size=32, views=1), corpus=corpus)
+    cache = build_or_load(tiny_teacher, ds, tmp_path / "cache", progress=False)
+    tok = open_clip.SimpleTokenizer(context_length=16)
+    seen = []
+
+    def counting(texts):
+        seen.extend(texts)
+        return tok(texts)
+
+    kw = dict(loss_fn=_loss(), dataset=ds, device=torch.device("cpu"), cache=cache)
+    memo = train(student=_student(), tokenizer=counting, cfg=_cfg(steps=8, extra_texts=6), out_dir=tmp_path / "m", **kw)
+    assert seen and len(seen) == len(set(seen))  # every text tokenized once, though the steps drew repeats
+    # tokenizing every step's texts anew trains the same: a memo of the wrong rows would not
+    monkeypatch.setattr(DistillTask, "_tokenize", lambda self, texts, index: self.tokenizer(texts))
+    fresh = train(student=_student(), tokenizer=tok, cfg=_cfg(steps=8, extra_texts=6), out_dir=tmp_path / "f", **kw)
+    assert memo["final_loss"] == fresh["final_loss"]
+
+
 def test_uncaptioned_images_draw_fresh_corpus_texts_and_extra_texts_resume_exactly(tmp_path, tiny_teacher):
     corpus = [f"a photo of word {k}" for k in range(40)]
     ds = TrainSet([ArraySource(12, captions=False)], ViewSpec(size=32, views=1), corpus=corpus)

@@ -27,6 +27,7 @@ class EngineConfig:
     clip_grad: float
     max_logit_scale: float
     precision: str
+    attention: str
     grad_checkpointing: bool
     compile: bool
     find_unused_parameters: bool

@@ -79,7 +79,7 @@ class _Run:
         torch.manual_seed(int(cfg.seed))
         self.task, self.cfg, self.out_dir, self.device, self.evaluate = task, cfg, out_dir, device, evaluate
         self.main = dist_utils.rank() == 0
-        self.precision, self.autocast = precision.choose(cfg.precision, device)
+        self.precision, self.autocast = precision.step_context(cfg.precision, cfg.attention, device)
         for m in task.modules().values():
             m.to(device).train()
         if cfg.grad_checkpointing:

@@ -1,9 +1,9 @@
-"""Which autocast a step runs under."""
+"""Which autocast and which attention kernel a step runs under."""
 
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from typing import Callable, ContextManager
 
 import torch
@@ -12,6 +12,7 @@ from distill.errors import UserError
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp32", "bf16")
+ATTENTIONS = ("auto", "math", "any")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -38,3 +39,32 @@ def choose(precision: str, device: torch.device) -> tuple[str, Callable[[], Cont
     if use_bf16:
         return "bf16", lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return "fp32", nullcontext
+
+
+def attention_kernel(attention: str, device: torch.device) -> Callable[[], ContextManager]:
+    """A factory of the context that picks scaled_dot_product_attention's kernel for a training step.
+
+    auto is the math kernel on a CPU and torch's own choice elsewhere: torch's CPU flash-attention
+    backward is built for long sequences, and on a student's 26-32 tokens in bf16 it is the slower
+    one by far (benchmarks/results/cpu_step.md). Both compute the same attention."""
+    if attention not in ATTENTIONS:
+        raise UserError(f"train.attention={attention!r} is not known: use auto, math or any")
+    if attention == "math" or (attention == "auto" and device.type == "cpu"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return lambda: sdpa_kernel([SDPBackend.MATH])
+    return nullcontext
+
+
+def step_context(precision_name: str, attention: str, device: torch.device) -> tuple[str, Callable[[], ContextManager]]:
+    """("bf16" | "fp32", a factory of the step's context: its autocast and its attention kernel)."""
+    name, autocast = choose(precision_name, device)
+    kernel = attention_kernel(attention, device)
+
+    def context() -> ContextManager:
+        stack = ExitStack()
+        stack.enter_context(kernel())
+        stack.enter_context(autocast())
+        return stack
+
+    return name, context
