@@ -34,6 +34,7 @@ OUT = REPO / "benchmarks" / "results"
 
 
 def build():
+    """The fine-tune flagship's student (open_clip CLIP, output dict) and its distillation loss, seeded."""
     import torch
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate

@@ -29,16 +29,10 @@ def arm(name: str, steps: int) -> float:
     import time
 
     import torch
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
+    from bench_cpu_step import build  # the flagship's student and loss, as the CPU step benchmark builds them
 
     torch.set_num_threads(2)
-    torch.manual_seed(0)
-    with initialize_config_dir(str(REPO / "conf"), version_base=None):
-        cfg = compose("config", overrides=["+experiment=offline_finetuned"])
-    model, _ = instantiate(cfg.student.builder, embed_dim=384, _convert_="all")
-    model.output_dict = True
-    loss_fn = instantiate(cfg.loss, student_dim=384, teacher_dim=384, _convert_="all")
+    model, loss_fn = build()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     held = {i: torch.randint(0, 255, (3, 160, 160), dtype=torch.uint8) for i in range(25000)} if name == "memo" else {}
     b, e = 64, 192
