@@ -7,7 +7,7 @@ Builds the fine-tune flagship's student (`+experiment=offline_finetuned`: ViT w1
 = 26 tokens, distilled text tower at 32 tokens) and its loss, and times the same synthetic training
 step as the student loop (batch 64 + 192 text-only rows, AdamW), forward and backward separately,
 under ``torch.nn.attention.sdpa_kernel``: "any" is torch's own choice (its CPU flash-attention
-kernel), "math" the math kernel, which is what train.attention=auto picks on a CPU. Arms alternate
+kernel), "math" the math kernel, which is what train.attention=auto picks for bf16 on a CPU. Arms alternate
 within each round, in bf16 (the flagship's precision) and fp32 (precision=auto on a CPU), so a slow
 phase of the machine lands on both.
 2. The optimizer: AdamW's per-parameter loop, foreach and fused (train.optimizer.fused) over the
@@ -162,7 +162,7 @@ def main() -> None:
         "flagship's student (ViT w192 d6 p32 at 160 px, 26 tokens; text tower at 32 tokens), one synthetic "
         "training step of batch 64 + 192 text-only rows with its loss and AdamW. \"any\" lets torch choose (its "
         "CPU flash-attention kernel); \"math\" is `sdpa_kernel([SDPBackend.MATH])`, what `train.attention=auto` "
-        f"picks on a CPU. ms, median of {args.steps} steps after 3 warm-up steps, then the median over "
+        f"picks for a bf16 step on a CPU. ms, median of {args.steps} steps after 3 warm-up steps, then the median over "
         f"{args.rounds} rounds; the arms alternate within each round.",
         "",
         "| precision | kernel | forward + loss (ms) | backward (ms) | whole step (ms) |",
@@ -182,8 +182,9 @@ def main() -> None:
           for r in range(args.rounds) for p in precisions],
         "",
         "Why: torch's CPU flash-attention kernel works in blocks sized for long sequences; on 26-32 tokens "
-        "its backward costs more than the math kernel's plain matmuls and softmax. Both compute the same "
-        "attention (tests/test_train.py checks the losses agree). On CUDA `auto` leaves the choice to torch.",
+        "its bf16 backward costs more than the math kernel's plain matmuls and softmax. In fp32 neither "
+        "kernel wins by more than the rounds' spread, so `auto` leaves fp32 steps, and CUDA, to torch. Both "
+        "compute the same attention (tests/test_train.py checks the losses agree).",
         "",
         "## 2. The optimizer (`train.optimizer.fused`)",
         "",

@@ -206,7 +206,7 @@ def test_bf16_on_cpu_only_where_the_cpu_has_native_bf16(tmp_path, setup, monkeyp
         train(student=_student(), cfg=_cfg(steps=1, precision="fp16"), out_dir=tmp_path / "d", **kw)
 
 
-def test_attention_kernel_auto_is_math_on_cpu_and_trains_like_torchs_own_choice(tmp_path, setup):
+def test_attention_kernel_auto_is_math_for_bf16_on_cpu_and_trains_like_torchs_own_choice(tmp_path, setup):
     import torch.nn.functional as F
 
     from distill.engine import precision as prec
@@ -214,16 +214,18 @@ def test_attention_kernel_auto_is_math_on_cpu_and_trains_like_torchs_own_choice(
     ds, cache, tok = setup
     kw = dict(loss_fn=_loss(), dataset=ds, tokenizer=tok, device=torch.device("cpu"), cache=cache)
     runs = {a: train(student=_student(), cfg=_cfg(steps=3, attention=a), out_dir=tmp_path / a, **kw)
-            for a in ("auto", "any")}
-    assert runs["auto"]["final_loss"] == pytest.approx(runs["any"]["final_loss"], rel=1e-4)
+            for a in ("math", "any")}
+    assert runs["math"]["final_loss"] == pytest.approx(runs["any"]["final_loss"], rel=1e-4)
     # the kernel the forward dispatched to names the backward autograd records
     q = torch.randn(2, 2, 5, 8, requires_grad=True)
+    cpu = torch.device("cpu")
     grad_fns = {}
-    for a in ("auto", "any"):
-        with prec.attention_kernel(a, torch.device("cpu"))():
-            grad_fns[a] = type(F.scaled_dot_product_attention(q, q, q).grad_fn).__name__
-    assert "Flash" not in grad_fns["auto"] and "Flash" in grad_fns["any"], grad_fns
-    assert prec.attention_kernel("auto", torch.device("cuda")) is prec.nullcontext
+    for a, p in (("auto", "bf16"), ("auto", "fp32"), ("math", "fp32"), ("any", "bf16")):
+        with prec.attention_kernel(a, cpu, p)():
+            grad_fns[a, p] = type(F.scaled_dot_product_attention(q, q, q).grad_fn).__name__
+    flash = {k: "Flash" in v for k, v in grad_fns.items()}
+    assert flash == {("auto", "bf16"): False, ("auto", "fp32"): True, ("math", "fp32"): False, ("any", "bf16"): True}, grad_fns
+    assert prec.attention_kernel("auto", torch.device("cuda"), "bf16") is prec.nullcontext
     with pytest.raises(UserError, match="attention='flash' is not known"):
         train(student=_student(), cfg=_cfg(steps=1, attention="flash"), out_dir=tmp_path / "bad", **kw)
 

@@ -41,15 +41,16 @@ def choose(precision: str, device: torch.device) -> tuple[str, Callable[[], Cont
     return "fp32", nullcontext
 
 
-def attention_kernel(attention: str, device: torch.device) -> Callable[[], ContextManager]:
+def attention_kernel(attention: str, device: torch.device, precision_name: str) -> Callable[[], ContextManager]:
     """A factory of the context that picks scaled_dot_product_attention's kernel for a training step.
 
-    auto is the math kernel on a CPU and torch's own choice elsewhere: torch's CPU flash-attention
-    backward is built for long sequences, and on a student's 26-32 tokens in bf16 it is the slower
-    one by far (benchmarks/results/cpu_step.md). Both compute the same attention."""
+    auto is the math kernel for a bf16 step on a CPU and torch's own choice elsewhere: torch's CPU
+    flash-attention backward is built for long sequences, and on a student's 26-32 tokens in bf16
+    it is the slower one by far; in fp32 neither wins (benchmarks/results/cpu_step.md). Both
+    compute the same attention."""
     if attention not in ATTENTIONS:
         raise UserError(f"train.attention={attention!r} is not known: use auto, math or any")
-    if attention == "math" or (attention == "auto" and device.type == "cpu"):
+    if attention == "math" or (attention == "auto" and device.type == "cpu" and precision_name == "bf16"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         return lambda: sdpa_kernel([SDPBackend.MATH])
@@ -59,7 +60,7 @@ def attention_kernel(attention: str, device: torch.device) -> Callable[[], Conte
 def step_context(precision_name: str, attention: str, device: torch.device) -> tuple[str, Callable[[], ContextManager]]:
     """("bf16" | "fp32", a factory of the step's context: its autocast and its attention kernel)."""
     name, autocast = choose(precision_name, device)
-    kernel = attention_kernel(attention, device)
+    kernel = attention_kernel(attention, device, name)
 
     def context() -> ContextManager:
         stack = ExitStack()
