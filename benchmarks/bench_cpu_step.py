@@ -48,8 +48,8 @@ def build():
     return model, loss_fn
 
 
-def run_arm(model, loss_fn, kernel: str, precision: str, steps: int) -> dict[str, float]:
-    """Median ms of forward (with the loss), backward and the whole step over ``steps`` steps after 3 warm-up."""
+def run_arm(model, loss_fn, kernel: str, precision: str, steps: int, warmup: int = 3) -> dict[str, float]:
+    """Median ms of forward (with the loss), backward and the whole step over ``steps`` steps after ``warmup``."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -61,7 +61,7 @@ def run_arm(model, loss_fn, kernel: str, precision: str, steps: int) -> dict[str
     ti = torch.nn.functional.normalize(torch.randn(b, 384, generator=g), dim=-1)
     tt = torch.nn.functional.normalize(torch.randn(b + e, 384, generator=g), dim=-1)
     fwd, bwd, total = [], [], []
-    for s in range(3 + steps):
+    for s in range(warmup + steps):
         t0 = time.perf_counter()
         with (sdpa_kernel([SDPBackend.MATH]) if kernel == "math" else nullcontext()), \
                 (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()):
@@ -76,7 +76,7 @@ def run_arm(model, loss_fn, kernel: str, precision: str, steps: int) -> dict[str
         opt.step()
         opt.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
-        if s >= 3:
+        if s >= warmup:
             fwd.append(t1 - t0), bwd.append(t2 - t1), total.append(t3 - t0)
     return {k: 1000 * statistics.median(v) for k, v in (("forward", fwd), ("backward", bwd), ("step", total))}
 

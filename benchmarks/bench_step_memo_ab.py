@@ -26,35 +26,15 @@ OUT = REPO / "benchmarks" / "results"
 
 def arm(name: str, steps: int) -> float:
     """One process: ms per training step, median of ``steps`` after 10 warm-up steps."""
-    import time
-
     import torch
-    from bench_cpu_step import build  # the flagship's student and loss, as the CPU step benchmark builds them
+    from bench_cpu_step import build, run_arm  # the flagship's student, loss and step, as the CPU step benchmark has them
 
     torch.set_num_threads(2)
     model, loss_fn = build()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     held = {i: torch.randint(0, 255, (3, 160, 160), dtype=torch.uint8) for i in range(25000)} if name == "memo" else {}
-    b, e = 64, 192
-    img, tok = torch.rand(b, 3, 160, 160), torch.randint(1, 49000, (b + e, 32))
-    ti = torch.nn.functional.normalize(torch.randn(b, 384), dim=-1)
-    tt = torch.nn.functional.normalize(torch.randn(b + e, 384), dim=-1)
-    times = []
-    for s in range(10 + steps):
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = {k: (v.float() if torch.is_tensor(v) else v) for k, v in model(image=img, text=tok).items()}
-            st = out["text_features"]
-            out["text_features"] = st[:b]
-            losses = loss_fn(out, {"image_features": ti, "text_features": tt[:b], "logit_scale": 80.0}, has_pairs=True,
-                             extra={"student_text": st[b:], "teacher_text": tt[b:]})
-        sum(v for k, v in losses.items() if k.endswith("_loss")).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if s >= 10:
-            times.append(time.perf_counter() - t0)
+    ms = run_arm(model, loss_fn, "any", "bf16", steps, warmup=10)["step"]  # torch's own attention kernel, as measured
     del held
-    return 1000 * statistics.median(times)
+    return ms
 
 
 def main() -> None:

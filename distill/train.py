@@ -128,7 +128,7 @@ class DistillTask:
         self.seen_images = self.skipped = 0
         self.forward: torch.nn.Module = student
         self._pending: tuple[float, float, float, int] = (0.0, 0.0, 0.0, 0)  # times and images of the micro-batch in flight
-        self._token_rows: dict[int, torch.Tensor] = {}  # dataset.texts row -> its tokens: BPE in Python costs ~20 ms a step
+        self._token_rows: dict[int, torch.Tensor] = {}  # dataset.texts row -> its tokens: Python BPE every step costs (benchmarks/results/cpu_step.md)
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"student": self.model, "loss": self.loss_fn}
