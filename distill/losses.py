@@ -32,6 +32,7 @@ class Term:
     gathers_student: bool = False  # needs every rank's student features (with gradients)
     gathers_teacher: bool = False  # needs every rank's teacher features
     teacher_means: bool = False  # needs the mean teacher embeddings (buffers of DistillLoss)
+    text_bank: bool = False  # needs the teacher's embeddings of the training captions (set_text_bank)
 
 
 TERMS: dict[str, Term] = {}  # in registration order, which is also the order of the summed losses
@@ -131,6 +132,24 @@ def _contrastive_kd(ctx: LossContext) -> torch.Tensor:
         log_p = F.log_softmax(a_t / T * t_rows @ t_cols.T, dim=-1)  # (B, N) teacher target
         kl = kl + F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
     return (T * T) * 0.5 * kl
+
+
+@term("bank_kd", projected=True, text_bank=True)
+def _bank_kd(ctx: LossContext) -> torch.Tensor:
+    """T² · KL(teacher ‖ student) of each image's distribution over a fixed bank of teacher caption embeddings."""
+    bank = ctx.loss.text_bank
+    if bank.shape[0] == 0:
+        raise UserError("loss term bank_kd has no caption bank: the training set has no captions, or the bank was "
+                        "never set (DistillLoss.set_text_bank); drop loss.weights.bank_kd or add captioned sources")
+    # Why a bank and not only the batch: the in-batch KD sees the 64 captions of the batch, most of them
+    # repeats of the same few class captions; the bank holds every caption once, so each image learns
+    # the teacher's whole ranking of the domain's texts (its zero-shot decision), not just the batch's.
+    a_s, a_t = ctx.loss.kd_scales(ctx.s_scale, ctx.t_scale)
+    T = ctx.loss.kd_T
+    bank = bank.to(ctx.proj_img.dtype)
+    log_q = F.log_softmax(a_s / T * ctx.proj_img @ bank.T, dim=-1)  # (B, K) student image vs the bank
+    log_p = F.log_softmax(a_t / T * ctx.t_img @ bank.T, dim=-1)  # (B, K) teacher image vs the bank
+    return (T * T) * F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
 
 
 @term("clip", gathers_student=True)
@@ -257,6 +276,9 @@ class DistillLoss(torch.nn.Module):
             self.register_buffer("teacher_image_mean", torch.zeros(int(teacher_dim)))
             self.register_buffer("teacher_text_mean", torch.zeros(int(teacher_dim)))
             self.register_buffer("teacher_mean_updates", torch.zeros((), dtype=torch.long))
+        self.uses_text_bank = any(t.text_bank for t in self.active)
+        # not persistent: the bank is the cache's caption rows, set again by every run (and resume)
+        self.register_buffer("text_bank", torch.zeros(0, int(teacher_dim or 0)), persistent=False)
 
     def extra_repr(self) -> str:
         return (f"weights={self.weights}, temperature_mode={self.temperature_mode}, "
@@ -285,6 +307,14 @@ class DistillLoss(torch.nn.Module):
                                 f"{buf.shape[0]}")
             buf.copy_(val.to(buf.device, buf.dtype))
         self._means_fixed = True
+
+    @torch.no_grad()
+    def set_text_bank(self, text_emb: torch.Tensor) -> None:
+        """The (K, Dt) teacher embeddings of the training captions for ``bank_kd`` (L2-normalised here)."""
+        if text_emb.ndim != 2 or (self.teacher_dim is not None and text_emb.shape[1] != int(self.teacher_dim)):
+            raise UserError(f"caption bank of shape {tuple(text_emb.shape)} for a loss built with teacher_dim "
+                            f"{self.teacher_dim}")
+        self.text_bank = F.normalize(text_emb.float(), dim=-1).to(self.text_bank.device)
 
     @torch.no_grad()
     def _update_teacher_means(self, t_img: torch.Tensor, t_txt: torch.Tensor, momentum: float = 0.99) -> None:

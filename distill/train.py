@@ -141,7 +141,22 @@ class DistillTask:
             self.loader.loader_kw["pin_memory"] = device.type == "cuda"
         if self.cache is not None and getattr(self.loss_fn, "uses_teacher_means", False):
             self.loss_fn.set_teacher_means(*self.cache.mean_embeddings())  # μ for the feature_residual_* terms
+        if getattr(self.loss_fn, "uses_text_bank", False):
+            self.loss_fn.set_text_bank(self._caption_bank())
         unwrap(self.model).output_dict = True
+
+    def _caption_bank(self) -> torch.Tensor:
+        """The teacher's embedding of every training caption (``bank_kd``): the cache's rows, or the teacher online."""
+        if self.dataset is None:
+            raise UserError("loss term bank_kd needs the captions up front, which a training stream does not list: "
+                            "drop loss.weights.bank_kd or train from an indexed set (data.train.sources)")
+        n_caps = self.dataset.corpus_span()[0]
+        if n_caps == 0:
+            raise UserError("loss term bank_kd needs captioned training images and this training set has none: "
+                            "drop loss.weights.bank_kd or add a captioned source")
+        if self.cache is not None:
+            return self.cache.text_targets(torch.arange(n_caps))
+        return self.teacher.encode_text(self.dataset.texts[:n_caps]).float().cpu()
 
     def batches(self, start_step: int) -> Iterator[dict[str, Any]]:
         if self.loader is not None:

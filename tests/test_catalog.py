@@ -38,6 +38,8 @@ def test_every_registered_loss_term_computes_and_backpropagates(name):
     extra = {"student_text": torch.randn(3, 8, generator=g, requires_grad=True),
              "teacher_text": torch.nn.functional.normalize(torch.randn(3, 12, generator=g), dim=-1)}
     loss = DistillLoss(weights={name: 1.0}, student_dim=8, teacher_dim=12)
+    if loss.uses_text_bank:  # what DistillTask.prepare does with the training captions
+        loss.set_text_bank(torch.randn(5, 12, generator=g))
     out = loss({**s, "logit_scale": torch.tensor(10.0)}, {**t, "logit_scale": 100.0}, has_pairs=True, extra=extra)
     assert list(out) == [f"{name}_loss"] and torch.isfinite(out[f"{name}_loss"])
     out[f"{name}_loss"].backward()

@@ -327,3 +327,27 @@ def test_unknown_term_is_one_line_listing_the_known_ones():
         DistillLoss(weights={"feature_mes": 1.0})
     msg = str(e.value)
     assert "\n" not in msg and "feature_mes" in msg and "extra_text_mse" in msg and "contrastive_kd" in msg
+
+
+def test_bank_kd_matches_hand_formula_trains_the_image_side_only_and_needs_a_bank():
+    student, teacher = _feats(B=3, Ds=4, Dt=4)
+    g = torch.Generator().manual_seed(5)
+    bank = torch.randn(6, 4, generator=g, dtype=torch.float64) * 3  # set_text_bank normalises it
+    loss = DistillLoss(weights={"bank_kd": 2.0}, temperature_mode="fixed", temperature=0.05, kd_T=2.0,
+                       student_dim=4, teacher_dim=4).double()
+    with pytest.raises(UserError, match="no caption bank"):
+        loss(student, teacher)
+    loss.set_text_bank(bank)
+    out = loss(student, teacher)
+    b = _unit(bank)
+    zt = 20.0 / 2.0 * teacher["image_features"] @ b.T
+    zs = 20.0 / 2.0 * _unit(student["image_features"]) @ b.T
+    torch.testing.assert_close(out["bank_kd_loss"], 2.0 * 4.0 * _kl_rows(zt, zs))
+    out["bank_kd_loss"].backward()
+    assert student["image_features"].grad.abs().sum() > 0
+    assert student["text_features"].grad is None  # the bank is the teacher's text: only the image tower learns
+    same = {**student, "image_features": teacher["image_features"].clone()}
+    assert float(loss(same, teacher)["bank_kd_loss"]) == pytest.approx(0.0, abs=1e-12)
+    assert "bank_kd" in loss.extra_repr() and "text_bank" not in loss.state_dict()  # set anew by every run
+    with pytest.raises(UserError, match="caption bank of shape"):
+        loss.set_text_bank(torch.zeros(6, 5))

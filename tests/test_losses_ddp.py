@@ -19,7 +19,8 @@ import torch.multiprocessing as mp
 WORLD, B, IN, DS, DT = 2, 4, 5, 6, 8  # global batch 8; student dim 6 != teacher dim 8 -> projector
 WEIGHTS = {"feature_mse": 1.5, "contrastive_kd": 1.0, "clip": 0.7, "interactive": 1.3,
            # no cache here: the means are the gathered global batch's (first moving-average step)
-           "feature_residual_image": 0.9, "feature_residual_text": 0.4}
+           "feature_residual_image": 0.9, "feature_residual_text": 0.4,
+           "bank_kd": 0.6}  # the caption bank: the same fixed rows on every rank, no gather
 
 
 class TinyStudent(torch.nn.Module):
@@ -43,6 +44,7 @@ def _setup():
     student = TinyStudent().double()
     loss = DistillLoss(weights=WEIGHTS, temperature_mode="own", kd_T=2.0, student_dim=DS, teacher_dim=DT).double()
     g = torch.Generator().manual_seed(1)
+    loss.set_text_bank(torch.randn(5, DT, generator=g, dtype=torch.float64))
     n = WORLD * B
     batch = {"x_img": torch.randn(n, IN, generator=g, dtype=torch.float64),
              "x_txt": torch.randn(n, IN, generator=g, dtype=torch.float64),

@@ -314,3 +314,31 @@ def test_feature_residual_means_come_from_the_cache_and_survive_resume(tmp_path,
     train(student=_student(), loss_fn=lf2, dataset=ds, tokenizer=tok, cfg=_cfg(steps=6, resume="auto"),
           out_dir=tmp_path, device=torch.device("cpu"), cache=cache)
     assert torch.allclose(lf2.teacher_image_mean, want, atol=1e-6)
+
+
+def test_bank_kd_bank_is_every_training_caption_from_the_cache_or_the_online_teacher(tmp_path, setup, tiny_teacher):
+    import numpy as np
+
+    from distill.losses import DistillLoss
+
+    ds, cache, tok = setup
+
+    def loss():
+        return DistillLoss(weights={"feature_mse": 1.0, "bank_kd": 1.0}, student_dim=32, teacher_dim=32)
+
+    lf = loss()
+    out = train(student=_student(), loss_fn=lf, dataset=ds, tokenizer=tok, cfg=_cfg(), out_dir=tmp_path / "a",
+                device=torch.device("cpu"), cache=cache)
+    n_caps = ds.corpus_span()[0]
+    rows = torch.from_numpy(np.asarray(cache.text_emb[:n_caps], dtype=np.float32))
+    assert lf.text_bank.shape == (12, 32)  # the 12 captions, each once
+    torch.testing.assert_close(lf.text_bank, torch.nn.functional.normalize(rows, dim=-1))
+    assert math.isfinite(out["final_loss"]) and out["final_bank_kd_loss"] > 0
+    lf2 = loss()
+    train(student=_student(), loss_fn=lf2, dataset=ds, tokenizer=tok, cfg=_cfg(steps=1), out_dir=tmp_path / "b",
+          device=torch.device("cpu"), teacher=tiny_teacher)
+    torch.testing.assert_close(lf2.text_bank, lf.text_bank, atol=2e-3, rtol=0)  # the cache stores float16
+    bare = TrainSet([ArraySource(4, captions=False)], ViewSpec(size=32, views=1, augment=False), corpus=["a cat"])
+    with pytest.raises(UserError, match="bank_kd needs captioned training images"):
+        train(student=_student(), loss_fn=loss(), dataset=bare, tokenizer=tok, cfg=_cfg(steps=1),
+              out_dir=tmp_path / "c", device=torch.device("cpu"), teacher=tiny_teacher)
