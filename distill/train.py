@@ -156,7 +156,8 @@ class DistillTask:
                             "drop loss.weights.bank_kd or add a captioned source")
         if self.cache is not None:
             return self.cache.text_targets(torch.arange(n_caps))
-        return self.teacher.encode_text(self.dataset.texts[:n_caps]).float().cpu()
+        caps = self.dataset.texts[:n_caps]
+        return torch.cat([self.teacher.encode_text(caps[i:i + 256]).float().cpu() for i in range(0, n_caps, 256)])
 
     def batches(self, start_step: int) -> Iterator[dict[str, Any]]:
         if self.loader is not None:

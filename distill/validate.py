@@ -303,6 +303,9 @@ def _check_stream(cfg: DictConfig) -> Iterator[str]:
                "cache.enabled=true, or reinforced=false to run the teacher online")
     if _number(cfg, "finetune.method") not in (None, "none"):
         yield "finetune needs indexed training data (data.train.sources): use finetune=none with data.train.stream"
+    if float((_number(cfg, "loss.weights") or {}).get("bank_kd") or 0):
+        yield ("loss.weights.bank_kd needs the training captions up front, which data.train.stream does not list: "
+               "drop loss.weights.bank_kd or train from data.train.sources")
     if "student_onnx_static_int8" in (_number(cfg, "variants") or []):
         yield ("variants: student_onnx_static_int8 calibrates on indexed training images: drop it for "
                "data.train.stream")

@@ -82,6 +82,11 @@ def test_extra_text_rows_and_their_term_come_together():
     check_config(_cfg("train.extra_texts=8", "+loss.weights.extra_text_mse=2.0"))
 
 
+def test_bank_kd_needs_an_indexed_training_set():
+    problems = _problems("data=webdataset_stream", "cache.enabled=false", "+loss.weights.bank_kd=1.0")
+    assert any(p.startswith("loss.weights.bank_kd needs the training captions up front") for p in problems)
+
+
 def test_variants_must_be_registered_and_include_the_reference():
     [p] = _problems("variants=[student_torch_fp32]")
     assert "lacks teacher_torch_fp32" in p
