@@ -39,8 +39,9 @@ def main(argv: list[str]) -> int:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from bench_offline_recipe import record  # the same JSON line and environment as the untuned recipe ablations
+
     from distill import pipeline
-    from distill.bench import environment
     from distill.data import attach_view_memo
     from distill.encoders import ClipEncoder
     from distill.finetune.stage import finetune_stage
@@ -73,13 +74,8 @@ def main(argv: list[str]) -> int:
     res = {"name": name, "run": str(run), "overrides": overrides, "teacher_fingerprint": teacher.fingerprint,
            "alpha": ft_info.get("alpha") if ft_info else None, "setup_s": round(t1 - t0), "train_s": round(t2 - t1),
            "scores": {k: round(100 * v, 2) for k, v in scores.items() if k.endswith(("top1", "_r5"))}}
-    env = environment()
-    res["env"] = {k: env.get(k) for k in ("cpu", "cpu_flags", "torch_threads", "torch", "onnxruntime")}
-    print(json.dumps(res), flush=True)
     lines = REPO / "benchmarks/results/flagship_recipe.jsonl"
-    with lines.open("a") as f:
-        f.write(json.dumps(res) + "\n")
-    write_table(lines, env)
+    write_table(lines, record(res, lines))
     return 0
 
 

@@ -114,13 +114,18 @@ def main(argv: list[str]) -> int:
         res[f"{n}/text_cosine"] = round((tt * st).sum(-1).mean().item(), 4)
         res[f"{n}/image_cosine"] = round((ti * si).sum(-1).mean().item(), 4)
         res[f"{n}/teacher_cosine_to_train_mean"] = {k: round((ti @ m).mean().item(), 4) for k, m in means.items()}
+    record(res, REPO / "benchmarks/results/offline_recipe.jsonl")
+    return 0
+
+
+def record(res: dict, out: Path) -> dict:
+    """Add the environment to ``res``, print it as one JSON line and append that line to ``out``; returns the environment."""
     env = environment()
     res["env"] = {k: env.get(k) for k in ("cpu", "cpu_flags", "torch_threads", "torch", "onnxruntime")}
     print(json.dumps(res), flush=True)
-    out = REPO / "benchmarks/results/offline_recipe.jsonl"
     with out.open("a") as f:
         f.write(json.dumps(res) + "\n")
-    return 0
+    return env
 
 
 if __name__ == "__main__":

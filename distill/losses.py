@@ -123,15 +123,20 @@ def _feature_residual_text(ctx: LossContext) -> torch.Tensor:
 @term("contrastive_kd", gathers_student=True, gathers_teacher=True)
 def _contrastive_kd(ctx: LossContext) -> torch.Tensor:
     """T² · ½ [KL(teacher ‖ student) image→text + text→image] over temperature-scaled similarities."""
+    T = ctx.loss.kd_T
+    kl = (_softened_kl(ctx, ctx.s_img, ctx.S_txt, ctx.t_img, ctx.T_txt)
+          + _softened_kl(ctx, ctx.s_txt, ctx.S_img, ctx.t_txt, ctx.T_img))
+    return (T * T) * 0.5 * kl
+
+
+def _softened_kl(ctx: LossContext, s_rows: torch.Tensor, s_cols: torch.Tensor, t_rows: torch.Tensor,
+                 t_cols: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) of the rows' softmax over the columns at the KD scales / kd_T, mean over rows."""
     a_s, a_t = ctx.loss.kd_scales(ctx.s_scale, ctx.t_scale)
     T = ctx.loss.kd_T
-    kl = 0.0
-    for s_rows, s_cols, t_rows, t_cols in ((ctx.s_img, ctx.S_txt, ctx.t_img, ctx.T_txt),
-                                           (ctx.s_txt, ctx.S_img, ctx.t_txt, ctx.T_img)):
-        log_q = F.log_softmax(a_s / T * s_rows @ s_cols.T, dim=-1)  # (B, N) student
-        log_p = F.log_softmax(a_t / T * t_rows @ t_cols.T, dim=-1)  # (B, N) teacher target
-        kl = kl + F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
-    return (T * T) * 0.5 * kl
+    log_q = F.log_softmax(a_s / T * s_rows @ s_cols.T, dim=-1)  # (B, N) student
+    log_p = F.log_softmax(a_t / T * t_rows @ t_cols.T, dim=-1)  # (B, N) teacher target
+    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
 
 
 @term("bank_kd", projected=True, text_bank=True)
@@ -144,12 +149,9 @@ def _bank_kd(ctx: LossContext) -> torch.Tensor:
     # Why a bank and not only the batch: the in-batch KD sees the 64 captions of the batch, most of them
     # repeats of the same few class captions; the bank holds every caption once, so each image learns
     # the teacher's whole ranking of the domain's texts (its zero-shot decision), not just the batch's.
-    a_s, a_t = ctx.loss.kd_scales(ctx.s_scale, ctx.t_scale)
-    T = ctx.loss.kd_T
     bank = bank.to(ctx.proj_img.dtype)
-    log_q = F.log_softmax(a_s / T * ctx.proj_img @ bank.T, dim=-1)  # (B, K) student image vs the bank
-    log_p = F.log_softmax(a_t / T * ctx.t_img @ bank.T, dim=-1)  # (B, K) teacher image vs the bank
-    return (T * T) * F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+    T = ctx.loss.kd_T
+    return (T * T) * _softened_kl(ctx, ctx.proj_img, bank, ctx.t_img, bank)  # (B, K) distributions over the bank
 
 
 @term("clip", gathers_student=True)
