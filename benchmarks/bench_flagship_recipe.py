@@ -37,14 +37,11 @@ def main(argv: list[str]) -> int:
     name, run, cache_dir, overrides = argv[0], Path(argv[1]), argv[2], argv[3:]
     os.environ["DISTILL_CACHE_DIR"] = cache_dir
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     from bench_offline_recipe import record  # the same JSON line and environment as the untuned recipe ablations
 
     from distill import pipeline
-    from distill.data import attach_view_memo
     from distill.encoders import ClipEncoder
-    from distill.finetune.stage import finetune_stage
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -57,20 +54,13 @@ def main(argv: list[str]) -> int:
     dev = torch.device("cpu")
     t0 = time.time()
     pipeline.seed_everything(int(cfg.seed))
-    teacher = pipeline.build_teacher(cfg.teacher, dev)
-    trainset, eval_sets, _ = pipeline.build_data(cfg.data)
-    attach_view_memo(trainset, eval_sets, float(cfg.get("view_memo_mb") or 0))
-    teacher, ft_info = finetune_stage(cfg.finetune, teacher, trainset, eval_sets, out, dev)
-    cache = pipeline.cache_stage(cfg.cache, teacher, trainset, dev)
-    teacher = teacher.release() if hasattr(teacher, "release") else teacher
-    pipeline.seed_everything(int(cfg.seed))
-    student, model_cfg = pipeline.build_student_stage(cfg.student, teacher, cache_dir=cfg.cache.dir)
-    tok = pipeline.student_tokenizer(model_cfg)
+    p = pipeline.student_stages(cfg, pipeline.teacher_stages(cfg, out, dev), dev)  # the same code as pipeline.run
+    teacher, student, model_cfg, tok, ft_info = p.teacher, p.student, p.model_cfg, p.tokenizer, p.ft_info
     t1 = time.time()
-    pipeline.train_stage(cfg, teacher, student, model_cfg, tok, trainset, eval_sets, cache, out, dev)
+    pipeline.train_stage(cfg, teacher, student, model_cfg, tok, p.trainset, p.eval_sets, p.cache, out, dev)
     t2 = time.time()
     size = int(model_cfg["vision_cfg"]["image_size"])
-    scores = pipeline.evaluate_encoder(ClipEncoder(student.eval(), tok, size, device=dev), eval_sets)
+    scores = pipeline.evaluate_encoder(ClipEncoder(student.eval(), tok, size, device=dev), p.eval_sets)
     res = {"name": name, "run": str(run), "overrides": overrides, "teacher_fingerprint": teacher.fingerprint,
            "alpha": ft_info.get("alpha") if ft_info else None, "setup_s": round(t1 - t0), "train_s": round(t2 - t1),
            "scores": {k: round(100 * v, 2) for k, v in scores.items() if k.endswith(("top1", "_r5"))}}

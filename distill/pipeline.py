@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -373,32 +374,16 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
     seed_everything(int(cfg.seed))
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
-    log.info("stage teacher: %s", cfg.teacher.get("_target_"))
-    teacher = build_teacher(cfg.teacher, device)
-    log.info("stage data")
-    trainset, eval_sets, data_info = build_data(cfg.data)
-    memo = attach_view_memo(trainset, eval_sets, float(cfg.get("view_memo_mb") or 0))
-    zero_shot = teacher
-    teacher, ft_info = finetune_stage(cfg.finetune, teacher, trainset, eval_sets, out, device)
-    if ft_info is not None and cfg.finetune.then == "export":
-        return finetune_export(cfg, zero_shot, teacher, ft_info, trainset, eval_sets, out, started) if main_proc else {}
-    if isinstance(trainset, TrainStream) and trainset.source.reinforced:
-        cache, data_info["reinforce"] = None, reinforce_stage(cfg.cache, teacher, trainset)
-    else:
-        cache = cache_stage(cfg.cache, teacher, trainset, device) if cfg.cache.enabled else None
-    # a tuned teacher may have memoised frozen-part outputs for its cache; later stages run it plainly
-    teacher = teacher.release() if hasattr(teacher, "release") else teacher
-    log.info("stage student")
-    # reseed: building the cache draws random numbers that loading it does not, and the student's
-    # initial weights must not depend on whether the cache already existed
-    seed_everything(int(cfg.seed))
-    # DDP broadcasts rank 0's initial weights: only rank 0 computes a teacher-informed token table
-    student, model_cfg = build_student_stage(cfg.student, teacher, cache_dir=cfg.cache.dir if cfg.cache.enabled else None,
-                                             token_init=main_proc)
-    tokenizer = student_tokenizer(model_cfg)
+    p = teacher_stages(cfg, out, device)
+    if p.ft_info is not None and cfg.finetune.then == "export":
+        return (finetune_export(cfg, p.zero_shot, p.teacher, p.ft_info, p.trainset, p.eval_sets, out, started)
+                if main_proc else {})
+    student_stages(cfg, p, device, main_proc=main_proc)
+    teacher, student, model_cfg, tokenizer = p.teacher, p.student, p.model_cfg, p.tokenizer
+    trainset, eval_sets = p.trainset, p.eval_sets
     log.info("stage train")
-    train_metrics = train_stage(cfg, teacher, student, model_cfg, tokenizer, trainset, eval_sets, cache, out, device)
-    train_metrics["data"] = data_info
+    train_metrics = train_stage(cfg, teacher, student, model_cfg, tokenizer, trainset, eval_sets, p.cache, out, device)
+    train_metrics["data"] = p.data_info
     dist_utils.cleanup()
     if not main_proc:
         return {"train": train_metrics}
@@ -409,17 +394,66 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
                                     teacher=teacher, threads=int(cfg.bench.threads))
     log.info("stage bench")
     measured = bench_stage(cfg.bench, variants, ctx, eval_sets, teacher)
-    if memo is not None:
-        data_info["view_memo"] = memo.stats()
+    if p.memo is not None:
+        p.data_info["view_memo"] = p.memo.stats()
         log.info("view memo: %(views)d views, %(mb).0f of %(budget_mb)d MB, %(hits)d hits, %(misses)d misses",
-                 data_info["view_memo"])
-    report = report_stage(cfg, teacher, model_cfg, measured, train_metrics, export_info, out, finetune=ft_info,
+                 p.data_info["view_memo"])
+    report = report_stage(cfg, teacher, model_cfg, measured, train_metrics, export_info, out, finetune=p.ft_info,
                           started=started)
     if train_metrics["steps"] >= int(cfg.train.steps) or train_metrics.get("early_stopped"):
         runs.mark_finished(out, cfg)  # a run stopped by train.stop_after_steps stays resumable
     log.info("report written to %s", out / "report.md")
     print(f"report: {out / 'report.md'}")
     return report
+
+
+@dataclass
+class Prepared:
+    """What the stages before training hand to it: the data, the (tuned) teacher, its cache, the student.
+    Benchmarks that retrain only the student call the same two functions as ``run``."""
+    teacher: Any
+    zero_shot: Any                       # the teacher as built, before any fine-tune
+    ft_info: dict[str, Any] | None       # the fine-tune stage's report section (None: finetune=none)
+    trainset: TrainSet | TrainStream
+    eval_sets: dict[str, dict[str, EvalSet]]
+    data_info: dict[str, Any]
+    memo: Any = None                     # the view memo, when view_memo_mb > 0
+    cache: TeacherCache | None = None
+    student: torch.nn.Module | None = None
+    model_cfg: dict[str, Any] | None = None
+    tokenizer: Any = None
+
+
+def teacher_stages(cfg: DictConfig, out: Path, device: torch.device) -> Prepared:
+    """teacher -> data (with the view memo) -> fine-tune; the fine-tune resumes from ``out/finetune``."""
+    log.info("stage teacher: %s", cfg.teacher.get("_target_"))
+    teacher = build_teacher(cfg.teacher, device)
+    log.info("stage data")
+    trainset, eval_sets, data_info = build_data(cfg.data)
+    memo = attach_view_memo(trainset, eval_sets, float(cfg.get("view_memo_mb") or 0))
+    tuned, ft_info = finetune_stage(cfg.finetune, teacher, trainset, eval_sets, out, device)
+    return Prepared(teacher=tuned, zero_shot=teacher, ft_info=ft_info, trainset=trainset, eval_sets=eval_sets,
+                    data_info=data_info, memo=memo)
+
+
+def student_stages(cfg: DictConfig, p: Prepared, device: torch.device, main_proc: bool = True) -> Prepared:
+    """teacher cache (or a reinforced stream's companion shards) -> student and its tokenizer; fills ``p``."""
+    if isinstance(p.trainset, TrainStream) and p.trainset.source.reinforced:
+        p.cache, p.data_info["reinforce"] = None, reinforce_stage(cfg.cache, p.teacher, p.trainset)
+    else:
+        p.cache = cache_stage(cfg.cache, p.teacher, p.trainset, device) if cfg.cache.enabled else None
+    # a tuned teacher may have memoised frozen-part outputs for its cache; later stages run it plainly
+    p.teacher = p.teacher.release() if hasattr(p.teacher, "release") else p.teacher
+    log.info("stage student")
+    # reseed: building the cache draws random numbers that loading it does not, and the student's
+    # initial weights must not depend on whether the cache already existed
+    seed_everything(int(cfg.seed))
+    # DDP broadcasts rank 0's initial weights: only rank 0 computes a teacher-informed token table
+    p.student, p.model_cfg = build_student_stage(cfg.student, p.teacher,
+                                                 cache_dir=cfg.cache.dir if cfg.cache.enabled else None,
+                                                 token_init=main_proc)
+    p.tokenizer = student_tokenizer(p.model_cfg)
+    return p
 
 
 def cache_stage(cfg: DictConfig, teacher: Any, trainset: TrainSet, device: torch.device) -> TeacherCache:
