@@ -33,8 +33,7 @@ METHODS = {
     "full": ["finetune=full", "finetune.train.optimizer.lr=1e-4"],
     "lock_image (text only)": ["finetune=lock_image", "finetune.train.optimizer.lr=1e-4"],
     "lock_text (image only)": ["finetune=lock_text", "finetune.train.optimizer.lr=1e-4"],
-    "lora": ["finetune=lora", "finetune.lora.targets={text: [query, value], image: [conv1x1, classifier]}",
-             "finetune.train.optimizer.lr=1e-3"],
+    "lora": ["finetune=lora", "finetune.train.optimizer.lr=1e-3"],  # targets auto: query/value, 1x1 convs, classifier
     "adapter": ["finetune=adapter", "finetune.train.optimizer.lr=1e-3"],
     "head": ["finetune=head", "finetune.train.optimizer.lr=1e-3", "finetune.train.optimizer.weight_decay=0.0"],
 }

@@ -7,11 +7,14 @@ bench_stage and the report loop over that list, so a new format is one ``registe
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+log = logging.getLogger("distill")
 
 
 @dataclass
@@ -142,6 +145,14 @@ def _student_encoder(model: torch.nn.Module, ctx: VariantContext) -> Any:
 def _open_clip_export(ctx: VariantContext) -> None:
     from distill.export import save_open_clip_dir
 
+    extra = [k for k in ctx.student.state_dict() if ".adapter." in k]
+    if extra:  # open_clip's strict load would refuse the folder: write none rather than one that fails later
+        ctx.info["open_clip_dir"] = None
+        ctx.info["open_clip_skipped"] = (
+            f"bottleneck adapters ({len(extra)} tensors such as {extra[0]}) are no open_clip layer, so no "
+            f"open_clip folder was written; the ONNX files carry the adapters (or fine-tune with LoRA, which merges)")
+        log.warning("open_clip folder: %s", ctx.info["open_clip_skipped"])
+        return
     ctx.info["open_clip_dir"] = str(save_open_clip_dir(ctx.student, ctx.model_cfg, ctx.export_dir / "open_clip"))
 
 
@@ -193,7 +204,8 @@ def _onnx_files(ctx: VariantContext) -> list[str]:
 register(VariantSpec("student_torch_fp32", "student", "torch", "fp32",
                      "The student in PyTorch, saved as an open_clip local-dir checkpoint.",
                      _open_clip_export, lambda ctx: _student_encoder(ctx.student, ctx),
-                     files=lambda ctx: [str(Path(ctx.info["open_clip_dir"]) / "open_clip_model.safetensors")]))
+                     files=lambda ctx: [str(Path(ctx.info["open_clip_dir"]) / "open_clip_model.safetensors")]
+                     if ctx.info.get("open_clip_dir") else []))
 register(VariantSpec("student_torch_int8", "student", "torch", "int8",
                      "torch.ao dynamic int8 of the student's Linear layers, in memory (not exportable).",
                      _nothing, lambda ctx: _student_encoder(_torch_int8(ctx.student), ctx),

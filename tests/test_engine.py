@@ -152,3 +152,57 @@ def _plain(cfg: EngineConfig) -> dict:
     import dataclasses
 
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "optimizer"}
+
+
+def test_gradients_are_clipped_to_clip_grad_before_every_optimizer_step(tmp_path):
+    seen = []
+
+    def record(optimizer, args, kwargs):  # runs inside optimizer.step(), after the engine clipped
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        fit(Regression(), _cfg(steps=10, clip_grad=0.05), tmp_path / "clipped", torch.device("cpu"))
+        clipped, seen[:] = list(seen), []
+        fit(Regression(), _cfg(steps=10, clip_grad=0.0), tmp_path / "free", torch.device("cpu"))  # 0: no clipping
+    finally:
+        handle.remove()
+    logged = [json.loads(l)["grad_norm"] for l in (tmp_path / "clipped" / "metrics.jsonl").read_text().splitlines()]
+    assert len(clipped) == 10 and max(clipped) <= 0.05 + 1e-6
+    assert min(logged) > 0.05 and max(seen) > 0.05  # the raw norms (logged) were above the limit
+
+
+def test_warmup_fraction_sets_the_warmup_steps_and_is_checked():
+    from distill.engine.optim import cosine_schedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = cosine_schedule(opt, total_steps=20, warmup_steps=99, warmup_fraction=0.2)  # the fraction wins
+    lrs = []
+    for _ in range(20):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0]) and lrs[-1] < 0.05
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))  # cosine decay after the 4 warm-up steps
+    with pytest.raises(UserError, match=r"warmup_fraction=1.5 must lie in \[0, 1\)"):
+        cosine_schedule(opt, total_steps=20, warmup_fraction=1.5)
+
+
+def test_grad_checkpointing_on_a_model_without_the_switch_is_a_one_line_error(tmp_path):
+    with pytest.raises(UserError, match="Linear has no set_grad_checkpointing; set grad_checkpointing=false"):
+        fit(Regression(), _cfg(grad_checkpointing=True), tmp_path, torch.device("cpu"))
+
+
+def test_progress_bar_and_tensorboard_show_every_step(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fit(Regression(), _cfg(steps=12, tensorboard=True, progress=True), tmp_path, torch.device("cpu"))
+    err = capsys.readouterr().err
+    assert "train: 100%" in err and "12/12" in err and "loss=" in err
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/mse_loss")] == list(range(1, 13))
+    assert {"train/lr", "train/grad_norm"} <= set(events.Tags()["scalars"])

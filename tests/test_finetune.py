@@ -18,7 +18,7 @@ from distill.errors import UserError
 from distill.finetune import FineTuneTask, clip_contrastive, prompt_cross_entropy, select_trainable, wise_ft
 from distill.finetune import methods, wise
 from distill.finetune.split import ValSet, carve, item_labels
-from distill.finetune.stage import check_base
+from distill.finetune.stage import check_base, check_resume
 from distill.finetune.subjects import OpenClipSubject
 from tests.conftest import TINY_TEACHER_CFG, ArraySource
 
@@ -101,30 +101,20 @@ def test_lora_on_multihead_attention_trains_only_lora_and_merges_exactly():
     torch.testing.assert_close(plain.encode_image(X), half, atol=1e-5, rtol=1e-5)
 
 
-class _RawAttention(nn.Module):
-    """Like later open_clip's Attention: a raw in_proj_weight through F.linear and a real out_proj."""
-
-    def __init__(self, d=16):
-        super().__init__()
-        self.in_proj_weight = nn.Parameter(torch.randn(3 * d, d) / d ** 0.5)
-        self.out_proj = nn.Linear(d, d)
-
-    def forward(self, x):
-        q, k, v = F.linear(x, self.in_proj_weight).chunk(3, dim=-1)
-        return self.out_proj(torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v)
-
-
 class _TinyDual(nn.Module):
+    """open_clip's own ``Attention`` (a raw in_proj_weight through F.linear and a real out_proj) as the
+    image tower, the form later open_clip versions use in every block."""
+
     def __init__(self):
         super().__init__()
-        self.visual = nn.ModuleDict({"attn": _RawAttention()})
+        self.visual = nn.ModuleDict({"attn": open_clip.transformer.Attention(16, num_heads=2)})
         self.text = nn.Linear(16, 16)
 
     def forward(self, x):
         return self.visual["attn"](x)
 
 
-def test_lora_on_a_raw_in_proj_attention_uses_target_parameters():
+def test_lora_on_open_clip_attention_adapts_in_proj_weight_through_target_parameters():
     torch.manual_seed(0)
     model = _TinyDual()
     layout = methods.Layout(image=("visual.",), text=("text",), head=(), blocks={}, adapter_after={},
@@ -133,12 +123,22 @@ def test_lora_on_a_raw_in_proj_attention_uses_target_parameters():
     assert modules == ["visual.attn.out_proj"] and params == ["visual.attn.in_proj_weight"]
     x = torch.randn(2, 5, 16)
     pm = methods.attach_lora(model, layout, rank=2, targets={"image": ["attn"]})
-    names = _names(pm)
-    assert any("out_proj.lora_A" in n for n in names) and any("in_proj_weight" in n or "lora" in n for n in names)
+    shapes = {n.removeprefix("base_model.model.visual.attn."): tuple(p.shape)
+              for n, p in pm.named_parameters() if p.requires_grad}
+    # a LoRA pair on out_proj and one on the raw (48 x 16) in_proj_weight: nothing else trains
+    assert shapes == {"base_layer.out_proj.lora_A.default.weight": (2, 16),
+                      "base_layer.out_proj.lora_B.default.weight": (16, 2),
+                      "lora_A.default.weight": (2, 16), "lora_B.default.weight": (48, 2)}
+    with torch.no_grad():
+        base = pm(x)
+        pm.base_model.model.visual["attn"].lora_B["default"].weight.normal_(std=0.2)
+        moved = pm(x)
+    assert (moved - base).abs().max() > 1e-3  # the in_proj LoRA is in the forward pass
     _randomize_lora(pm, 0.2)
     with torch.no_grad():
         ref = pm(x)
         plain = methods.merged(pm, 1.0)
+        assert isinstance(plain.visual["attn"], open_clip.transformer.Attention)
         torch.testing.assert_close(plain(x), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -262,6 +262,56 @@ def test_fine_tuning_lowers_the_loss_and_trains_only_what_the_method_says(tmp_pa
         assert _losses(tmp_path, "l2_pull_loss")[-1] > 0
 
 
+def test_fine_tune_learning_rate_groups_image_text_head_and_adapter():
+    """finetune.train.lr_scale: each of image, text, head (projections, temperature) and adapter (LoRA)
+    weights gets its own learning rate; decay stays off norms, biases and the temperature."""
+    from distill.engine.optim import param_groups
+
+    model = _clip()
+    select_trainable(model, "full")
+    scale = {"image": 2.0, "text": 3.0, "head": 5.0}
+    groups = param_groups([model], 0.1, lr=1e-3, lr_scale=scale, tower_of=methods.OPEN_CLIP.group)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_tower = {}
+    for g in groups:
+        for p in g["params"]:
+            by_tower.setdefault(g.get("tower", ""), set()).add(names[id(p)])
+            assert g.get("lr", 1e-3) == pytest.approx(1e-3 * scale.get(g.get("tower"), 1.0))
+            if names[id(p)] == "logit_scale" or p.ndim < 2:
+                assert g["weight_decay"] == 0.0
+    assert by_tower["head"] == {"visual.proj", "text_projection", "logit_scale"}
+    assert all(n.startswith("visual.") for n in by_tower["image"]) and "token_embedding.weight" in by_tower["text"]
+    lora = methods.attach_lora(_clip(), methods.OPEN_CLIP, rank=2)
+    groups = param_groups([lora], 0.1, lr=1e-3, lr_scale={"adapter": 10.0}, tower_of=methods.OPEN_CLIP.group)
+    adapter = [g for g in groups if g.get("tower") == "adapter"]
+    assert adapter and all(g["lr"] == pytest.approx(1e-2) for g in adapter)
+    assert sum(len(g["params"]) for g in adapter) == sum(p.requires_grad for p in lora.parameters())
+
+
+def test_logit_scale_is_clamped_at_100_after_every_step_and_logged(tmp_path):
+    """CLIP's clamp: a temperature that drifts past 100 is a known failure sign; each step's value is logged."""
+    import math
+
+    def tune(out, max_scale):
+        model = _clip()
+        select_trainable(model, "head")
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(95.0))
+        # a temperature that wants to drift up: its gradient is replaced by -1, so each Adam step raises it
+        model.logit_scale.register_hook(lambda g: -torch.ones_like(g))
+        cfg = _cfg(steps=12, optimizer={"lr": 0.02, "weight_decay": 0.0}, scheduler={"warmup_fraction": 0.0},
+                   max_logit_scale=max_scale)
+        ds = TrainSet([ArraySource(16)], ViewSpec(size=32, views=1))
+        return fit(FineTuneTask(model, _subject(), ds, cfg, method="head"), cfg, out, torch.device("cpu")), model
+
+    free, _ = tune(tmp_path / "free", 1e6)
+    assert free["logit_scale_max"] > 101  # unclamped, this fine-tune drives the temperature past 100
+    res, model = tune(tmp_path / "clamped", 100.0)
+    assert res["logit_scale_max"] == pytest.approx(100.0, rel=1e-5) and float(model.logit_scale.exp()) <= 100.0 + 1e-3
+    logged = _losses(tmp_path / "clamped", "logit_scale")
+    assert len(logged) == 12 and max(logged) <= 100.0 + 1e-3 and logged[-1] == pytest.approx(100.0, rel=1e-4)
+
+
 def test_prompt_cross_entropy_fine_tuning_runs_on_labelled_images(tmp_path):
     model = _clip()
     select_trainable(model, "lock_image")
@@ -284,6 +334,25 @@ def test_a_checkpoint_from_another_base_is_refused(tmp_path):
     check_base(tmp_path, "aaaa", "lora")  # the same base resumes
     with pytest.raises(UserError, match="come from another base model or method"):
         check_base(tmp_path, "bbbb", "lora")
+
+
+def test_an_explicit_resume_path_is_checked_against_this_base(tmp_path):
+    """finetune.train.resume=<another run> must not load a fine-tune of another base model."""
+    run = tmp_path / "old_run"
+    check_base(run / "finetune", "aaaa", "lora")
+    ckpt = run / "finetune" / "checkpoints" / "step_0000010"
+    ckpt.mkdir(parents=True)
+    assert check_resume("auto", "bbbb", "lora") == "auto" and check_resume(None, "bbbb", "lora") is None
+    # a run folder means its finetune folder (its own checkpoints/ are the student's)
+    assert check_resume(str(run), "aaaa", "lora") == str(run / "finetune")
+    for given in (run / "finetune", run / "finetune" / "checkpoints", ckpt):
+        assert check_resume(str(given), "aaaa", "lora") == str(given)
+        with pytest.raises(UserError, match="comes from another base model or method"):
+            check_resume(str(given), "bbbb", "lora")
+    with pytest.raises(UserError, match="comes from another base model or method"):
+        check_resume(str(run), "aaaa", "full")
+    with pytest.raises(UserError, match="no fine-tune there"):
+        check_resume(str(tmp_path / "elsewhere"), "aaaa", "lora")
 
 
 def test_a_local_dir_teacher_keeps_its_folder_config_so_a_tuned_copy_can_be_written_back(tmp_path):

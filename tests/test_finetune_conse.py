@@ -60,7 +60,9 @@ def test_lora_targets_query_value_and_only_ungrouped_1x1_convs(teacher):
     convs = [named[n] for n in mods if isinstance(named[n], nn.Conv2d)]
     assert convs and all(c.kernel_size == (1, 1) and c.groups == 1 for c in convs)
     assert not any("_depthwise_conv" in n for n in mods)
-    pm = methods.attach_lora(m, CONSE, rank=4, targets={"text": ["query", "value"], "image": ["conv1x1", "classifier"]})
+    # finetune=lora's default targets (auto) are these on ConSE
+    assert methods.lora_targets(m, CONSE, {"text": "auto", "image": ["auto"]}, rank=4) == (mods, params)
+    pm = methods.attach_lora(m, CONSE, rank=4)
     for n, p in pm.named_parameters():
         if "lora_B" in n:
             nn.init.normal_(p, std=0.02)
@@ -132,3 +134,52 @@ def test_adapters_follow_minilm_mlps_and_efficientnet_projection_convs(teacher):
     assert any(n.startswith("text.encoder.layer.") and ".adapter." in n for n in names)
     assert all(".adapter." in n for n in names) and counts["trainable"] < counts["total"] / 10
     torch.testing.assert_close(ConSESubject().encoder(m).encode_image(X), before, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_recomputes_both_towers_to_the_same_gradients(teacher, monkeypatch):
+    import torch.utils.checkpoint as tuc
+
+    calls = []
+    real = tuc.checkpoint
+    monkeypatch.setattr(tuc, "checkpoint", lambda fn, *a, **k: calls.append(1) or real(fn, *a, **k))
+    m = ConSEModule(teacher)
+    methods.select_trainable(m, "full", CONSE)
+    m.train()
+    for mod in m.modules():  # deterministic forward passes: no batch statistics, no dropout
+        if isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.Dropout)):
+            mod.eval()
+
+    def grads(ckpt: bool) -> dict[str, torch.Tensor]:
+        m.set_grad_checkpointing(ckpt)
+        m.zero_grad()
+        torch.manual_seed(0)  # EfficientNet's drop-connect draws the same masks in both runs
+        out = m(X, TEXTS)
+        (out["image_features"] @ out["text_features"].T).sum().backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    plain = grads(False)
+    assert not calls
+    ckpt = grads(True)
+    assert len(calls) == len(m.image._blocks)  # every EfficientNet block once
+    assert all(layer.gradient_checkpointing for layer in m.text.encoder.layer)  # transformers' own, in MiniLM
+    assert plain.keys() == ckpt.keys() and any(n.startswith("image._blocks.") for n in plain)
+    assert any(n.startswith("text.encoder.layer.") for n in plain)
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_batch_norm_statistics_stay_while_the_image_tower_trains(teacher, tmp_path):
+    """Frozen norm statistics: the fine-tune keeps every batch-norm in eval mode, even in a tower that trains."""
+    m = ConSEModule(teacher)
+    methods.select_trainable(m, "lock_text", CONSE)  # MiniLM locked: EfficientNet and the head train
+    bns = {n: b for n, b in m.named_modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)}
+    stats = {n: (b.running_mean.clone(), b.running_var.clone()) for n, b in bns.items()}
+    stem = m.image._conv_stem.weight.detach().clone()
+    ds = TrainSet([ArraySource(8)], ViewSpec(size=48))
+    cfg = EngineConfig.from_mapping(defaults(steps=2, batch_size=4, optimizer={"lr": 1e-3, "weight_decay": 0.0},
+                                             num_workers=0, eval_every=0, ckpt_every=0, resume="never",
+                                             tensorboard=False, progress=False, grad_checkpointing=True))
+    fit(FineTuneTask(m, ConSESubject(), ds, cfg, method="lock_text"), cfg, tmp_path, torch.device("cpu"))
+    assert bns and not torch.equal(m.image._conv_stem.weight, stem)  # the image tower did train
+    for n, b in bns.items():
+        assert torch.equal(b.running_mean, stats[n][0]) and torch.equal(b.running_var, stats[n][1]), n

@@ -226,6 +226,52 @@ def test_finetune_lora_alone_ships_the_tuned_model_like_a_student(tmp_path):
     assert model.encode_image(x).shape[0] == 2
 
 
+def test_finetune_adapter_alone_ships_onnx_and_says_why_there_is_no_open_clip_folder(tmp_path):
+    from safetensors.torch import load_file
+
+    from distill.pipeline import run
+
+    report = run(_compose(tmp_path, "+experiment=finetune_lora", "finetune=adapter", "finetune.train.steps=4",
+                          "finetune.train.optimizer.lr=1e-2", "finetune.wise_ft.alpha=1.0"))
+    ft, export = report["finetune"], report["export"]
+    adapters = load_file(ft["files"]["adapters"])  # the adapters alone, to carry next to the base model
+    assert adapters and all(".adapter." in k for k in adapters)
+    assert any(float(v.abs().max()) > 0 for k, v in adapters.items() if ".up." in k)  # they trained
+    # open_clip cannot load adapter layers: no folder that would fail later, and the reason in the report
+    assert export["open_clip_dir"] is None and "no open_clip folder was written" in export["open_clip_skipped"]
+    assert not (tmp_path / "run" / "export" / "open_clip").exists()
+    for name in ("student_torch_fp32", "student_onnx_fp32", "student_onnx_int8"):
+        assert report["variants"][name]["status"] == "ok", name
+    assert export["onnx"]["image"]["min_cosine"] >= 0.9999  # the ONNX files carry the adapters
+    assert "open_clip_skipped" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_a_shipped_student_is_re_tuned_with_lora_and_shipped_again(smoke_run, tmp_path):
+    """The distilled student's open_clip folder as the base of a domain fine-tune (LoRA), written back
+    in the same formats."""
+    import open_clip
+    import torch
+
+    from distill.pipeline import run
+
+    shipped = smoke_run[1] / "export" / "open_clip"
+    report = run(_compose(tmp_path, "+experiment=finetune_lora", "teacher=openclip",
+                          f"teacher.model_name=local-dir:{shipped}", "teacher.pretrained=null",
+                          "finetune.train.steps=6", "finetune.train.optimizer.lr=1e-2", "finetune.wise_ft.alpha=1.0"))
+    ft, out = report["finetune"], tmp_path / "run" / "export" / "open_clip"
+    assert ft["method"] == "lora" and ft["merge_parity_max_abs"] < 1e-4 and 0 < ft["trainable_pct"] < 10
+    base, _, _ = open_clip.create_model_and_transforms(f"local-dir:{shipped}")
+    tuned, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    assert json.loads((out / "open_clip_config.json").read_text())["model_cfg"] == \
+        json.loads((shipped / "open_clip_config.json").read_text())["model_cfg"]
+    size = base.visual.image_size
+    x = torch.rand(2, 3, *(size if isinstance(size, tuple) else (size, size)))
+    with torch.no_grad():
+        assert (tuned.encode_image(x) - base.encode_image(x)).abs().max() > 1e-4  # the LoRA weights were merged in
+    for name in ("student_torch_fp32", "student_onnx_fp32", "student_onnx_int8"):
+        assert report["variants"][name]["status"] == "ok", name
+
+
 def test_finetune_then_distill_uses_the_tuned_teacher_and_its_own_cache(tmp_path):
     from distill.pipeline import run
 
@@ -257,3 +303,13 @@ def test_cli_finetune_bad_input_is_one_line_exit_2(tmp_path, overrides, message)
     r = _cli(["+experiment=smoke", *overrides], tmp_path)
     assert r.returncode == 2, r.stderr[-2000:]
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_resuming_a_fine_tune_of_another_base_is_one_line_exit_2(tmp_path):
+    other = tmp_path / "other_run" / "finetune"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "base.json").write_text(json.dumps({"base_fingerprint": "another-model", "method": "lora"}))
+    r = _cli(["+experiment=smoke", "finetune=lora", f"+finetune.train.resume={tmp_path / 'other_run'}"], tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "that fine-tune comes from another base model or method" in r.stderr and "Traceback" not in r.stderr
+    assert len([l for l in r.stderr.splitlines() if "another base model" in l]) == 1

@@ -83,6 +83,9 @@ class _Run:
         for m in task.modules().values():
             m.to(device).train()
         if cfg.grad_checkpointing:
+            if not callable(getattr(task.model, "set_grad_checkpointing", None)):
+                raise UserError(f"grad_checkpointing=true: {type(task.model).__name__} has no set_grad_checkpointing; "
+                                f"set grad_checkpointing=false for this model")
             task.model.set_grad_checkpointing(True)
         task.prepare(device, _wrap(task.model, cfg, device))
         self.optimizer, self.scheduler = optim.build(cfg.optimizer, cfg.scheduler, list(task.modules().values()),

@@ -43,6 +43,7 @@ CONSE = Layout(
         "conv1x1": lambda n, m: isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1,
         "classifier": lambda n, m: n.endswith("._fc") and isinstance(m, nn.Linear),
     },
+    lora_default={"image": ("conv1x1", "classifier"), "text": ("query", "value")},
 )
 
 
@@ -63,6 +64,18 @@ def _plain_pointwise_convs(module: nn.Module) -> None:
 def pooled_features(image: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(B, 3, S, S) normalised -> (B, 1280): EfficientNet's backbone and average pooling, no classifier."""
     return image._avg_pooling(image.extract_features(x)).flatten(1)
+
+
+def checkpointed_pooled_features(image: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``pooled_features`` with each MBConv block's activations recomputed in the backward pass:
+    EfficientNet.extract_features step by step, since its package has no checkpointing switch."""
+    from torch.utils.checkpoint import checkpoint
+
+    x = image._swish(image._bn0(image._conv_stem(x)))
+    rate, n = image._global_params.drop_connect_rate, len(image._blocks)
+    for idx, block in enumerate(image._blocks):
+        x = checkpoint(block, x, rate * float(idx) / n if rate else rate, use_reentrant=False)
+    return image._avg_pooling(image._swish(image._bn1(image._conv_head(x)))).flatten(1)
 
 
 class _Pooled(nn.Module):
@@ -123,10 +136,28 @@ class ConSEModule(nn.Module):
         _plain_pointwise_convs(self.image)
         self.image.to(memory_format=torch.channels_last)  # the swapped-in convs too: no layout conversions
 
+    grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """``train.grad_checkpointing``: MiniLM through transformers' own switch, EfficientNet block by block."""
+        self.grad_checkpointing = bool(enable)
+        if hasattr(self.text, "activation_checkpointing_enable"):  # transformers >= 5 (the old names warn there)
+            on, off, kwargs = (self.text.activation_checkpointing_enable, self.text.activation_checkpointing_disable,
+                               {"activation_checkpointing_kwargs": {"use_reentrant": False}})
+        else:
+            on, off, kwargs = (self.text.gradient_checkpointing_enable, self.text.gradient_checkpointing_disable,
+                               {"gradient_checkpointing_kwargs": {"use_reentrant": False}})
+        if enable:
+            on(**kwargs)
+        else:
+            off()
+
     def _backbone_frozen(self) -> bool:
         return not any(p.requires_grad for n, p in self.image.named_parameters() if not n.startswith("_fc."))
 
     def _pooled(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpointed_pooled_features(self.image, x)
         return pooled_features(self.image, x)
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ class Layout:
     blocks: Mapping[str, str]  # tower -> prefix of its numbered blocks ("...resblocks.")
     adapter_after: Mapping[str, str]  # tower -> module-name pattern a bottleneck adapter follows
     lora_keywords: Mapping[str, Any] = field(default_factory=dict)  # keyword -> predicate(name, module)
+    lora_default: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # tower -> targets of "auto"
 
     def part(self, name: str) -> str:
         """"head", "image", "text" or "" for a parameter name (peft's prefix removed)."""
@@ -67,6 +68,7 @@ OPEN_CLIP = Layout(
     blocks={"image": "visual.transformer.resblocks.", "text": "transformer.resblocks."},
     adapter_after={"image": "visual.transformer.resblocks.*.mlp", "text": "transformer.resblocks.*.mlp"},
     lora_keywords={"attn": lambda name, m: _is_attention(m)},
+    lora_default={"image": ("attn",), "text": ("attn",)},
 )
 
 
@@ -137,7 +139,8 @@ def lora_targets(model: nn.Module, layout: Layout, targets: Mapping[str, Sequenc
                  rank: int) -> tuple[list[str], list[str]]:
     """Resolve per-tower target keywords to exact module names (and raw parameters, for attentions
     that run ``in_proj_weight`` through F.linear). A keyword is one of the layout's (e.g. ``attn``,
-    found by type) or a module's last name component (``query``, ``c_fc``)."""
+    found by type) or a module's last name component (``query``, ``c_fc``); ``auto`` is the layout's
+    default for that tower (attention for open_clip; ConSE: query/value, 1x1 convolutions, classifier)."""
     modules, params = [], []
     named = dict(model.named_modules())
     for tower, words in targets.items():
@@ -145,6 +148,8 @@ def lora_targets(model: nn.Module, layout: Layout, targets: Mapping[str, Sequenc
             raise UserError(f"finetune.lora.targets has tower {tower!r}: use image and/or text")
         prefixes = layout.image if tower == "image" else layout.text
         in_tower = {n: m for n, m in named.items() if n.startswith(prefixes)}
+        if words == "auto" or list(words) == ["auto"]:
+            words = layout.lora_default[tower]
         for word in words:
             pred = layout.lora_keywords.get(word, lambda n, m, w=word: n.rsplit(".", 1)[-1] == w)
             hits = [n for n, m in in_tower.items() if pred(n, m)]
@@ -171,7 +176,7 @@ def attach_lora(model: nn.Module, layout: Layout, rank: int = 8, alpha: float = 
 
     if int(rank) < 1:
         raise UserError(f"finetune.lora.rank={rank} must be >= 1")
-    modules, params = lora_targets(model, layout, targets or {"image": ["attn"], "text": ["attn"]}, rank)
+    modules, params = lora_targets(model, layout, targets or {"image": "auto", "text": "auto"}, rank)
     kwargs: dict[str, Any] = {"target_parameters": params} if params else {}
     cfg = LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout),
                      target_modules=modules, **kwargs)

@@ -79,6 +79,27 @@ def check_base(ft_dir: Path, base: str, method: str) -> None:
     marker.write_text(json.dumps(want))
 
 
+def check_resume(resume: str | None, base: str, method: str) -> str | None:
+    """An explicit ``finetune.train.resume`` path, checked like this run's own checkpoints: it may name
+    another run's folder (its ``finetune`` folder is meant), that ``finetune`` folder, its checkpoints
+    folder or one checkpoint; returns the path the engine should resume from."""
+    if not resume or resume in ("auto", "never"):
+        return resume
+    path = Path(resume)
+    want = {"base_fingerprint": base, "method": method}
+    for ft_dir in (path / "finetune", path, path.parent, path.parent.parent):
+        marker = ft_dir / "base.json"
+        if marker.is_file():
+            have = json.loads(marker.read_text())
+            if have != want:
+                raise UserError(f"finetune.train.resume={resume}: that fine-tune comes from another base model or "
+                                f"method ({have}, this run: {want}); resume a fine-tune of this base, or drop "
+                                f"finetune.train.resume")
+            return str(ft_dir) if ft_dir == path / "finetune" else resume
+    raise UserError(f"finetune.train.resume={resume}: no fine-tune there (no base.json in it or above it); pass "
+                    f"a run folder or its finetune folder, or finetune.train.resume=auto")
+
+
 def general_sets(eval_sets: Mapping[str, Mapping[str, EvalSet]], names: list[str]) -> dict[str, dict[str, EvalSet]]:
     out: dict[str, dict[str, EvalSet]] = {"classification": {}, "retrieval": {}}
     for name in names:
@@ -161,7 +182,9 @@ def finetune_stage(cfg: DictConfig, teacher: Any, trainset: TrainSet, eval_sets:
     general = general_sets(eval_sets, list(cfg.general or []))
     ft_dir = out_dir / "finetune"
     check_base(ft_dir, teacher.fingerprint, cfg.method)
-    ecfg = EngineConfig.from_mapping(defaults(**OmegaConf.to_container(cfg.train, resolve=True)))
+    train_cfg = OmegaConf.to_container(cfg.train, resolve=True)
+    train_cfg["resume"] = check_resume(train_cfg.get("resume", "auto"), teacher.fingerprint, cfg.method)
+    ecfg = EngineConfig.from_mapping(defaults(**train_cfg))
     task = FineTuneTask(model, subject, trainset, ecfg, item_labels=labels, weights=weights, loss=cfg.loss,
                         class_texts=prompts, mask_same_label=bool(cfg.mask_same_label),
                         label_smoothing=float(cfg.label_smoothing), l2_pull=float(cfg.l2_pull), method=cfg.method)
