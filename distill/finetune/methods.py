@@ -148,8 +148,9 @@ def lora_targets(model: nn.Module, layout: Layout, targets: Mapping[str, Sequenc
             raise UserError(f"finetune.lora.targets has tower {tower!r}: use image and/or text")
         prefixes = layout.image if tower == "image" else layout.text
         in_tower = {n: m for n, m in named.items() if n.startswith(prefixes)}
-        if words == "auto" or list(words) == ["auto"]:
-            words = layout.lora_default[tower]
+        words = [words] if isinstance(words, str) else list(words)
+        if words == ["auto"]:
+            words = list(layout.lora_default[tower])
         for word in words:
             pred = layout.lora_keywords.get(word, lambda n, m, w=word: n.rsplit(".", 1)[-1] == w)
             hits = [n for n, m in in_tower.items() if pred(n, m)]
