@@ -400,6 +400,16 @@ def _variant_flat(v: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
+def _best_step_words(ft: Mapping[str, Any]) -> str:
+    """Which evaluated weights the fine-tune handed on: the best, when it was not the last."""
+    best = ft.get("best_step")
+    if best is None:
+        return ""
+    how = "stopped early; " if ft.get("early_stopped") else ""
+    return (f"best validation at step {best} ({how}its weights are the tuned model); " if ft.get("restored_best")
+            else f"best validation at step {best}, the last; ")
+
+
 def _finetune_lines(report: Mapping[str, Any]) -> list[str]:
     """The fine-tune: what trained and its cost, the WiSE-FT sweep, and one table down the chain
     zero-shot -> fine-tuned -> α* -> student -> student int8."""
@@ -411,7 +421,7 @@ def _finetune_lines(report: Mapping[str, Any]) -> list[str]:
              f"parameters train ({_fmt(ft['trainable_pct'], 3)}%); {ft['steps']} steps in {_fmt(ft['seconds'], 1)} s "
              f"({_fmt(ft['step_ms'], 1)} ms a step); the whole stage, with the WiSE-FT sweep and the chain "
              f"evaluation, {_fmt(ft.get('stage_seconds'), 1)} s; process peak RSS {_fmt(ft['peak_rss_gb'])} GB; "
-             f"WiSE-FT α* = {ft['alpha']:g} by {ft['wise_ft']['rule'].get('metric')} on "
+             f"{_best_step_words(ft)}WiSE-FT α* = {ft['alpha']:g} by {ft['wise_ft']['rule'].get('metric')} on "
              f"{ft['val_images']} validation images carved from the training data. Plot: `{ft['wise_ft']['plot']}`.", ""]
     sweep = ft["wise_ft"]["sweep"]
     keys = [k for k in sweep[0] if k == "val/top1" or k.endswith(("/top1", "_r5"))]

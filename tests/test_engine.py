@@ -139,6 +139,28 @@ def test_early_stopping_restores_the_best_weights(tmp_path):
     assert torch.equal(task.model.weight, seen[1]) and (tmp_path / "best_model.safetensors").exists()
 
 
+def test_a_run_that_ends_past_its_best_hands_on_the_best_weights(tmp_path):
+    scores = iter([0.3, 0.9, 0.5, 0.4])
+    seen = []
+
+    def evaluate(model):
+        seen.append(model.weight.detach().clone())
+        return {"acc": next(scores)}
+
+    task = Regression()
+    out = fit(task, _cfg(steps=4, eval_every=1, early_stop={"metric": "acc", "patience": 5}), tmp_path / "a",
+              torch.device("cpu"), evaluate=evaluate)
+    assert not out["early_stopped"] and out["steps"] == 4 and out["best_step"] == 2 and out["restored_best"]
+    assert torch.equal(task.model.weight, seen[1]) and not torch.equal(task.model.weight, seen[3])
+
+    # a run paused by stop_after_steps keeps its last weights: it resumes from them
+    scores, seen = iter([0.3, 0.9, 0.5, 0.4]), []
+    paused = Regression()
+    out = fit(paused, _cfg(steps=8, eval_every=1, stop_after_steps=4, early_stop={"metric": "acc", "patience": 5}),
+              tmp_path / "b", torch.device("cpu"), evaluate=evaluate)
+    assert out["steps"] == 4 and not out["restored_best"] and torch.equal(paused.model.weight, seen[3])
+
+
 def test_config_declares_every_default_once():
     with pytest.raises(UserError, match=r"missing \['attention', 'batch_size'.*unknown \['stepz'\]"):
         EngineConfig.from_mapping({"stepz": 3})

@@ -151,3 +151,15 @@ def test_chain_of_a_tuned_teacher_exported_alone_takes_its_int8_row_from_the_tea
                 "teacher_onnx_int8": {"zeroshot": {"fm": {"top1": 0.69}}}}
     rows = [ln for ln in _finetune_lines({"finetune": ft, "variants": variants}) if "int8 (ONNX)" in ln]
     assert rows == ["| tuned model int8 (ONNX) | 69.00 |"]
+
+
+def test_fine_tune_line_says_which_evaluated_weights_were_handed_on():
+    from distill.report import _finetune_lines
+
+    ft = {"method": "full", "loss": "contrastive", "trainable_params": 6, "total_params": 100, "trainable_pct": 6.0,
+          "steps": 300, "seconds": 1.0, "step_ms": 250.0, "peak_rss_gb": 1.0, "alpha": 1.0, "val_images": 10,
+          "then": "distill", "best_step": 150, "early_stopped": False, "restored_best": True,
+          "wise_ft": {"rule": {"metric": "val/top1"}, "plot": "p.png", "sweep": [{"alpha": 1.0, "val/top1": 0.7}]}}
+    assert "best validation at step 150 (its weights are the tuned model)" in _finetune_lines({"finetune": ft})[3]
+    ft.update(best_step=300, restored_best=False)
+    assert "best validation at step 300, the last;" in _finetune_lines({"finetune": ft})[3]

@@ -106,6 +106,7 @@ class _Run:
                                resumed=self.resumed_from is not None, log_every=int(cfg.log_every),
                                progress=bool(cfg.progress), tensorboard=bool(cfg.tensorboard))
         self.optim_s, self.load_s, self.step_s, self.last, self.stopped_early = 0.0, 0.0, 0.0, {}, False
+        self.restored_best = False
 
     def micro_step(self, micro: int, accum: int, terms: dict[str, float]) -> None:
         t_load = time.perf_counter()
@@ -193,11 +194,24 @@ class _Run:
                     break
         finally:
             self.loggers.close()
-        best = self.out_dir / f"best_{self.task.name}.safetensors"
-        if self.stopped_early and best.exists():
-            from safetensors.torch import load_file
+        self.restore_best()
 
-            unwrap(self.task.model).load_state_dict(load_file(str(best), device=str(self.device)))
+    def restore_best(self) -> None:
+        """With early stopping configured, the run hands on its best evaluated weights, whether it
+        stopped early or ran to the end past its best (a run stopped by stop_after_steps keeps its
+        last weights: it resumes from them)."""
+        best = self.out_dir / f"best_{self.task.name}.safetensors"
+        best_step = dist_utils.broadcast_object(self.early.best_step)
+        if best_step is None or best_step == self.step or not best.exists():
+            return
+        if not self.stopped_early and self.step < int(self.cfg.steps):
+            return
+        from safetensors.torch import load_file
+
+        log.info("restoring the best weights, step %d (%s), over the last, step %d", best_step,
+                 self.early.metric, self.step)
+        unwrap(self.task.model).load_state_dict(load_file(str(best), device=str(self.device)))
+        self.restored_best = True
 
 
 def fit(task: Task, cfg: EngineConfig, out_dir: str | Path, device: torch.device,
@@ -227,6 +241,7 @@ def fit(task: Task, cfg: EngineConfig, out_dir: str | Path, device: torch.device
         "world_size": dist_utils.world_size(),
         "early_stopped": r.stopped_early,
         "best_step": r.early.best_step,
+        "restored_best": r.restored_best,
     }
     if "images_seen" in stats:
         result["images_per_s"] = round(stats["images_seen"] / max(elapsed, 1e-9), 2)

@@ -209,7 +209,8 @@ def finetune_stage(cfg: DictConfig, teacher: Any, trainset: TrainSet, eval_sets:
         "step_ms": result["step_ms"],  # the optimizer steps alone; "seconds" holds the setup and evaluation too
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         "peak_gpu_gb": result.get("peak_memory_gb"), "best_step": result.get("best_step"),
-        "early_stopped": result.get("early_stopped"), "logit_scale_final": result.get("logit_scale_final"),
+        "early_stopped": result.get("early_stopped"),
+        "restored_best": result.get("restored_best"), "logit_scale_final": result.get("logit_scale_final"),
         "val_images": len(valset.labels), "alpha": alpha, "wise_ft": {"rule": OmegaConf.to_container(wc, resolve=True),
                                                                         "sweep": rows, "plot": str(png)},
         "merge_parity_max_abs": parity, "files": files, "chain": chain,
