@@ -153,6 +153,13 @@ def test_a_run_that_ends_past_its_best_hands_on_the_best_weights(tmp_path):
     assert not out["early_stopped"] and out["steps"] == 4 and out["best_step"] == 2 and out["restored_best"]
     assert torch.equal(task.model.weight, seen[1]) and not torch.equal(task.model.weight, seen[3])
 
+    # a tie with the best moves the best to the later weights: here the last, so nothing is restored
+    scores, seen = iter([0.3, 0.9, 0.5, 0.9]), []
+    tied = Regression()
+    out = fit(tied, _cfg(steps=4, eval_every=1, early_stop={"metric": "acc", "patience": 5}), tmp_path / "t",
+              torch.device("cpu"), evaluate=evaluate)
+    assert out["best_step"] == 4 and not out["restored_best"] and torch.equal(tied.model.weight, seen[3])
+
     # a run paused by stop_after_steps keeps its last weights: it resumes from them
     scores, seen = iter([0.3, 0.9, 0.5, 0.4]), []
     paused = Regression()
@@ -228,3 +235,17 @@ def test_progress_bar_and_tensorboard_show_every_step(tmp_path, capsys):
     events.Reload()
     assert [e.step for e in events.Scalars("train/mse_loss")] == list(range(1, 13))
     assert {"train/lr", "train/grad_norm"} <= set(events.Tags()["scalars"])
+
+
+def test_early_stopping_counts_ties_as_no_improvement_but_keeps_the_later_weights():
+    from distill.engine.early_stop import EarlyStopping
+
+    early = EarlyStopping({"metric": "acc", "patience": 2})
+    assert early.update(1, {"acc": 0.5}) == (True, False)
+    assert early.update(2, {"acc": 0.5}) == (True, False) and early.best_step == 2  # tie: the later weights
+    assert early.update(3, {"acc": 0.4}) == (False, True) and early.best_step == 2  # two evaluations, no gain
+    low = EarlyStopping({"metric": "loss", "patience": 1, "mode": "min"})
+    assert low.update(1, {"loss": 2.0}) == (True, False) and low.update(2, {"loss": 1.0}) == (True, False)
+    assert low.state() == {"best": -1.0, "bad_evals": 0, "best_step": 2}
+    with pytest.raises(UserError, match="not an evaluation metric"):
+        low.update(3, {"acc": 1.0})

@@ -26,7 +26,10 @@ class EarlyStopping:
         return {"best": self.best, "bad_evals": self.bad_evals, "best_step": self.best_step}
 
     def update(self, step: int, results: Mapping[str, float]) -> tuple[bool, bool]:
-        """(improved, stop) after an evaluation at ``step``."""
+        """(keep, stop) after an evaluation at ``step``: keep = these weights are the best so far.
+        Patience counts evaluations without a strict improvement, but a tie with the best moves the
+        best to the later weights: a metric counted on a few hundred images ties often, and the later
+        weights have trained longer (to the end of the schedule, when the last evaluation ties)."""
         if not self.metric:
             return False, False
         if self.metric not in results:
@@ -35,8 +38,11 @@ class EarlyStopping:
         if self.best is None or val > self.best:
             self.best, self.bad_evals, self.best_step = val, 0, step
             return True, False
+        tie = val == self.best
+        if tie:
+            self.best_step = step
         self.bad_evals += 1
         if self.bad_evals >= self.patience:
             log.info("early stop at step %d: %s did not improve for %d evaluations", step, self.metric, self.bad_evals)
-            return False, True
-        return False, False
+            return tie, True
+        return tie, False

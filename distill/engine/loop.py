@@ -167,8 +167,8 @@ class _Run:
         model.train()
         self.loggers.evaluation(self.step, res)
         if self.main:
-            improved, self.stopped_early = self.early.update(self.step, res)
-            if improved:
+            keep, self.stopped_early = self.early.update(self.step, res)
+            if keep:
                 save_weights(self.task.model, self.out_dir / f"best_{self.task.name}.safetensors")
         self.stopped_early = dist_utils.broadcast_flag(self.stopped_early)
 
