@@ -35,6 +35,9 @@ def _hydra_main(cfg: DictConfig) -> None:
         user = _user_error(e, UserError)
         if user is None:
             raise
+        from distill import distributed as dist_utils
+
+        dist_utils.abandon()  # exit with the error's code, not a gloo abort at teardown
         for line in str(user).splitlines() or [type(user).__name__]:  # a ConfigError has one line per problem
             print(f"error: {line}", file=sys.stderr)
         sys.exit(user.exit_code)

@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         user = _user_error(e, UserError)
         if user is None:
             raise
+        from distill import distributed as dist_utils
+
+        dist_utils.abandon()  # exit with the error's code, not a gloo abort at teardown
         for line in str(user).splitlines() or [type(user).__name__]:
             print(f"error: {line}", file=sys.stderr)
         return user.exit_code

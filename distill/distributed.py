@@ -85,6 +85,19 @@ def cleanup() -> None:
             dist.destroy_process_group()
 
 
+def abandon() -> None:
+    """Destroy the process group without waiting for peers: for a rank that leaves on an error. A
+    group left alive is torn down at interpreter exit, where gloo may abort the process (SIGABRT)
+    instead of letting it exit with the error's code."""
+    global _wait_group
+    if is_dist():
+        _wait_group = None
+        try:
+            dist.destroy_process_group()
+        except Exception:  # leaving anyway: the error being reported matters more
+            pass
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if is_dist():
