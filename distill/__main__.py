@@ -35,12 +35,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         user = _user_error(e, UserError)
         if user is None:
             raise
-        from distill import distributed as dist_utils
-
-        dist_utils.abandon()  # exit with the error's code, not a gloo abort at teardown
-        for line in str(user).splitlines() or [type(user).__name__]:  # a ConfigError has one line per problem
-            print(f"error: {line}", file=sys.stderr)
-        sys.exit(user.exit_code)
+        sys.exit(_report_user_error(user))
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume (teacher cache and checkpoints are kept)",
               file=sys.stderr)
@@ -57,6 +52,18 @@ def _user_error(e: BaseException | None, kind: type) -> BaseException | None:
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None
+
+
+def _report_user_error(user: BaseException) -> int:
+    """Print a UserError as ``error: ...`` lines (a ConfigError has one line per problem) and return
+    its exit code; a torchrun rank first leaves its process group, so it exits with that code
+    rather than a gloo abort at teardown."""
+    from distill import distributed as dist_utils
+
+    dist_utils.abandon()
+    for line in str(user).splitlines() or [type(user).__name__]:
+        print(f"error: {line}", file=sys.stderr)
+    return user.exit_code
 
 
 def main() -> None:

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from hydra.errors import HydraException
 
-    from distill.__main__ import _user_error
+    from distill.__main__ import _report_user_error, _user_error
     from distill.errors import UserError
 
     try:
@@ -88,12 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         user = _user_error(e, UserError)
         if user is None:
             raise
-        from distill import distributed as dist_utils
-
-        dist_utils.abandon()  # exit with the error's code, not a gloo abort at teardown
-        for line in str(user).splitlines() or [type(user).__name__]:
-            print(f"error: {line}", file=sys.stderr)
-        return user.exit_code
+        return _report_user_error(user)
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume (finished chunks are kept)", file=sys.stderr)
         return 130
