@@ -458,10 +458,21 @@ def _copy_runtime(out: Path) -> list[Path]:
 
 
 def _requirements(out: Path, onnx_files: Sequence[Path]) -> Path:
+    """requirements.txt pins the versions the golden vectors were computed with (this process's), so a
+    device that installs it reproduces them; the floors the runtime needs at least are listed beside."""
+    from importlib.metadata import PackageNotFoundError, version
+
     floors = dict(REQUIREMENTS)
     if any(_onnx_opset(f) >= 23 for f in onnx_files):  # the ONNX Attention op
         floors["onnxruntime"] = "1.23"
-    (out / "requirements.txt").write_text("".join(f"{k}>={v}\n" for k, v in floors.items()))
+    lines = ["# The versions this bundle's golden vectors were computed with (python edge.py selftest passes with them).\n",
+             "# The runtime needs at least: " + ", ".join(f"{k}>={v}" for k, v in floors.items()) + "\n"]
+    for name, floor in floors.items():
+        try:
+            lines.append(f"{name}=={version(name)}\n")
+        except PackageNotFoundError:  # producer without it (never in practice: export needs all three)
+            lines.append(f"{name}>={floor}\n")
+    (out / "requirements.txt").write_text("".join(lines))
     return out / "requirements.txt"
 
 

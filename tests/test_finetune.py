@@ -125,13 +125,13 @@ def test_lora_on_open_clip_attention_adapts_in_proj_weight_through_target_parame
     pm = methods.attach_lora(model, layout, rank=2, targets={"image": ["attn"]})
     shapes = {n.removeprefix("base_model.model.visual.attn."): tuple(p.shape)
               for n, p in pm.named_parameters() if p.requires_grad}
-    # a LoRA pair on out_proj and one on the raw (48 x 16) in_proj_weight: nothing else trains
+    # a LoRA pair on out_proj and one on the raw (48 x 16) in_proj_weight (its own adapter): nothing else trains
     assert shapes == {"base_layer.out_proj.lora_A.default.weight": (2, 16),
                       "base_layer.out_proj.lora_B.default.weight": (16, 2),
-                      "lora_A.default.weight": (2, 16), "lora_B.default.weight": (48, 2)}
+                      "lora_A.params.weight": (2, 16), "lora_B.params.weight": (48, 2)}
     with torch.no_grad():
         base = pm(x)
-        pm.base_model.model.visual["attn"].lora_B["default"].weight.normal_(std=0.2)
+        pm.base_model.model.visual["attn"].lora_B[methods.PARAMS_ADAPTER].weight.normal_(std=0.2)
         moved = pm(x)
     assert (moved - base).abs().max() > 1e-3  # the in_proj LoRA is in the forward pass
     _randomize_lora(pm, 0.2)
@@ -139,6 +139,8 @@ def test_lora_on_open_clip_attention_adapts_in_proj_weight_through_target_parame
         ref = pm(x)
         plain = methods.merged(pm, 1.0)
         assert isinstance(plain.visual["attn"], open_clip.transformer.Attention)
+        assert isinstance(plain.visual["attn"].out_proj, nn.Linear) and type(plain.visual["attn"].out_proj) is nn.Linear
+        assert not any("lora" in k or "base_layer" in k for k in plain.state_dict())  # both adapters merged
         torch.testing.assert_close(plain(x), ref, atol=1e-5, rtol=1e-5)
 
 

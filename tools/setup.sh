@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Set up clip-distill on a fresh Debian machine: the Debian data packages, a venv, PyTorch and
-# the package with its test extra. Safe to rerun. Usage: bash tools/setup.sh
+# the package with its test extra, at the versions CI last tested (tools/constraints.txt). Safe to rerun.
+# Usage: bash tools/setup.sh
+#   VENV=DIR        the venv to create or update (default .venv)
+#   CONSTRAINTS=    empty: install the newest releases instead of the tested set (tools/upgrade_deps.sh does)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+CONSTRAINTS=${CONSTRAINTS-tools/constraints.txt}
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
@@ -23,17 +28,21 @@ if [ -n "$need_apt" ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $need_apt
 fi
 
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
 # PyTorch first, at a version this machine serves from local disk (other versions download GBs).
-if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
+if ! "$VENV/bin/python" -c "import torch, torchvision" >/dev/null 2>&1; then
   case "$(uname -m)" in
-    aarch64) .venv/bin/python -m pip install -q torch==2.9.1 torchvision==0.24.1 ;;
-    *)       .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 ;;
+    aarch64) "$VENV/bin/python" -m pip install -q torch==2.9.1 torchvision==0.24.1 ;;
+    *)       "$VENV/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1 ;;
   esac
 fi
-.venv/bin/python -m pip install -q -e ".[dev]"
+if [ -n "$CONSTRAINTS" ]; then
+  "$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" -e ".[dev]"
+else
+  "$VENV/bin/python" -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+fi
 # onnxruntime-web at the version distill/web/package-lock.json pins; write_bundle copies it into bundle/web/ort/
 [ -f distill/web/node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.wasm ] || \
   npm ci --prefix distill/web --no-audit --no-fund --loglevel=error
-echo "setup done: .venv ready"
+echo "setup done: $VENV ready"

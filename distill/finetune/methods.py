@@ -21,6 +21,7 @@ from distill.students import TEXT_PARAM_PREFIXES
 
 METHODS = ("none", "full", "lock_image", "lock_text", "lora", "adapter", "head")
 PEFT_PREFIX = "base_model.model."  # what peft's PeftModel puts before every parameter name
+PARAMS_ADAPTER = "params"  # the LoRA adapter on raw attention weights (open_clip's own Attention)
 
 
 @dataclass(frozen=True)
@@ -178,10 +179,14 @@ def attach_lora(model: nn.Module, layout: Layout, rank: int = 8, alpha: float = 
     if int(rank) < 1:
         raise UserError(f"finetune.lora.rank={rank} must be >= 1")
     modules, params = lora_targets(model, layout, targets or {"image": "auto", "text": "auto"}, rank)
-    kwargs: dict[str, Any] = {"target_parameters": params} if params else {}
-    cfg = LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout),
-                     target_modules=modules, **kwargs)
-    return get_peft_model(model, cfg)
+    common = dict(r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout))
+    pm = get_peft_model(model, LoraConfig(target_modules=modules, **common))
+    if params:
+        # Raw parameters go in a second adapter, added after the modules: peft 0.22 wraps target_parameters
+        # before target_modules in one config and then cannot find an out_proj inside the wrapped attention.
+        pm.add_adapter(PARAMS_ADAPTER, LoraConfig(target_modules=[], target_parameters=params, **common))
+        pm.base_model.set_adapter(["default", PARAMS_ADAPTER])
+    return pm
 
 
 def is_peft(model: nn.Module) -> bool:
@@ -247,4 +252,25 @@ def merged(model: nn.Module, alpha: float = 1.0) -> nn.Module:
     from peft.helpers import rescale_adapter_scale
 
     with rescale_adapter_scale(model, float(alpha)):
-        return model.merge_and_unload()
+        plain = model.merge_and_unload()
+        return _merge_leftovers(plain)
+
+
+def _merge_leftovers(model: nn.Module) -> nn.Module:
+    """Merge and unwrap LoRA layers that ``merge_and_unload`` left behind, innermost first.
+
+    peft collects the names to unwrap before it unwraps any, so a LoRA ``out_proj`` inside a
+    ``ParamWrapper`` (LoRA on the attention's raw in_proj_weight) is no longer found once its
+    outer wrapper is gone: its adapter would stay unmerged in the "plain" model.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    while True:
+        wrapped = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+        if not wrapped:
+            return model
+        name = max(wrapped, key=lambda n: n.count("."))
+        parent_name, _, child = name.rpartition(".")
+        layer = model.get_submodule(name)
+        layer.merge()
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.get_base_layer())

@@ -158,7 +158,10 @@ def _save_parts(model: torch.nn.Module, method: str, ft_dir: Path) -> dict[str, 
     bottleneck adapters: their weights alone."""
     if method == "lora":
         model.save_pretrained(str(ft_dir / "lora_adapter"))
-        return {"lora_adapter": str(ft_dir / "lora_adapter" / "adapter_model.safetensors")}
+        parts = {"lora_adapter": str(ft_dir / "lora_adapter" / "adapter_model.safetensors")}
+        if methods.PARAMS_ADAPTER in model.peft_config:  # peft saves a second adapter in a subfolder
+            parts["lora_adapter_params"] = str(ft_dir / "lora_adapter" / methods.PARAMS_ADAPTER / "adapter_model.safetensors")
+        return parts
     if method == "adapter":
         parts = {k: v.contiguous() for k, v in model.state_dict().items() if ".adapter." in k}
         save_file(parts, str(ft_dir / "adapters.safetensors"))
