@@ -119,7 +119,7 @@ def child_train(args) -> None:
     import open_clip
 
     tok = open_clip.SimpleTokenizer(context_length=int(model_cfg["text_cfg"]["context_length"]))
-    from distill.engine.config import defaults
+    from distill.compose import train_defaults as defaults
 
     cfg = EngineConfig.from_mapping(defaults(steps=args.steps, batch_size=32, ckpt_every=0, log_every=50,
                                              progress=False, tensorboard=False, resume="never", eval_every=0,

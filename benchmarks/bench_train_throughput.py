@@ -35,7 +35,7 @@ from distill.data import TrainSet, ViewSpec, build_corpus  # noqa: E402
 from distill.losses import DistillLoss  # noqa: E402
 from distill.students import build_student  # noqa: E402
 from distill.teachers.open_clip_teacher import OpenClipTeacher  # noqa: E402
-from distill.engine.config import defaults  # noqa: E402
+from distill.compose import train_defaults as defaults  # noqa: E402
 from distill.train import train  # noqa: E402
 
 # Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets.

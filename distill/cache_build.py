@@ -20,17 +20,6 @@ from omegaconf import DictConfig
 log = logging.getLogger("distill")
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    """The config `python -m distill` composes for ``overrides``, without Hydra's run folder."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from distill.__main__ import config_dir
-
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="cache_build"):
-        return hydra_compose(config_name="config", overrides=overrides)
-
-
 def build(cfg: DictConfig):
     """Check the config, set up torch.distributed when under torchrun, build (or find) the entry."""
     import torch
@@ -75,20 +64,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-    from distill.__main__ import _report_user_error, _user_error
-    from distill.errors import UserError
+    from distill.compose import compose, one_line
+    from distill.errors import find_user_error, report_user_error
 
     try:
-        build(compose(argv))
-    except HydraException as e:  # an unknown experiment or key: Hydra's own message, exit 1 as `python -m distill`
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        build(compose(argv, job_name="cache_build"))
+    except (HydraException, OmegaConfBaseException) as e:  # an unknown experiment, option or key: exit 2 as `python -m distill`
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
     except Exception as e:
-        user = _user_error(e, UserError)
+        user = find_user_error(e)
         if user is None:
             raise
-        return _report_user_error(user)
+        return report_user_error(user)
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume (finished chunks are kept)", file=sys.stderr)
         return 130

@@ -44,7 +44,7 @@ def _first_line(obj: Callable) -> str:
 
 def catalog() -> dict[str, list[tuple[str, str]]]:
     """Section -> [(name, one-line description)], in the order ``list`` prints them."""
-    from distill.__main__ import config_dir
+    from distill.compose import config_dir
     from distill.datasets import SOURCES
     from distill.losses import TERMS
     from distill.variants import VARIANTS

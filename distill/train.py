@@ -327,7 +327,7 @@ def train(*, student: torch.nn.Module, loss_fn: torch.nn.Module, dataset: TrainS
           image_size: int | None = None, stream: TrainStream | None = None) -> dict[str, Any]:
     """Distil into ``student`` with the engine, from ``dataset`` or ``stream`` (with the online
     ``teacher``). ``cfg`` is a complete train config (conf/train/*.yaml;
-    ``distill.engine.config.defaults(**overrides)`` builds one without Hydra). Returns a flat dict
+    ``distill.compose.train_defaults(**overrides)`` builds one without Hydra). Returns a flat dict
     of training metrics (a stream's skip counters under "stream")."""
     ecfg = cfg if isinstance(cfg, EngineConfig) else EngineConfig.from_mapping(cfg)
     spec = stream.spec if stream is not None else dataset.spec

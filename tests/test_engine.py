@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from distill.engine import EngineConfig, TrainingDiverged, fit
-from distill.engine.config import defaults
+from distill.compose import train_defaults as defaults
 from distill.errors import UserError
 
 

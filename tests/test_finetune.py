@@ -13,7 +13,7 @@ from torch import nn
 
 from distill.data import TrainSet, ViewSpec
 from distill.engine import EngineConfig, fit
-from distill.engine.config import defaults
+from distill.compose import train_defaults as defaults
 from distill.errors import UserError
 from distill.finetune import FineTuneTask, clip_contrastive, prompt_cross_entropy, select_trainable, wise_ft
 from distill.finetune import methods, wise

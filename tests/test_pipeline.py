@@ -90,8 +90,25 @@ def _cli(args, tmp_path, env_extra=None):
 
 def test_cli_unknown_experiment_reaches_the_user(tmp_path):
     r = _cli(["+experiment=does_not_exist"], tmp_path)
-    assert r.returncode != 0
-    assert "does_not_exist" in r.stderr
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does_not_exist" in lines[0]
+    assert "Available options in 'experiment'" in lines[0] and "smoke" in lines[0]  # the list to pick from
+    assert "Config search path" not in lines[0] and not (tmp_path / "run").exists()  # before any work
+
+
+@pytest.mark.parametrize("args, needle", [(["+experiment=smoke", "teacher=nope"], "teacher/nope"),
+                                          (["+experiment=smoke", "train.nope=3"], "train.nope")])
+def test_cli_unknown_option_or_key_is_one_line_exit_2(tmp_path, args, needle):
+    r = _cli(args, tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
+
+
+def test_cache_command_unknown_experiment_is_one_line_exit_2(tmp_path):
+    env = {**os.environ, "DISTILL_CACHE_DIR": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "distill", "cache", "+experiment=nope"], capture_output=True,
+                       text=True, cwd=tmp_path, env=env, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "experiment/nope" in r.stderr, r.stderr
 
 
 def test_cli_missing_data_file_is_one_line_per_problem_exit_2(tmp_path):

@@ -31,7 +31,7 @@ def _loss():
 def _cfg(**kw):
     """conf/train/default.yaml (the one place defaults live) with small-test settings on top; an
     optimizer with its own ``_target_`` replaces the default node instead of merging into it."""
-    from distill.engine.config import defaults
+    from distill.compose import train_defaults as defaults
 
     base = dict(steps=6, batch_size=4, optimizer={"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.999], "eps": 1e-8},
                 scheduler={"warmup_steps": 2}, num_workers=0, seed=0, log_every=1, eval_every=0, ckpt_every=0,

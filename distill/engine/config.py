@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 from distill.errors import UserError
 
-DEFAULTS_FILE = "train/default.yaml"
+DEFAULTS_FILE = "train/default.yaml"  # where the stages that call the engine read its defaults (distill.compose)
 
 
 @dataclass(frozen=True)
@@ -56,16 +55,3 @@ class EngineConfig:
 
     def replace(self, **changes: Any) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
-
-
-def defaults(**overrides: Any) -> dict[str, Any]:
-    """conf/train/default.yaml as a plain dict with ``overrides`` merged in (nested dicts merge):
-    for code and tests that call the engine without Hydra."""
-    from omegaconf import OmegaConf
-
-    from distill.__main__ import config_dir
-
-    base = OmegaConf.load(Path(config_dir()) / DEFAULTS_FILE)
-    base = {k: v for k, v in OmegaConf.to_container(base).items() if k != "defaults"}
-    merged = OmegaConf.merge(base, OmegaConf.create(overrides))
-    return OmegaConf.to_container(merged, resolve=True)

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from distill import evaluation
 from distill.data import EvalSet, TrainSet
 from distill.engine import EngineConfig, fit
-from distill.engine.config import defaults
+from distill.compose import train_defaults
 from distill.errors import UserError
 from distill.finetune import methods, wise
 from distill.finetune.conse import ConSEModule, ConSESubject, MemoisedTeacher, tuned_conse
@@ -187,7 +187,7 @@ def finetune_stage(cfg: DictConfig, teacher: Any, trainset: TrainSet, eval_sets:
     check_base(ft_dir, teacher.fingerprint, cfg.method)
     train_cfg = OmegaConf.to_container(cfg.train, resolve=True)
     train_cfg["resume"] = check_resume(train_cfg.get("resume", "auto"), teacher.fingerprint, cfg.method)
-    ecfg = EngineConfig.from_mapping(defaults(**train_cfg))
+    ecfg = EngineConfig.from_mapping(train_defaults(**train_cfg))
     task = FineTuneTask(model, subject, trainset, ecfg, item_labels=labels, weights=weights, loss=cfg.loss,
                         class_texts=prompts, mask_same_label=bool(cfg.mask_same_label),
                         label_smoothing=float(cfg.label_smoothing), l2_pull=float(cfg.l2_pull), method=cfg.method)
