@@ -1,27 +1,42 @@
-"""`python -m distill list`: every registered part a config can name, with one line each.
+"""`python -m distill list`: every registered part and every config option, with one line each.
 
-Loss terms come from distill.losses.TERMS, deployment variants from distill.variants.VARIANTS,
-data sources from distill.datasets.SOURCES; teachers, students, data sets and experiments are
-the YAML files of their config groups (the comment at the top of each file describes it).
+The registries (distill.registry.Registry) live in the modules that define their entries; each
+section is one registry, titled by its kind. The config groups are the folders of conf/, each
+option described by the comment at the top of its YAML file.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
-from typing import Callable
 
-GROUPS = {"teachers": "teacher", "students": "student", "data": "data", "experiments": "experiment"}
+from distill.registry import Registry, first_sentence
+
+# (module, attribute) of each registry, in the order ``list`` prints them
+REGISTRIES = (
+    ("distill.losses", "TERMS"),
+    ("distill.variants", "VARIANTS"),
+    ("distill.datasets", "SOURCES"),
+    ("distill.finetune.methods", "METHODS"),
+    ("distill.teachers", "TEACHERS"),
+    ("distill.students", "STUDENT_TOWERS"),
+)
 
 
-def _sentence(text: str, limit: int = 120) -> str:
-    """The first sentence of ``text``, cut at a word boundary when longer than ``limit``."""
-    text = " ".join(text.split())
-    if ". " in text:
-        text = text[: text.index(". ") + 1]
-    if len(text) > limit:
-        text = text[: text.rfind(" ", 0, limit - 3)].rstrip(",;:") + "..."
-    return text
+def registries() -> list[Registry]:
+    """Every registry, filled. The student towers' registry is distill.students.STUDENT_TOWERS when that
+    module defines one, else distill.registry.STUDENT_TOWERS."""
+    from distill import registry
+
+    out = []
+    for module, attr in REGISTRIES:
+        mod = importlib.import_module(module)
+        if hasattr(mod, attr):
+            out.append(getattr(mod, attr))
+        elif hasattr(registry, attr):
+            out.append(getattr(registry, attr))
+    return out
 
 
 def _first_comment(path: Path) -> str:
@@ -34,28 +49,34 @@ def _first_comment(path: Path) -> str:
         if not text.startswith("#"):
             break
         block.append(text.lstrip("#").strip())
-    return _sentence(" ".join(block))
+    return first_sentence(" ".join(block))
 
 
-def _first_line(obj: Callable) -> str:
-    doc = (obj.__doc__ or "").strip().split("\n\n")[0]
-    return _sentence(doc)
+def config_groups(conf: Path) -> dict[str, list[Path]]:
+    """Group name -> its option files: every folder of ``conf`` that holds YAML files."""
+    return {d.name: sorted(d.glob("*.yaml")) for d in sorted(conf.iterdir())
+            if d.is_dir() and any(d.glob("*.yaml"))}
+
+
+def _defaults(conf: Path) -> set[str]:
+    """The groups config.yaml's defaults list picks an option of (the others are added with ``+group=``)."""
+    from omegaconf import OmegaConf
+
+    entries = OmegaConf.to_container(OmegaConf.load(conf / "config.yaml")).get("defaults", [])
+    return {k.lstrip("+/") for e in entries if isinstance(e, dict) for k in e}
 
 
 def catalog() -> dict[str, list[tuple[str, str]]]:
-    """Section -> [(name, one-line description)], in the order ``list`` prints them."""
+    """Section -> [(name, one-line description)], in the order ``list`` prints them: the registries
+    ("loss terms", ...), then one "config group <name> (<override>)" per folder of conf/."""
     from distill.compose import config_dir
-    from distill.datasets import SOURCES
-    from distill.losses import TERMS
-    from distill.variants import VARIANTS
 
-    out: dict[str, list[tuple[str, str]]] = {"loss terms": [(t.name, _sentence(t.doc)) for t in TERMS.values()]}
-    out["deployment variants"] = [(v.name, f"{v.role}, {v.runtime} {v.precision}: {_sentence(v.doc)}")
-                                  for v in VARIANTS.values()]
-    out["data sources"] = [(name, _first_line(f)) for name, f in SOURCES.items()]
     conf = Path(config_dir())
-    for section, group in GROUPS.items():
-        out[section] = [(p.stem, _first_comment(p)) for p in sorted((conf / group).glob("*.yaml"))]
+    out: dict[str, list[tuple[str, str]]] = {f"{reg.kind}s": reg.entries() for reg in registries()}
+    listed = _defaults(conf)
+    for group, files in config_groups(conf).items():
+        usage = f"{'' if group in listed else '+'}{group}=NAME"
+        out[f"config group {group} ({usage})"] = [(p.stem, _first_comment(p)) for p in files]
     return out
 
 
@@ -64,7 +85,7 @@ def render(cat: dict[str, list[tuple[str, str]]]) -> str:
     for section, entries in cat.items():
         lines.append(f"{section}:")
         width = max((len(n) for n, _ in entries), default=0)
-        lines += [f"  {name:<{width}}  {desc}".rstrip() for name, desc in entries]
+        lines += [f"  {name:<{width}}  {desc}".rstrip() for name, desc in entries] or ["  (none registered)"]
         lines.append("")
     return "\n".join(lines)
 

@@ -3,7 +3,8 @@
 The training loop sums the values whose key ends in ``_loss`` and logs each one. Terms with
 weight 0 (or absent from ``weights``) are neither computed nor logged. A term is one function of
 a ``LossContext`` (normalised features, scales, the projection and the cross-rank gathers, each
-done once per forward) registered with ``@term``; ``python -m distill list`` prints them.
+done once per forward) registered with ``@term`` in ``TERMS`` (a distill.registry.Registry);
+``python -m distill list`` prints them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from distill import distributed as dist_utils
 from distill.errors import UserError
+from distill.registry import Registry, first_sentence
 
 TEMPERATURE_MODES = ("fixed", "teacher", "student", "own")
 
@@ -35,16 +37,14 @@ class Term:
     text_bank: bool = False  # needs the teacher's embeddings of the training captions (set_text_bank)
 
 
-TERMS: dict[str, Term] = {}  # in registration order, which is also the order of the summed losses
+TERMS: Registry[Term] = Registry("loss term")  # registration order is also the order of the summed losses
 
 
 def term(name: str, **flags: bool) -> Callable:
-    """Register ``fn(ctx) -> tensor | None`` as loss term ``name`` (its docstring is its description)."""
+    """Register ``fn(ctx) -> tensor | None`` as loss term ``name`` in ``TERMS`` (its docstring is its description)."""
 
     def wrap(fn: Callable[["LossContext"], torch.Tensor | None]) -> Callable:
-        if name in TERMS:
-            raise ValueError(f"loss term {name!r} is registered twice")
-        TERMS[name] = Term(name, fn, (fn.__doc__ or "").strip().splitlines()[0], **flags)
+        TERMS.register(name, Term(name, fn, first_sentence(fn.__doc__), **flags), doc=fn.__doc__)
         return fn
 
     return wrap
@@ -65,6 +65,7 @@ class LossContext:
     t_scale: torch.Tensor
     labels: torch.Tensor
     has_pairs: bool
+    pair_mask: torch.Tensor | None = None  # (B,) rows with a real caption; None: every row is (has_pairs)
     proj_img: torch.Tensor | None = None
     proj_txt: torch.Tensor | None = None
     S_img: torch.Tensor | None = None
@@ -146,9 +147,7 @@ def _bank_kd(ctx: LossContext) -> torch.Tensor:
     if bank.shape[0] == 0:
         raise UserError("loss term bank_kd has no caption bank: the training set has no captions, or the bank was "
                         "never set (DistillLoss.set_text_bank); drop loss.weights.bank_kd or add captioned sources")
-    # Why a bank and not only the batch: the in-batch KD sees the 64 captions of the batch, most of them
-    # repeats of the same few class captions; the bank holds every caption once, so each image learns
-    # the teacher's whole ranking of the domain's texts (its zero-shot decision), not just the batch's.
+    # every caption once, so each image learns the teacher's ranking of all the domain's texts, not the batch's repeats
     bank = bank.to(ctx.proj_img.dtype)
     T = ctx.loss.kd_T
     return (T * T) * _softened_kl(ctx, ctx.proj_img, bank, ctx.t_img, bank)  # (B, K) distributions over the bank
@@ -157,17 +156,29 @@ def _bank_kd(ctx: LossContext) -> torch.Tensor:
 @term("clip", gathers_student=True)
 def _clip(ctx: LossContext) -> torch.Tensor | None:
     """½ [CE(α_s s_i S_tᵀ, y) + CE(α_s s_t S_iᵀ, y)]: the CLIP loss on real pairs (skipped without them)."""
-    if not ctx.has_pairs:
+    m = _pair_rows(ctx)
+    if m is None:
         return None
-    return 0.5 * (F.cross_entropy(ctx.s_scale * ctx.s_img @ ctx.S_txt.T, ctx.labels)
-                  + F.cross_entropy(ctx.s_scale * ctx.s_txt @ ctx.S_img.T, ctx.labels))
+    return 0.5 * (F.cross_entropy(ctx.s_scale * ctx.s_img[m] @ ctx.S_txt.T, ctx.labels[m])
+                  + F.cross_entropy(ctx.s_scale * ctx.s_txt[m] @ ctx.S_img.T, ctx.labels[m]))
+
+
+def _pair_rows(ctx: LossContext) -> torch.Tensor | None:
+    """The rows whose text is the image's own caption (a corpus text is no pair), or None when there is none."""
+    if ctx.pair_mask is None:
+        return torch.ones_like(ctx.labels, dtype=torch.bool) if ctx.has_pairs else None
+    m = ctx.pair_mask.to(ctx.labels.device, torch.bool)
+    return m if bool(m.any()) else None
 
 
 @term("interactive", projected=True, gathers_teacher=True)
 def _interactive(ctx: LossContext) -> torch.Tensor:
-    """½ [CE(α_s P s_i T_tᵀ, y) + CE(α_s P s_t T_iᵀ, y)]: CLIP-KD's interactive contrastive loss."""
-    return 0.5 * (F.cross_entropy(ctx.s_scale * ctx.proj_img @ ctx.T_txt.T, ctx.labels)
-                  + F.cross_entropy(ctx.s_scale * ctx.proj_txt @ ctx.T_img.T, ctx.labels))
+    """½ [CE(α_s P s_i T_tᵀ, y) + CE(α_s P s_t T_iᵀ, y)]: CLIP-KD's interactive contrastive loss, over real pairs."""
+    m = _pair_rows(ctx)
+    if m is None:
+        return None
+    return 0.5 * (F.cross_entropy(ctx.s_scale * ctx.proj_img[m] @ ctx.T_txt.T, ctx.labels[m])
+                  + F.cross_entropy(ctx.s_scale * ctx.proj_txt[m] @ ctx.T_img.T, ctx.labels[m]))
 
 
 @term("extra_text_mse")
@@ -175,68 +186,31 @@ def _extra_text_mse(ctx: LossContext) -> torch.Tensor | None:
     """mean((P s_x − t_x)²) over text-only rows (train.extra_texts): more texts per step for the text tower."""
     if "student_text" not in ctx.extra:
         return None
-    # as trained before the registry: the rows are the model's unit outputs and the cached
-    # targets as stored, neither renormalised here
+    # neither side renormalised: the rows are the model's own unit outputs and the cached targets as stored
     s_x = ctx.loss.project(ctx.extra["student_text"].to(ctx.s_txt.dtype), ctx.t_txt.shape[-1])
     return ((s_x - ctx.extra["teacher_text"].to(s_x.dtype)) ** 2).mean()
 
 
 class DistillLoss(torch.nn.Module):
-    r"""Weighted sum of CLIP distillation terms.
+    """Weighted sum of the registered CLIP distillation terms, each in its own ``"<name>_loss"`` key.
 
-    Notation: ``s_i, s_t`` student image/text features, ``t_i, t_t`` teacher ones, all (B, D) and
-    L2-normalised here; ``N`` = global batch (B x world size); ``P`` = the projector (identity when
-    student_dim == teacher_dim, else ``Linear(student_dim, teacher_dim, bias=False)`` followed by
-    L2 normalisation); ``rows`` = this rank's B rows; ``cols`` = all N gathered rows;
-    ``alpha_s`` = ``student["logit_scale"]`` (already exp'd, e.g. 1/0.07), ``alpha_t`` =
-    ``teacher["logit_scale"]`` (already exp'd, 100 for OpenAI CLIP).
-
-    Temperature convention for ``contrastive_kd`` (``temperature_mode``), giving the scales
-    ``(a_s, a_t)`` that multiply the student and teacher cosine similarities:
-
-    * ``"fixed"``:   a_s = a_t = 1 / temperature       (TinyCLIP fixes 1/50, i.e. temperature=0.02)
-    * ``"teacher"``: a_s = a_t = alpha_t               (the teacher's own temperature for both)
-    * ``"student"``: a_s = alpha_s, a_t = sg(alpha_s)  (the student's learned temperature; the
-      target distribution does not back-propagate into it)
-    * ``"own"``:     a_s = alpha_s, a_t = alpha_t      (each model its own scale: what open_clip's
-      ``DistillClipLoss`` does)
-
-    Then, with Hinton softening ``T = kd_T``:
-
-    .. math::
-        z^S_{i\to t} = \frac{a_s}{T} s_i[rows] s_t[cols]^\top,\quad
-        z^T_{i\to t} = \frac{a_t}{T} t_i[rows] t_t[cols]^\top \quad (B \times N)
-
-        \mathrm{KL}(z^T, z^S) = \frac{1}{B}\sum_{r}\sum_c p^T_{rc}(\log p^T_{rc} - \log p^S_{rc}),
-        \quad p = \mathrm{softmax}_c(z)
-
-        \text{contrastive\_kd} = T^2 \cdot \tfrac12\,[\mathrm{KL}(z^T_{i\to t}, z^S_{i\to t})
-                                                  + \mathrm{KL}(z^T_{t\to i}, z^S_{t\to i})]
-
-    The other terms are the functions registered with ``@term`` above, each with its formula
-    (labels ``y`` = the columns holding each row's own pair, ``arange(B) + rank*B``).
-    ``feature_residual_*`` compare the student's and the teacher's *deviations from the teacher's
-    mean embedding* (buffers ``teacher_image_mean`` / ``teacher_text_mean``), set from the teacher
-    cache by ``set_teacher_means``, or without a cache an exponential moving average (momentum
-    0.99) of the gathered teacher batches: teacher embeddings sit in a narrow cone, so the MSE is
-    mostly paid by matching the mean and barely rewards the per-image differences zero-shot
-    decisions are made of.
-
-    Each returned value is multiplied by its weight. Teacher tensors are detached targets.
-
-    Several processes: student features are gathered with gradients, teacher features without,
-    and each rank computes the loss of its own rows against all columns (open_clip's
-    ``local_loss=True, gather_with_grad=True``). See ``forward`` for why the gradients then equal
-    the single-process global-batch gradients under DDP's averaging.
+    Features are L2-normalised here; ``P`` is the projector (identity when student_dim == teacher_dim,
+    else ``Linear(student_dim, teacher_dim, bias=False)`` then L2 normalisation); the logit scales
+    arrive already exp'd. Teacher tensors are detached targets. Under several processes each rank
+    scores its own rows against every rank's gathered columns (see ``forward``).
 
     Args:
         weights: term name -> weight; names from ``TERMS`` (the config surface: loss.weights).
         temperature: used by ``temperature_mode="fixed"`` only (logits = cos / temperature).
-        temperature_mode: "fixed" | "teacher" | "student" | "own", see above.
-        kd_T: Hinton softening temperature for ``contrastive_kd`` (with the T² factor).
-        student_dim, teacher_dim: embedding sizes; when they differ a projector is created for
-            ``feature_mse`` and ``interactive``. It is a submodule, so ``loss.parameters()`` holds
-            it and the optimizer must include them.
+        temperature_mode: the scales ``(a_s, a_t)`` that multiply the student's and the teacher's
+            cosines in the KD terms: ``"fixed"`` 1/temperature for both; ``"teacher"`` the teacher's
+            scale for both; ``"student"`` the student's learned scale, the target's detached;
+            ``"own"`` each model its own (open_clip's ``DistillClipLoss``).
+        kd_T: Hinton softening temperature of the KD terms (with the T² factor).
+        student_dim, teacher_dim: embedding sizes; when they differ a projector is created for the
+            projected terms. It is a submodule, so ``loss.parameters()`` holds it and the optimizer
+            must include them. ``feature_residual_*`` keep the teacher's mean embeddings as buffers,
+            set by ``set_teacher_means`` or, without a cache, a moving average of the teacher batches.
     """
 
     def __init__(
@@ -250,9 +224,8 @@ class DistillLoss(torch.nn.Module):
     ) -> None:
         super().__init__()
         weights = dict(weights) if weights is not None else {"feature_mse": 1.0, "contrastive_kd": 1.0}
-        unknown = sorted(set(weights) - set(TERMS))
-        if unknown:
-            raise UserError(f"unknown loss term(s) {unknown} in loss.weights; known terms: {list(TERMS)}")
+        for name in weights:
+            TERMS.get(name, where="loss.weights")
         if temperature_mode not in TEMPERATURE_MODES:
             raise UserError(f"loss.temperature_mode={temperature_mode!r} is unknown; use one of {list(TEMPERATURE_MODES)}")
         if temperature_mode == "fixed" and not temperature > 0:
@@ -338,34 +311,25 @@ class DistillLoss(torch.nn.Module):
         return s_scale, t_scale  # own
 
     def forward(self, student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor | float],
-                has_pairs: bool = True, extra: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                has_pairs: bool = True, extra: Mapping[str, torch.Tensor] | None = None,
+                pair_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """student/teacher: {"image_features": (B, D), "text_features": (B, D), "logit_scale": exp'd scalar}.
         extra: {"student_text": (E, Ds), "teacher_text": (E, Dt)} text-only rows for ``extra_text_mse``.
 
         Returns {"<term>_loss": weighted scalar} for every term with non-zero weight that applies
         to the batch (``clip`` only when ``has_pairs``, ``extra_text_mse`` only with ``extra``).
 
-        Gradient scaling over W ranks (each with B rows, N = W*B): rank r returns
-        L_r = (1/B) sum_{rows of r} l_row, so mean_r L_r equals the single-process loss L on the
-        global batch. The gather's backward sums into rank r's features the gradient that every
-        rank's L_r' sends them, so rank r's parameter gradient is
-        sum_r' dL_r'/dtheta (through r's features) = W * dL/dtheta (through r's features), plus
-        dL_r/d(logit_scale), which is not gathered. DDP averages over ranks:
-        (1/W) sum_r W dL/dtheta|_r = dL/dtheta, and mean_r dL_r/dscale = dL/dscale, i.e. exactly
-        the global-batch gradient; no rescaling is needed. (Computing the *full* N x N loss on every
-        rank instead, without ``local_loss``, makes each rank's share W times too big relative to
-        this; that is the confusion of open_clip#616.) Per-rank terms (feature_mse) are local means,
-        and DDP's average of them is the global mean since every rank has B rows.
+        Each rank returns the mean over its own B rows against all N = W*B gathered columns, so DDP's
+        average of the ranks' gradients is exactly the single-process global-batch gradient: no
+        rescaling (the full N x N loss on every rank would be W times too big, open_clip#616).
         The projector lives outside DDP: average its gradients with
         ``distill.distributed.all_reduce_grads(loss.parameters())`` after backward.
         """
         dev = student["image_features"].device
-        # The terms run in at least fp32 even inside the loop's bf16/fp16 autocast: bf16 keeps 8
-        # mantissa bits, so a logit of 100 * cos carries an error of up to ~0.25. Measured on an
-        # H100 (benchmarks/results/losses_gpu.md) the loss values moved by up to 2e-3 in bf16,
-        # while fp32 cost +5 ms at a 4096 x 4096 batch and nothing measurable at 1024.
+        # at least fp32 even under the loop's autocast: bf16's 8 mantissa bits blur a logit of 100 * cos
         with torch.autocast(device_type=dev.type, enabled=False):
             ctx = self._context(student, teacher, has_pairs, extra or {})
+            ctx.pair_mask = pair_mask
             out: dict[str, torch.Tensor] = {}
             for t in self.active:
                 value = t.fn(ctx)

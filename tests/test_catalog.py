@@ -8,25 +8,33 @@ import sys
 import pytest
 import torch
 
-from distill.catalog import GROUPS, catalog
+from distill.catalog import catalog, registries
 from distill.losses import TERMS, DistillLoss
 from tests.conftest import REPO
 
+REGISTRY_SECTIONS = ("loss terms", "deployment variants", "data sources", "fine-tune methods", "teachers",
+                     "student towers")
 
-def test_list_command_prints_every_registered_part():
+
+def test_list_command_prints_every_registry_and_every_config_group():
     r = subprocess.run([sys.executable, "-m", "distill", "list"], capture_output=True, text=True, cwd=REPO,
                        timeout=120)
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    for section in ("loss terms:", "deployment variants:", "data sources:", *(f"{s}:" for s in GROUPS)):
-        assert section in out, section
-    from distill.variants import VARIANTS
-
-    for name in [*TERMS, *VARIANTS]:
-        assert f"  {name} " in out, name
-    for section, group in GROUPS.items():
+    regs = registries()
+    assert [f"{reg.kind}s" for reg in regs] == list(REGISTRY_SECTIONS)
+    for reg in regs:
+        assert f"{reg.kind}s:" in out, reg.kind
+        for name in reg.names():
+            assert f"  {name} " in out, (reg.kind, name)
+    assert {"lora", "head", "none"} <= set(regs[3].names()) and "OpenClipTeacher" in regs[4].names()
+    groups = sorted(d.name for d in (REPO / "conf").iterdir() if d.is_dir())
+    assert {"bench", "data", "experiment", "finetune", "loss", "student", "teacher", "train"} <= set(groups)
+    for group in groups:  # every folder of conf/, not a hand-kept list
+        assert f"config group {group} (" in out, group
         for yaml in (REPO / "conf" / group).glob("*.yaml"):
-            assert f"  {yaml.stem} " in out or out.rstrip().endswith(yaml.stem), (section, yaml.stem)
+            assert f"  {yaml.stem} " in out, (group, yaml.stem)
+    assert "config group experiment (+experiment=NAME):" in out and "config group teacher (teacher=NAME):" in out
     assert all(desc for entries in catalog().values() for _, desc in entries)  # every part says what it is
 
 

@@ -186,6 +186,26 @@ def test_zero_when_student_equals_teacher():
     assert out["feature_mse_loss"].item() > 1e-3 and out["contrastive_kd_loss"].item() > 1e-3
 
 
+def test_pair_terms_use_only_rows_with_their_own_caption():
+    """Image-only and uncaptioned rows carry a corpus text, not a pair: they are negatives, never positives."""
+    student, teacher = _feats(5, B=5)
+    mask = torch.tensor([True, False, True, False, True])
+    out = DistillLoss(weights={"clip": 1.0, "interactive": 1.0, "contrastive_kd": 0.0})(
+        student, teacher, has_pairs=False, pair_mask=mask)
+    si, st = _unit(student["image_features"]), _unit(student["text_features"])
+    ti, tt = teacher["image_features"], teacher["text_features"]
+    rows, y = mask.nonzero().flatten(), mask.nonzero().flatten()
+    a = 14.0
+    ce = lambda logits: torch.nn.functional.cross_entropy(logits[rows], y)  # noqa: E731
+    clip = (ce(a * si @ st.T) + ce(a * st @ si.T)) / 2
+    icl = (ce(a * si @ tt.T) + ce(a * st @ ti.T)) / 2
+    assert out["clip_loss"].item() == pytest.approx(clip.item(), rel=1e-10)
+    assert out["interactive_loss"].item() == pytest.approx(icl.item(), rel=1e-10)
+    none = DistillLoss(weights={"clip": 1.0, "interactive": 1.0, "contrastive_kd": 1.0})(
+        student, teacher, has_pairs=False, pair_mask=torch.zeros(5, dtype=torch.bool))
+    assert set(none) == {"contrastive_kd_loss"}  # no pair in the batch: both pair terms sit out
+
+
 def test_zero_weight_absent_and_has_pairs_false_drops_clip():
     student, teacher = _feats(9)
     loss = DistillLoss(weights={"feature_mse": 0.0, "contrastive_kd": 1.0, "clip": 1.0})
@@ -204,7 +224,7 @@ def test_float32_student_with_float_teacher_scale():
                         rel_tol=1e-4)
 
 
-@pytest.mark.parametrize("kw,msg", [({"weights": {"mse": 1.0}}, "unknown loss term"),
+@pytest.mark.parametrize("kw,msg", [({"weights": {"mse": 1.0}}, "loss term 'mse' is not registered"),
                                     ({"temperature_mode": "hinton"}, "temperature_mode"),
                                     ({"temperature": 0.0}, "temperature"),
                                     ({"kd_T": 0.0}, "kd_T")])
@@ -306,7 +326,7 @@ def test_registry_lists_every_term_with_a_description_and_a_new_term_is_one_defi
     assert list(losses.TERMS)[:3] == ["feature_mse", "feature_mse_image", "feature_mse_text"]
     assert {"contrastive_kd", "clip", "interactive", "extra_text_mse"} <= set(losses.TERMS)
     assert all(t.doc for t in losses.TERMS.values())
-    monkeypatch.setattr(losses, "TERMS", dict(losses.TERMS))  # keep the real registry clean
+    monkeypatch.setattr(losses, "TERMS", losses.TERMS.copy())  # keep the real registry clean
 
     @losses.term("image_cosine", projected=True)
     def _image_cosine(ctx):

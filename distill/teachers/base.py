@@ -1,4 +1,4 @@
-"""The Teacher protocol every teacher implements.
+"""The Teacher protocol every teacher implements, and ``TEACHERS``, the registry of teacher classes.
 
 A teacher is a frozen dual encoder that maps images and texts into one L2-normalised space.
 Teachers take *texts as strings* (each teacher owns its tokenizer) and *images as float RGB in
@@ -12,6 +12,11 @@ import hashlib
 from typing import Iterable, Protocol, Sequence, runtime_checkable
 
 import torch
+
+from distill.registry import Registry
+
+# name = the class name a conf/teacher/*.yaml ``_target_`` ends with; each module of this package registers its own
+TEACHERS: Registry = Registry("teacher", discover="distill.teachers")
 
 
 @runtime_checkable

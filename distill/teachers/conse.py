@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from distill.data import imagenet_classnames
 from distill.errors import MissingDataError, UserError
-from distill.teachers.base import freeze, hash_state_dict
+from distill.teachers.base import TEACHERS, freeze, hash_state_dict
 from distill.teachers.conse_common import MEAN, STD, resize_crop
 
 # variant -> native input side (efficientnet_lite_pytorch.utils.efficientnet_params). Lite3/4 exist
@@ -126,6 +126,7 @@ def text_fingerprint(text_model: torch.nn.Module, max_len: int) -> str:
     return hash_state_dict(state, extra=["conse-text", f"max_len={max_len}"])
 
 
+@TEACHERS.register("ConSETeacher")
 class ConSETeacher:
     """EfficientNet-Lite (ImageNet-1k) + all-MiniLM-L6-v2 as a frozen 384-d dual encoder.
 
@@ -140,8 +141,8 @@ class ConSETeacher:
         device: where both models run; outputs are float32 on this device (as OpenClipTeacher).
         batch_size: texts per MiniLM forward in ``encode_text`` and the class-prompt precompute.
         image_chunk: images per EfficientNet forward inside ``encode_image``; None = 4 on CPU (the
-            depthwise-conv activations of bigger batches fall out of cache: batch 32 in chunks of 4
-            ran ~2.5x faster on 2 cores than in one forward) and the whole batch on GPU.
+            depthwise-conv activations of bigger batches fall out of cache;
+            benchmarks/results/conse_teacher.md, "Speed") and the whole batch on GPU.
     """
 
     embed_dim = 384
@@ -179,7 +180,7 @@ class ConSETeacher:
         self.name = f"conse-efficientnet-{variant}-minilm"
         self.model, self.activation = None, None  # not an open_clip model; no transformer activation to choose
 
-        # channels_last: oneDNN's depthwise convolutions run ~1.5x faster on CPU in NHWC (same outputs)
+        # channels_last: oneDNN's depthwise convolutions are faster on CPU in NHWC (same outputs)
         enet = _load_efficientnet(variant)
         self._image_weights = list(getattr(enet, "_weights_files", []))
         self.image_model = freeze(enet.to(self.device, memory_format=torch.channels_last))

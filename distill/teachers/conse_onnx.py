@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from distill import onnx_tools
 from distill.errors import UserError
 from distill.teachers import conse_common
+from distill.teachers.base import TEACHERS
 
 FORMAT_VERSION = 1
 OPSET = 17  # LayerNormalization is a native op from 17; the legacy exporter goes up to 20
@@ -219,6 +220,7 @@ def export_conse_onnx(teacher: Any, out_dir: str | Path, threads: int | None = N
 
 # ---------------------------------------------------------------------------- runtime
 
+@TEACHERS.register("ConSEOnnx")
 class ConSEOnnx:
     """The exported ConSE teacher behind the Teacher protocol, run by ONNX Runtime.
 
@@ -296,9 +298,8 @@ class ConSEOnnx:
     def quantized(self, out_dir: str | Path, threads: int | None = None, **int8: Any) -> "ConSEOnnx":
         """This export as onnxruntime dynamic int8 (distill.quantize, ``int8``: its mode) in ``out_dir``,
         the same file names: MiniLM's matmuls and the image graph's classifier. The EfficientNet's
-        convolutions stay fp32: in int8 they move the ConSE embedding, a softmax over 1000 class
-        logits, too far (Fashion-MNIST test: min cosine 0.67 dynamic, top-1 agreement 54% static
-        minmax-calibrated; classifier only: 98%, benchmarks/results/finetune_conse.md)."""
+        convolutions stay fp32: in int8, dynamic or static, they move the ConSE embedding, a softmax
+        over 1000 class logits, too far (benchmarks/results/finetune_conse.md)."""
         from distill.quantize import DEFAULT_DYNAMIC_MODE, quantize_dynamic_onnx
 
         out = Path(out_dir)

@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from distill import onnx_tools
 from distill.errors import UserError
 from distill.preprocess import default_spec
+from distill.teachers.base import TEACHERS
 
 
+@TEACHERS.register("OnnxDualEncoder")
 class OnnxDualEncoder:
     """A frozen dual encoder run by ONNX Runtime (an ONNX teacher, or an exported student under test).
 

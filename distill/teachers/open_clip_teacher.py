@@ -18,7 +18,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.transformer import QuickGELU
 
 from distill.errors import UserError
-from distill.teachers.base import freeze, hash_state_dict
+from distill.teachers.base import TEACHERS, freeze, hash_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ def _activation_evidence(*, kind: str | None, model_name: str | None, tag_cfg: d
     return None
 
 
+@TEACHERS.register("OpenClipTeacher")
 class OpenClipTeacher:
     """A frozen open_clip model behind the Teacher protocol.
 
