@@ -12,7 +12,7 @@ import torch
 
 from distill import distributed as dist_utils
 from distill.engine import optim, precision
-from distill.engine.checkpoint import Checkpointer, find_checkpoint, save_weights, unwrap
+from distill.engine.checkpoint import Checkpointer, find_checkpoint, latest_checkpoint, save_weights, unwrap
 from distill.engine.config import EngineConfig
 from distill.engine.early_stop import EarlyStopping
 from distill.engine.loggers import Loggers
@@ -117,7 +117,7 @@ class _Run:
             return
         total = sum(v for k, v in losses.items() if k.endswith("_loss"))
         if not torch.isfinite(total):
-            last_ckpt = find_checkpoint("auto", self.ckpt.root)
+            last_ckpt = latest_checkpoint(self.ckpt.root)
             raise TrainingDiverged(
                 f"loss became {total.item()} at step {self.step + 1}; last good checkpoint: "
                 f"{last_ckpt or 'none (no checkpoint written yet)'}; lower train.lr or raise train.warmup_steps")
