@@ -8,10 +8,20 @@ Layout of one cache entry, ``<root>/<fingerprint>/``:
 
 The fingerprint hashes the teacher's fingerprint, the TrainSet's (every item key, the view
 spec with its seed and count, and the texts) and the identity of the data files (``FILE_IDENTITY``:
-size, mtime and a hash of the first and last 64 KiB of every image, CSV, tar shard or IDX file the
-sources read), so any change to them builds a new entry, including an image replaced at the same
-path; an entry is never reused for inputs it was not built from. The manifest records the rule and
-one digest per source (``data_identity``).
+size, mtime and a hash of the whole content of every image, CSV, tar shard or IDX file the sources
+read), so any change to them builds a new entry, including an image replaced at the same path or
+edited in place with its size and mtime restored; an entry is never reused for inputs it was not
+built from. Hashing whole files reads every data file once per run, a cache hit included. The
+manifest records the rule and one digest per source (``data_identity``).
+
+Concurrent builds. Before building, a run's rank 0 takes an exclusive ``fcntl.flock`` on
+``<root>/<fingerprint>.lock`` and holds it until the entry is in place: a second run (another
+command, a parallel sweep job, another torchrun job) that needs the same entry waits on that lock,
+then finds the finished entry and loads it, so every entry is built once. Only rank 0 of a run
+locks (its other ranks wait for it at a barrier that tolerates long waits), so the ranks of one
+run never wait on each other's lock; the operating system drops the lock of a killed process and
+the next run resumes its ``.partial`` folder. The text-embedding entries (``text_embeddings``) are
+locked the same way, per process.
 
 Building. The items are cut into chunks of ``chunk_size`` rows and the texts into chunks of
 ``TEXT_CHUNK_FACTOR * chunk_size``; each chunk is embedded in batches of ``batch_size`` counted
@@ -33,6 +43,8 @@ whichever number of processes built it (tests/test_cache_distributed.py).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -53,15 +65,16 @@ from tqdm import tqdm
 
 from distill import distributed as dist_utils
 from distill.data import TrainSet, collate
+from distill.imageio import SkipLog
 from distill.errors import UserError
 from distill.teachers.base import Teacher
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
-IDENTITY_BLOCK = 64 * 1024
+IDENTITY_BLOCK = 1 << 20  # read size while hashing a file
 # Recorded in the manifest and hashed into the fingerprint: changing the rule builds new entries.
-FILE_IDENTITY = "size+mtime_ns+blake2b(first 64KiB, last 64KiB; whole file when <= 128KiB)"
+FILE_IDENTITY = "size+mtime_ns+blake2b(whole file)"
 # The .partial folder's layout: 2 = chunk files; a folder of layout 1 (memmaps written in place) is discarded.
 PARTIAL_LAYOUT = 2
 TEXT_CHUNK_FACTOR = 8  # a text costs far less than an image: its chunks are 8 times longer
@@ -107,18 +120,14 @@ class TeacherCache:
 
 
 def file_identity(path: str | os.PathLike) -> str:
-    """``size:mtime_ns:blake2b`` of one file, hashing its first and last 64 KiB (the whole file when
-    it is at most 128 KiB); ``missing`` or ``unreadable:<error>`` when it cannot be read."""
+    """``size:mtime_ns:blake2b`` of one file, hashing all of its content; ``missing`` or
+    ``unreadable:<error>`` when it cannot be read."""
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
             h = hashlib.blake2b(digest_size=16)
-            if st.st_size <= 2 * IDENTITY_BLOCK:
-                h.update(f.read())
-            else:
-                h.update(f.read(IDENTITY_BLOCK))
-                f.seek(-IDENTITY_BLOCK, os.SEEK_END)
-                h.update(f.read(IDENTITY_BLOCK))
+            while block := f.read(IDENTITY_BLOCK):
+                h.update(block)
     except FileNotFoundError:
         return "missing"
     except OSError as e:
@@ -188,6 +197,28 @@ def _log_data_change(root: Path, teacher_fp: str, data_fp: str, identity: list[d
             log.info("teacher cache: files of %s changed since %s was built: building a new entry",
                      ", ".join(changed), m.parent)
         return
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path, what: str):
+    """Hold an exclusive ``flock`` on ``lock_file`` (made if needed), waiting for whoever holds it;
+    the operating system releases it when its holder dies."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            log.info("%s: process %s is building it: waiting for it to finish", what, holder)
+            t0 = time.perf_counter()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            log.info("%s: waited %.1fs for process %s", what, time.perf_counter() - t0, holder)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # named in the message of whoever waits
+        yield
+    finally:
+        os.close(fd)
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -446,7 +477,7 @@ def _manifest(teacher: Teacher, dataset: TrainSet, fp: str, data_fp: str, identi
         "logit_scale": float(teacher.logit_scale),
         "dtype": "float16",
         "skipped": len(skipped),
-        "skipped_first": list(skipped.values())[:5],
+        "skipped_first": list(skipped.values())[:SkipLog.keep],
         "build_seconds": round(seconds, 2),  # summed over the chunks: process-seconds, whatever the world size
         "build_ranks": dist_utils.world_size(),  # of the run that finished it
     }
@@ -457,7 +488,7 @@ def _finish(teacher: Teacher, dataset: TrainSet, part: Path, final: Path, chunks
     """Rank 0: assemble the entry, write its manifest and rename it into place."""
     skipped, seconds = _assemble(teacher, dataset, part, chunks)
     if skipped:
-        log.warning("teacher cache: skipped %d unreadable images, first: %s", len(skipped), list(skipped.values())[:5])
+        log.warning("teacher cache: skipped %d unreadable images, first: %s", len(skipped), list(skipped.values())[:SkipLog.keep])
     manifest = _manifest(teacher, dataset, *manifest_args, skipped, seconds)
     _write_json_atomic(part / "manifest.json", manifest)
     shutil.rmtree(part / "chunks")
@@ -498,20 +529,26 @@ def build_or_load(
     if dist_utils.broadcast_flag((final / "manifest.json").exists()):  # rank 0's view decides for all
         log.info("teacher cache hit: %s", final)
         return _load_hit(final, fp, len(dataset))
-    if dist_utils.rank() == 0:
-        _log_data_change(root, teacher.fingerprint, data_fp, identity)
-    state = _open_partial(part, fp, chunk_size, batch_size)
-    chunks = _chunks(len(dataset), len(dataset.texts), state["chunk_size"])
     r, world = dist_utils.rank(), dist_utils.world_size()
-    todo = dist_utils.broadcast_object(_missing(part, chunks, state) if r == 0 else None)
-    log.info("teacher cache %s: rank %d/%d embeds %d of %d chunks (%d already built)", fp[:8], r, world,
-             len(todo[r::world]), len(chunks), len(chunks) - len(todo))
-    _build_chunks(teacher, dataset, part, todo[r::world], state, num_workers, device, progress and r == 0,
-                  _stop_after_chunks)
-    _test_delay()
-    dist_utils.wait_for_peers()  # shares may end far apart: past the default group's timeout
-    if r == 0:
-        _finish(teacher, dataset, part, final, chunks, (fp, data_fp, identity))
+    # rank 0 alone locks the entry against other runs; its own ranks wait for it below
+    with _exclusive(root / f"{fp}.lock", f"teacher cache {fp[:8]}") if r == 0 else contextlib.nullcontext():
+        dist_utils.wait_for_peers()  # rank 0 may wait long for another run's build
+        if dist_utils.broadcast_flag((final / "manifest.json").exists()):
+            log.info("teacher cache hit: %s (built by another run meanwhile)", final)
+            return _load_hit(final, fp, len(dataset))
+        if r == 0:
+            _log_data_change(root, teacher.fingerprint, data_fp, identity)
+        state = _open_partial(part, fp, chunk_size, batch_size)
+        chunks = _chunks(len(dataset), len(dataset.texts), state["chunk_size"])
+        todo = dist_utils.broadcast_object(_missing(part, chunks, state) if r == 0 else None)
+        log.info("teacher cache %s: rank %d/%d embeds %d of %d chunks (%d already built)", fp[:8], r, world,
+                 len(todo[r::world]), len(chunks), len(chunks) - len(todo))
+        _build_chunks(teacher, dataset, part, todo[r::world], state, num_workers, device, progress and r == 0,
+                      _stop_after_chunks)
+        _test_delay()
+        dist_utils.wait_for_peers()  # shares may end far apart: past the default group's timeout
+        if r == 0:
+            _finish(teacher, dataset, part, final, chunks, (fp, data_fp, identity))
     dist_utils.wait_for_peers()  # rank 0 assembles the entry
     return _load_hit(final, fp, len(dataset))
 
@@ -527,13 +564,27 @@ def text_embeddings(teacher: Teacher, texts: list[str], root: str | os.PathLike,
     for t in texts:
         h.update(t.encode() + b"\x00")
     path = Path(root) / "texts" / f"{h.hexdigest()[:20]}.npy"
-    if path.exists():
-        out = np.load(path)
-        if out.shape == (len(texts), teacher.embed_dim):
-            log.info("teacher text cache hit: %s", path)
-            return out.astype(np.float32)
-        log.warning("teacher text cache %s has shape %s, expected %s: rebuilding", path, out.shape,
-                    (len(texts), teacher.embed_dim))
+    hit = _text_hit(path, (len(texts), teacher.embed_dim))
+    if hit is not None:
+        return hit
+    with _exclusive(path.with_suffix(".lock"), f"teacher text cache {path.stem[:8]}"):
+        hit = _text_hit(path, (len(texts), teacher.embed_dim))  # another process may have built it meanwhile
+        return hit if hit is not None else _build_text_embeddings(teacher, texts, path, batch_size, progress, desc)
+
+
+def _text_hit(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    if not path.exists():
+        return None
+    out = np.load(path)
+    if out.shape == shape:
+        log.info("teacher text cache hit: %s", path)
+        return out.astype(np.float32)
+    log.warning("teacher text cache %s has shape %s, expected %s: rebuilding", path, out.shape, shape)
+    return None
+
+
+def _build_text_embeddings(teacher: Teacher, texts: list[str], path: Path, batch_size: int, progress: bool,
+                           desc: str) -> np.ndarray:
     t0 = time.perf_counter()
     out = np.empty((len(texts), teacher.embed_dim), dtype=np.float16)
     # batches of similar length: a batch pads to its longest text, and 49k BPE tokens range from 1 to ~15 characters

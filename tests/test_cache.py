@@ -20,6 +20,7 @@ def test_cache_matches_online_teacher_and_skips_unreadable(tmp_path, tiny_teache
     assert cache.image_emb.shape == (20, 32) and cache.image_emb.dtype == np.float16
     assert cache.valid.sum() == 18 and not cache.valid[14] and not cache.valid[15]
     assert cache.manifest["skipped"] == 2 and cache.manifest["logit_scale"] == pytest.approx(tiny_teacher.logit_scale)
+    assert cache.manifest["skipped_first"] == [ds.key(14), ds.key(15)]  # named for the report
     j = torch.tensor([0, 5, 13])
     online = tiny_teacher.encode_image(torch.stack([ds[i]["image"] for i in j.tolist()]))
     assert torch.allclose(cache.image_targets(j), online, atol=2e-3)  # fp16 storage
@@ -190,7 +191,7 @@ def test_csv_regenerated_with_new_files_at_the_same_paths(tmp_path, tiny_teacher
     assert build_or_load(tiny_teacher, make(), tmp_path / "c", progress=False).path != new.path
 
 
-def test_file_identity_hashes_head_and_tail_of_big_files(tmp_path):
+def test_file_identity_tracks_edits_at_either_end_of_big_files(tmp_path):
     from distill.cache import IDENTITY_BLOCK, file_identity
 
     p = tmp_path / "big.bin"
