@@ -7,11 +7,14 @@ Everything here degrades to the single-process case: without an initialised proc
 from __future__ import annotations
 
 import os
+import re
 from datetime import timedelta
 from typing import Iterable
 
 import torch
 import torch.distributed as dist
+
+from distill.errors import UserError
 
 
 # Waits where ranks may arrive far apart (the end of a teacher-embedding build, whose shares can
@@ -193,3 +196,31 @@ def all_reduce_grads(params: Iterable[torch.nn.Parameter], average: bool = True)
         dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
         if average:
             p.grad.div_(w)
+
+
+# What gloo, NCCL and the c10d store say when the rank or node at the other end is gone.
+PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection was likely closed",
+             "remote process exited", "ncclremoteerror", "communicator was aborted")
+PEER_LOST_FIX = "rerun the same command on every node to resume from the last checkpoint"
+
+
+def peer_lost(e: BaseException | None) -> UserError | None:
+    """One line for an error (or one in its cause chain) that says a peer rank of this torchrun job
+    died, instead of the collective's multi-line backend text; None for any other error."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return None  # not under torchrun: a network-sounding error is not about a peer rank
+    seen = set()
+    while e is not None and id(e) not in seen and not isinstance(e, UserError):
+        seen.add(id(e))
+        text = str(e)
+        low = text.lower()
+        phrase = next((p for p in PEER_LOST if p in low), None)
+        ours = isinstance(e, dist.DistError) or any(m in low for m in ("gloo", "nccl", "c10d", "tcpstore"))
+        if isinstance(e, RuntimeError) and ours and phrase is not None:
+            backend = "nccl" if "nccl" in low else "gloo" if "gloo" in low else "c10d store"
+            peer = re.search(r"\[([0-9a-fA-F.:]+)\]:(\d+)", text)
+            where = f" {peer.group(1)}:{peer.group(2)}" if peer else ""
+            return UserError(f"a peer rank of this torchrun job stopped ({backend}: {phrase}{where}, seen by rank "
+                             f"{os.environ.get('RANK', '?')}): {PEER_LOST_FIX}")
+        e = e.__cause__ or e.__context__
+    return None

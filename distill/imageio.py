@@ -30,7 +30,7 @@ MAX_SIDE = preprocess.MAX_SIDE
 class SkipLog:
     """Counts unreadable items and keeps the first ``keep`` (key, reason) pairs."""
 
-    keep: int = 5
+    keep: int = 20  # the log and the report name this many; the rest are counted
     count: int = 0
     first: list[tuple[str, str]] = field(default_factory=list)
     _lock: Any = field(default_factory=threading.Lock, repr=False)
@@ -78,11 +78,11 @@ def try_open(source: Any, i: int, skips: SkipLog) -> Image.Image | None:
             key = source.key(i)
         except Exception:  # a broken key must not hide the original failure
             key = f"item {i}"
-        skips.add(key, _reason(e))
+        skips.add(key, error_reason(e))
         return None
 
 
-def _reason(e: BaseException) -> str:
+def error_reason(e: BaseException) -> str:
     if isinstance(e, FileNotFoundError):
         return "file not found"
     if isinstance(e, Image.DecompressionBombError):

@@ -6,18 +6,10 @@ often read-only, shared and hashed on object storage), one data set can carry th
 several teachers or view recipes side by side, a rebuild rewrites a few KB per sample instead of
 copying every image, and a companion is checked against its data shard sample by sample.
 
-Companion layout (a plain tar, members in the data shard's sample order):
-    __teacher__.json      header: format, fingerprint (teacher + view recipe), teacher fingerprint,
-                          view spec, views K, embed_dim D, data shard name / bytes / sha256, samples, skipped
-    <key>.teacher         one record per sample, little-endian: uint64[K] view seeds
-                          (``distill.data.augmented_view``), uint64 flags (bit 0: has a caption row),
-                          float16[K, D] the teacher's embedding of each view, float16[D] the caption's
-                          embedding (when flagged). One member, not three .npy files: every tar member
-                          costs a 512-byte header plus padding, which tripled the bytes per sample.
-    <key>.skip.txt        instead of the record, for a sample without a readable image
+Companion layout: distill/shards.py (its records, header and the reader's pairing live there).
 
 Views. View k of sample ``key`` of shard ``name`` is ``augmented_view(image, size, seed_k, scale)``
-with ``seed_k = _stable_int(spec.seed, name, key, k)`` (``eval_view`` when augment is off); the
+with ``seed_k = stable_int(spec.seed, name, key, k)`` (``eval_view`` when augment is off); the
 training stream picks one of the K stored seeds per visit and builds the same pixels from them, so
 the student sees exactly the view the teacher embedded and no cache is addressed at random.
 
@@ -28,10 +20,11 @@ with another fingerprint is rebuilt, never reused). After a barrier rank 0 write
 ``teacher_manifest.json`` next to the companions. Companions go next to local data shards, or into
 ``root`` (required for http(s)/pipe: sources) under the data shard's file name.
 
-Reading (``paired_groups``): the streaming reader opens the data shard and its companion together
-and pairs them key by key; a companion that is missing, has another fingerprint, or holds other
-keys or fewer samples than its data shard is one line naming the problem and the fix, and the
-reader skips the rest of that shard (counted as ``teacher_mismatch``); samples already paired stay.
+Reading (``distill.shards.paired_groups``): the streaming reader opens the data shard and its
+companion together and pairs them key by key; a companion that is missing, has another
+fingerprint, or holds other keys or fewer samples than its data shard is one line naming the
+problem and the fix, and the reader skips the rest of that shard (counted as ``teacher_mismatch``);
+samples already paired stay.
 """
 
 from __future__ import annotations
@@ -45,26 +38,21 @@ import signal
 import tarfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from distill import distributed as dist_utils
-from distill.data import ViewSpec, _stable_int
+from distill.data import ViewSpec, stable_int
 from distill.errors import UserError
-from distill.streaming import shard_stem as _stem
+from distill.shards import (CAPTION_KEYS, DECODE_ERRORS, FORMAT, HEADER, IMAGE_KEYS, CompanionMismatch, companion_url,
+                            decode_record, encode_record, is_meta, open_shard, paired_groups, pick_sample,
+                            read_header, shard_stem, tar_groups)
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
-HEADER = "__teacher__.json"
 MANIFEST = "teacher_manifest.json"
 KILL_ENV = "DISTILL_REINFORCE_TEST_KILL"  # "RANK:N": SIGKILL that rank after N finished shards (tests)
-REBUILD = "rebuild the companions with `python -m distill cache +experiment=...` (same config)"
-
-
-class CompanionMismatch(Exception):
-    """A companion shard does not belong to its data shard; the message is the one line users see."""
 
 
 def fingerprint(teacher_fp: str, spec: ViewSpec) -> str:
@@ -72,135 +60,8 @@ def fingerprint(teacher_fp: str, spec: ViewSpec) -> str:
     return hashlib.sha256(f"reinforce-v{FORMAT}|{teacher_fp}|{spec.describe()}".encode()).hexdigest()[:20]
 
 
-def companion_url(url: str, root: str | None = None) -> str:
-    """``.../shard-000123.tar`` -> ``<root or the shard's folder>/shard-000123.teacher.tar``."""
-    name = f"{_stem(url)}.teacher.tar"
-    if root:
-        return f"{str(root).rstrip('/')}/{name}"
-    if url.startswith("pipe:"):
-        raise UserError(f"reinforced shards for the pipe: source {url} need a companion folder: set "
-                        f"data.train.stream.teacher_root")
-    return f"{url.rsplit('/', 1)[0]}/{name}" if "/" in url else name
-
-
 def view_seeds(spec: ViewSpec, shard: str, key: str) -> list[int]:
-    return [_stable_int(spec.seed, _stem(shard), key, k) for k in range(int(spec.views))]
-
-
-def encode_record(seeds: Sequence[int], image: np.ndarray, text: np.ndarray | None) -> bytes:
-    """One sample's ``.teacher`` member (layout in the module docstring)."""
-    head = np.asarray([*seeds, int(text is not None)], dtype="<u8").tobytes()
-    rows = [np.asarray(image, dtype="<f2").tobytes()]
-    if text is not None:
-        rows.append(np.asarray(text, dtype="<f2").tobytes())
-    return head + b"".join(rows)
-
-
-def decode_record(data: bytes, views: int, dim: int) -> dict[str, Any]:
-    """``{"seeds": (K,) uint64, "image": (K, D) float16, "text": (D,) float16 | None}`` of a record."""
-    meta = np.frombuffer(data, dtype="<u8", count=views + 1)
-    off = 8 * (views + 1)
-    has_text = bool(meta[-1] & 1)
-    want = off + 2 * dim * (views + has_text)
-    if len(data) != want:
-        raise ValueError(f"teacher record of {len(data)} bytes, expected {want} for K={views}, D={dim}")
-    image = np.frombuffer(data, dtype="<f2", count=views * dim, offset=off).reshape(views, dim)
-    text = np.frombuffer(data, dtype="<f2", count=dim, offset=off + 2 * views * dim) if has_text else None
-    return {"seeds": meta[:views], "image": image, "text": text}
-
-
-# --------------------------------------------------------------------------------------------
-# Reading: a data shard paired with its companion
-# --------------------------------------------------------------------------------------------
-
-
-def _header(key: str | None, group: dict[str, bytes] | None) -> dict[str, Any] | None:
-    """The header of a companion's first member group, None when it is not one (or not JSON)."""
-    if key != HEADER.split(".")[0] or not group or "json" not in group:
-        return None
-    try:
-        return json.loads(group["json"])
-    except ValueError:
-        return None
-
-
-def read_header(url: str) -> dict[str, Any] | None:
-    """A companion's header, None when it cannot be opened or does not start with one."""
-    from webdataset.gopen import gopen
-
-    from distill.streaming import READ_ERRORS, tar_groups
-
-    try:
-        with gopen(url, "rb") as stream:
-            for key, group in tar_groups(stream):
-                return _header(key, group)
-    except READ_ERRORS:
-        return None
-    return None
-
-
-def _check_header(head: dict[str, Any] | None, companion: str, data_url: str, want: str | None) -> None:
-    if head is None:
-        raise CompanionMismatch(f"companion teacher shard {companion} of {data_url} is missing or has no header: "
-                                f"{REBUILD}")
-    if want is not None and head.get("fingerprint") != want:
-        raise CompanionMismatch(f"companion teacher shard {companion} was built for another teacher or view recipe "
-                                f"(fingerprint {head.get('fingerprint')}, this run wants {want}): {REBUILD}")
-    if head.get("data_shard") != _stem(data_url):
-        raise CompanionMismatch(f"companion teacher shard {companion} belongs to {head.get('data_shard')}, not "
-                                f"{_stem(data_url)}: {REBUILD}")
-
-
-def _teacher_entry(group: dict[str, bytes], head: dict[str, Any], companion: str) -> dict[str, Any] | None:
-    if "skip.txt" in group:
-        return None
-    try:
-        return decode_record(group["teacher"], int(head["views"]), int(head["embed_dim"]))
-    except (KeyError, ValueError) as e:
-        raise CompanionMismatch(f"companion teacher shard {companion} has a damaged record ({e}): {REBUILD}") from None
-
-
-def _next_group(groups: Iterator, companion: str, data_url: str) -> tuple[str | None, dict | None]:
-    from distill.streaming import READ_ERRORS
-
-    try:
-        return next(groups, (None, None))
-    except READ_ERRORS as e:  # the companion broke, not the data shard: say so, not "data truncated"
-        raise CompanionMismatch(f"companion teacher shard {companion} of {data_url} cannot be read "
-                                f"({str(e).splitlines()[0][:120]}): {REBUILD}") from None
-
-
-def paired_groups(data_stream: Any, data_url: str, companion: str, want: str | None
-                  ) -> Iterator[tuple[str, dict[str, bytes], dict[str, Any] | None]]:
-    """(key, data group, teacher entry or None for a skipped sample) in file order; raises
-    CompanionMismatch (one line) on the first disagreement. Holds one sample of each shard at a time."""
-    from webdataset.gopen import gopen
-
-    from distill.streaming import READ_ERRORS, tar_groups
-
-    try:
-        comp = gopen(companion, "rb")
-    except READ_ERRORS:
-        raise CompanionMismatch(f"companion teacher shard {companion} of {data_url} cannot be opened: "
-                                f"{REBUILD}") from None
-    try:
-        groups = tar_groups(comp)
-        key0, first = _next_group(groups, companion, data_url)
-        head = _header(key0, first)
-        _check_header(head, companion, data_url, want)
-        n = 0
-        for key, group in tar_groups(data_stream):
-            if key.startswith("__") and key.endswith("__"):
-                continue
-            tkey, tgroup = _next_group(groups, companion, data_url)
-            if tkey != key:
-                raise CompanionMismatch(
-                    f"companion teacher shard {companion} does not match {data_url} at sample {n} (data {key}, "
-                    f"companion {tkey or 'ended'}; it holds {head.get('samples')} samples): {REBUILD}")
-            n += 1
-            yield key, group, _teacher_entry(tgroup, head, companion)
-    finally:
-        comp.close()
+    return [stable_int(spec.seed, shard_stem(shard), key, k) for k in range(int(spec.views))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,24 +136,21 @@ def _read_shard(url: str, spec: ViewSpec, embedder: _ShardEmbedder, image_keys: 
                 caption_keys: Sequence[str]) -> tuple[list[tuple], _HashingReader]:
     """Every sample of a data shard in file order as (key, seeds, caption, why skipped or ""), its
     views handed to ``embedder`` in that order; and the reader that hashed the shard's bytes."""
-    from webdataset.gopen import gopen
+    from distill.imageio import error_reason, load_rgb
 
-    from distill.imageio import _reason, load_rgb
-    from distill.streaming import DECODE_ERRORS, _pick, tar_groups
-
-    raw = _HashingReader(gopen(url, "rb"))
+    raw = _HashingReader(open_shard(url))
     rows = []
     try:
         for key, group in tar_groups(raw):
-            if key.startswith("__") and key.endswith("__"):
+            if is_meta(key):
                 continue
-            _, data, caption = _pick(url, key, group, image_keys, caption_keys)
+            _, data, caption = pick_sample(url, key, group, image_keys, caption_keys)
             seeds, why = view_seeds(spec, url, key), "no image" if data is None else ""
             if data is not None:
                 try:
                     embedder.add(_views(load_rgb(io.BytesIO(data)), spec, seeds))
                 except DECODE_ERRORS as e:
-                    why = f"unreadable image: {_reason(e)}"
+                    why = f"unreadable image: {error_reason(e)}"
             rows.append((key, seeds, caption, why))
         while raw.read(1 << 20):  # the end-of-archive padding, so the hash covers the whole file
             pass
@@ -322,8 +180,8 @@ def _write_tar(tmp: Path, head: dict[str, Any], rows: list[tuple], img: np.ndarr
 
 
 def build_one(teacher: Any, url: str, dst: Path, spec: ViewSpec, fp: str, *, batch_size: int = 64,
-              image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
-              caption_keys: Sequence[str] = ("txt", "caption", "json")) -> dict[str, Any]:
+              image_keys: Sequence[str] = IMAGE_KEYS,
+              caption_keys: Sequence[str] = CAPTION_KEYS) -> dict[str, Any]:
     """Embed one data shard's views and captions and write its companion atomically; -> its header."""
     embedder = _ShardEmbedder(teacher, batch_size)
     rows, raw = _read_shard(url, spec, embedder, image_keys, caption_keys)
@@ -334,7 +192,7 @@ def build_one(teacher: Any, url: str, dst: Path, spec: ViewSpec, fp: str, *, bat
     txt = dict(zip(texts, embedder.texts(texts)))
     skipped = sum(bool(r[3]) for r in rows)
     head = {"format": FORMAT, "fingerprint": fp, "teacher": teacher.fingerprint, "spec": spec.describe(),
-            "data_shard": _stem(url), "data_bytes": raw.bytes, "data_sha256": raw.sha.hexdigest(),
+            "data_shard": shard_stem(url), "data_bytes": raw.bytes, "data_sha256": raw.sha.hexdigest(),
             "samples": len(rows), "skipped": skipped, "views": int(spec.views),
             "embed_dim": int(img.shape[1]) if len(img) else int(teacher.embed_dim), "dtype": "float16"}
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
@@ -368,12 +226,12 @@ def _out_dir(urls: Sequence[str], root: str | None) -> Path:
 
 
 def _companion_path(url: str, root: str | None) -> Path:
-    return (_out_dir([url], root) if root else _local_dir(url)) / f"{_stem(url)}.teacher.tar"
+    return (_out_dir([url], root) if root else _local_dir(url)) / f"{shard_stem(url)}.teacher.tar"
 
 
 def build_companions(teacher: Any, urls: Sequence[str], spec: ViewSpec, *, root: str | None = None,
-                     batch_size: int = 64, image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
-                     caption_keys: Sequence[str] = ("txt", "caption", "json")) -> dict[str, Any]:
+                     batch_size: int = 64, image_keys: Sequence[str] = IMAGE_KEYS,
+                     caption_keys: Sequence[str] = CAPTION_KEYS) -> dict[str, Any]:
     """This rank's missing companions (see the module docstring); rank 0 then writes the manifest.
     -> {"built", "kept", "failed": [lines], "seconds", "manifest"} for this rank."""
     fp = fingerprint(teacher.fingerprint, spec)
@@ -425,5 +283,6 @@ def write_manifest(urls: Sequence[str], spec: ViewSpec, fp: str, root: str | Non
     return path
 
 
-__all__ = ["CompanionMismatch", "build_companions", "build_one", "companion_url", "fingerprint", "paired_groups",
-           "read_header", "view_seeds", "write_manifest"]
+# the companion format's names, re-exported for callers of this module
+__all__ = ["FORMAT", "HEADER", "CompanionMismatch", "build_companions", "build_one", "companion_url", "decode_record",
+           "encode_record", "fingerprint", "paired_groups", "read_header", "view_seeds", "write_manifest"]

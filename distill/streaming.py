@@ -1,55 +1,8 @@
-"""Streaming WebDataset shards: image-caption samples read front to back from tar streams.
-
-``WebDatasetShards`` (distill/datasets.py) indexes every tar member at start-up and reads by
-seeking, so it needs local files and its index grows with the items. ``StreamingShards`` reads
-each shard once, in order, through webdataset's own opener (``webdataset.gopen``: local paths,
-``file:``, ``pipe:<command>``, ``http(s)://`` through curl), so its state is a few integers per
-reader whatever the data set size. URLs are brace-expanded (``shard-{000000..000099}.tar``) and
-``::`` joins patterns, as in ``WebDatasetShards``.
-
-Samples. Tar members that share a key (the path up to the first dot of the file name) form one
-sample; its image is the first of ``image_keys`` present, its caption the first of
-``caption_keys`` (a JSON caption's ``caption``/``text``/``title`` field). Each yielded ``Sample``
-is (key, RGB PIL image, caption, reader, state): the key is ``<url>#<member key>`` as in
-``WebDatasetShards``; ``state`` is the reader's position just after this sample.
-
-Order. Shards are spread over *readers*: one per (node rank, DataLoader worker), reader id
-``rank * workers + worker``. One epoch (``resampled=False``): epoch e shuffles the shard list by
-(seed, e) and reader r takes every R-th shard from position r, so the readers cover each shard
-exactly once. Resampled (``resampled=True``, endless): reader r draws its k-th shard at random,
-seeded by (seed, r, k), from its own slice ``shards[r::R]`` (from all shards when there are fewer
-shards than readers). A seeded shuffle buffer of ``buffer`` samples mixes the samples of a shard.
-
-State and resume. A reader's state is (epoch, shard cursor, item: samples taken from the current
-shard's shuffled order) plus skip counters and the first few failure lines; the whole stream's
-state (``StreamLoader.state_dict``) is that per reader plus the seed, the shard list's hash and
-which worker's batch comes next: O(readers), independent of the number of items, and plain JSON.
-The shuffle buffer is seeded by (seed, reader, epoch, cursor) and drains at the end of every
-shard, so a shard's shuffled order is a function of its bytes and that seed alone; a restored
-reader re-opens its current shard, re-reads (without decoding) the ``item`` samples it had taken
-and goes on.
-
-"Exact" resume, the guarantee (tests/test_streaming.py checks it, including after SIGKILL):
-with the same shard list, buffer size, world size and worker count, and shards that read back
-the same bytes (and fail at the same points) as before, the batches a ``StreamLoader`` yields
-after ``load_state_dict(state)`` are, in order, exactly those the uninterrupted run yields after
-the batch at which ``state`` was taken (also at the end of a one-epoch pass, where readers run out
-at different times and DataLoader skips the finished workers' turns); the skip counters continue from the saved values and
-nothing is counted twice. The recorded seed wins over the configured one. Not guaranteed: if a
-shard's bytes or readability change between the runs (a flaky HTTP read, a re-uploaded shard),
-the stream from that shard on differs (it stays deterministic for the new bytes); another worker
-or world size is refused with a UserError. Cost: at resume each reader re-reads at most one shard.
-Why a buffer that drains per shard: a buffer that spans shards (webdataset's ``shuffle``) holds
-samples of earlier shards, and restoring it needs either its contents in the checkpoint (O(buffer)
-items) or a replay reaching arbitrarily far back. The price: samples mix within a shard (a window
-of ``buffer``), not across shard boundaries; shard order itself is shuffled or drawn at random.
-
-Bad input is skipped and counted, never fatal on its own: a shard that cannot be opened or is not
-a tar with samples (``shards_failed``), a shard that ends early (``shards_truncated``: samples
-already read are kept, a partly read sample is dropped), a sample whose image does not decode
-(``images_corrupt``) and a sample without an image (``no_image``). Each failure is one line naming
-the URL and the fix, logged (first few per reader) and kept in ``StreamLoader.stats()``. When every
-shard fails, ``StreamLoader`` (or a lone reader) raises ``UserError`` with the first such line.
+"""Streaming WebDataset shards: image-caption samples read front to back from tar streams (local
+paths, ``pipe:`` commands, http(s) through curl), split over (node rank, DataLoader worker) readers.
+A reader's state is a few integers, so ``StreamLoader`` resumes the exact batch sequence from a
+checkpoint; bad shards and images are skipped and counted, a stalled or broken transfer is retried
+and then stops the run with one line. Order, resume guarantee and failure handling: docs/streaming.md.
 """
 
 from __future__ import annotations
@@ -61,25 +14,25 @@ import os
 import random
 import re
 import tarfile
-import zlib
+import time
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from distill import distributed as dist_utils
-from distill.data import _stable_int
-from distill.datasets import _json_caption
+from distill.data import stable_int
+from distill.datasets import SOURCES
 from distill.errors import UserError
-from distill.imageio import _reason, load_rgb
+from distill.imageio import error_reason, load_rgb
+from distill.shards import (CAPTION_KEYS, DECODE_ERRORS, DEFAULT_FETCH, IMAGE_KEYS, READ_ERRORS,
+                            CompanionMismatch, Fetch, TransferError, companion_url, open_shard, paired_groups,
+                            pick_sample, shard_stem, tar_samples)
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 KEEP_FAILURES = 5  # failure lines kept (and logged) per reader; the counters keep counting
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError)  # as imageio.try_open
-READ_ERRORS = (OSError, EOFError, ValueError, tarfile.TarError, zlib.error)
 CURL_EXITS = {6: "could not resolve the host", 7: "could not connect (refused or unreachable)",
               22: "HTTP error status (e.g. 404)", 28: "timed out", 35: "TLS handshake failed",
               56: "connection reset while receiving"}
@@ -117,7 +70,7 @@ class ReaderState:
         return cls(**{**kept, "failures": list(kept.get("failures", []))})  # a copy: the saved dict stays as saved
 
     def snapshot(self) -> dict:
-        """A copy as a plain dict (dataclasses.asdict deep-copies field by field: a tenth of a reader's time)."""
+        """A copy as a plain dict (not dataclasses.asdict, which deep-copies field by field: slow per sample)."""
         return {**self.__dict__, "failures": list(self.failures)}
 
     def note(self, line: str) -> None:
@@ -146,15 +99,6 @@ def shards_digest(urls: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]
 
 
-def shard_stem(url: str) -> str:
-    """A shard's file name without its folder or tar extension: ``.../shard-000123.tar`` -> ``shard-000123``."""
-    base = url.rstrip("/").rsplit("/", 1)[-1]
-    for ext in (".tar.gz", ".tgz", ".tar"):
-        if base.endswith(ext):
-            return base[: -len(ext)]
-    return base
-
-
 def stable_key(key: str) -> str:
     """A sample key without its shard's location (``shard-000123#000045``): what seeds are drawn
     from, so the draws stay the same when the shards move (another mount, a mirror, http)."""
@@ -165,55 +109,6 @@ def stable_key(key: str) -> str:
 # --------------------------------------------------------------------------------------------
 # Reading one shard
 # --------------------------------------------------------------------------------------------
-
-
-def _pick(url: str, key: str, group: dict[str, bytes], image_keys: Sequence[str],
-          caption_keys: Sequence[str]) -> tuple[str, bytes | None, str]:
-    """(key, image bytes or None, caption) of one grouped sample."""
-    image = next((group[k] for k in image_keys if k in group), None)
-    caption = ""
-    for k in caption_keys:
-        if k in group:
-            raw = group[k].decode("utf-8", "replace")
-            caption = _json_caption(raw) if k == "json" else raw.strip()
-            break
-    return f"{url}#{key}", image, caption
-
-
-def tar_groups(stream: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(member key, {extension: bytes}) of a tar stream in file order; raises tarfile.ReadError on a
-    stream that ends early. Members sharing the path up to the first dot of their name form a group."""
-    tf = tarfile.open(fileobj=stream, mode="r|*")
-    key, group = None, {}
-    for m in tf:
-        tf.members = []  # stream mode keeps every TarInfo otherwise: memory would grow with the shard
-        if not m.isreg():
-            continue
-        d, base = os.path.split(m.name)
-        stem, _, ext = base.partition(".")
-        if stem.startswith("__") and stem.endswith("__") and key is not None:
-            continue  # webdataset's metadata members (__key__ files); a leading one is a shard header
-        k, ext = os.path.join(d, stem), ext.lower()
-        if k != key or ext in group:  # a new key's header: the previous sample is complete
-            if group:
-                yield key, group
-            key, group = k, {}
-        group[ext] = tf.extractfile(m).read()
-    # A complete archive ends with a zero block that tarfile read past; a stream cut at a member
-    # boundary ends without one (tarfile takes that as a clean end), and its last sample may lack members.
-    if getattr(tf.fileobj, "pos", tf.offset + tarfile.BLOCKSIZE) - tf.offset < tarfile.BLOCKSIZE:
-        raise tarfile.ReadError("unexpected end of data (no end-of-archive block)")
-    if group:
-        yield key, group
-
-
-def tar_samples(stream: Any, url: str, image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
-                caption_keys: Sequence[str] = ("txt", "caption", "json")) -> Iterator[tuple[str, bytes | None, str]]:
-    """Samples of a tar stream in file order; raises tarfile.ReadError on a stream that ends early."""
-    for key, group in tar_groups(stream):
-        if key.startswith("__") and key.endswith("__"):
-            continue  # a leading metadata member
-        yield _pick(url, key, group, image_keys, caption_keys)
 
 
 def _close(stream: Any) -> int | None:
@@ -255,6 +150,8 @@ def describe_failure(url: str, e: BaseException, status: int | None = None, samp
         why, fix = "permission denied", "make the shard readable by this user"
     elif isinstance(e, ValueError) and "gopen handler" in str(e):
         why, fix = f"no opener for the scheme {scheme}:", "use a local path, http(s):// or pipe:<command>"
+    elif "max_member_mb" in str(e):
+        why, fix = str(e).split("\n")[0], "raise data.train.stream.max_member_mb if that member is genuine"
     else:
         why = str(e).split("\n")[0][:160] or type(e).__name__
         fix = "re-copy or re-download the shard" if samples else "check that it is a (gzipped) tar shard"
@@ -264,36 +161,53 @@ def describe_failure(url: str, e: BaseException, status: int | None = None, samp
 
 
 def _raw_samples(stream: Any, url: str, image_keys: Sequence[str], caption_keys: Sequence[str],
-                 companion: tuple[str, str | None] | None) -> Iterator[tuple]:
+                 companion: tuple[str, str | None] | None, fetch: Fetch) -> Iterator[tuple]:
     """(key, image bytes, caption) per sample, plus the teacher entry when paired with a companion shard."""
     if companion is None:
-        yield from tar_samples(stream, url, image_keys, caption_keys)
+        yield from tar_samples(stream, url, image_keys, caption_keys, fetch.max_member_bytes)
         return
-    from distill.reinforce import paired_groups
+    for key, group, teacher in paired_groups(stream, url, *companion, fetch=fetch):
+        yield (*pick_sample(url, key, group, image_keys, caption_keys), teacher)
 
-    for key, group, teacher in paired_groups(stream, url, *companion):
-        yield (*_pick(url, key, group, image_keys, caption_keys), teacher)
+
+def transfer_failure(url: str, e: TransferError, tries: int) -> str:
+    """One line for a shard whose transfer stalled or broke off on every try."""
+    n = f"{tries} {'try' if tries == 1 else 'tries'}"
+    return (f"shard {url} {e} on {n}: check that the server is up and reachable (data.train.stream.stall_timeout_s "
+            f"and retries set the patience), then rerun the same command to resume from the last checkpoint")
 
 
 def shuffled_events(url: str, rng: random.Random, buffer: int, image_keys: Sequence[str],
-                    caption_keys: Sequence[str], companion: tuple[str, str | None] | None = None
-                    ) -> Iterator[tuple[str, Any]]:
+                    caption_keys: Sequence[str], companion: tuple[str, str | None] | None = None,
+                    fetch: Fetch = DEFAULT_FETCH) -> Iterator[tuple[str, Any]]:
     """A shard's samples in seeded shuffle-buffer order, as ("sample", raw) events, with at most one
     ("failed" | "truncated" | "mismatch", line) event where reading broke off; the buffer drains at the
-    end. ``companion``: (companion shard URL, wanted fingerprint) of a reinforced shard."""
-    from webdataset.gopen import gopen
-
-    from distill.reinforce import CompanionMismatch
-
+    end. ``companion``: (companion shard URL, wanted fingerprint) of a reinforced shard. A transfer that
+    stalls or breaks off is retried from the shard's start, skipping the samples already read (the same
+    bytes give the same samples), ``fetch.retries`` times; then UserError names the URL."""
     buf: list = []
-    stream, read = None, 0
+    stream, read, tries = None, 0, 0
     try:
-        stream = gopen(url, "rb")
-        for raw in _raw_samples(stream, url, image_keys, caption_keys, companion):
-            read += 1
-            buf.append(raw)
-            if len(buf) >= buffer:
-                yield "sample", _pop(buf, rng)
+        while True:
+            try:
+                stream, seen = open_shard(url, fetch), 0
+                for raw in _raw_samples(stream, url, image_keys, caption_keys, companion, fetch):
+                    seen += 1
+                    if seen <= read:
+                        continue  # read before an earlier try broke off
+                    read += 1
+                    buf.append(raw)
+                    if len(buf) >= buffer:
+                        yield "sample", _pop(buf, rng)
+                break
+            except TransferError as e:
+                _close(stream)
+                stream, tries = None, tries + 1
+                if tries > fetch.retries:
+                    raise UserError(transfer_failure(url, e, tries)) from None
+                log.warning("shard %s %s: try %d of %d in %g s", url, e, tries + 1, fetch.retries + 1,
+                            fetch.retry_delay_s)
+                time.sleep(fetch.retry_delay_s)
         status, stream = _close(stream), None
         if status not in (None, 0):
             raise OSError(f"exit {status}")
@@ -321,22 +235,27 @@ def _pop(buf: list, rng: random.Random) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
+@SOURCES.register("StreamingShards")
 class StreamingShards(IterableDataset):
-    """WebDataset shards read as a stream (see the module docstring): an IterableDataset of ``Sample``.
+    """WebDataset shards read as a stream (docs/streaming.md): an IterableDataset of ``Sample``.
 
     ``rank``/``world_size`` default to torch.distributed's (distill.distributed); the DataLoader
     worker split comes from ``get_worker_info``. ``epochs`` (one-epoch mode): passes over the
     shards, None for endless. ``buffer``: shuffle-buffer size in samples (0 or 1: file order);
-    ``shuffle_shards``: shuffle the shard order per epoch. Iterate it through ``StreamLoader`` to
-    get batches, counters and a resumable state.
+    ``shuffle_shards``: shuffle the shard order per epoch. ``stall_timeout_s``, ``retries``,
+    ``retry_delay_s``, ``max_member_mb``: how shards are fetched (distill.shards.Fetch). Iterate it
+    through ``StreamLoader`` to get batches, counters and a resumable state.
     """
 
     def __init__(self, urls: str | Sequence[str], resampled: bool = False, epochs: int | None = 1, seed: int = 0,
                  buffer: int = 1000, shuffle_shards: bool = True, rank: int | None = None,
-                 world_size: int | None = None, image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
-                 caption_keys: Sequence[str] = ("txt", "caption", "json"), reinforced: bool = False,
-                 teacher_root: str | None = None) -> None:
+                 world_size: int | None = None, image_keys: Sequence[str] = IMAGE_KEYS,
+                 caption_keys: Sequence[str] = CAPTION_KEYS, reinforced: bool = False,
+                 teacher_root: str | None = None, stall_timeout_s: float = DEFAULT_FETCH.stall_timeout_s,
+                 retries: int = DEFAULT_FETCH.retries, retry_delay_s: float = DEFAULT_FETCH.retry_delay_s,
+                 max_member_mb: float = DEFAULT_FETCH.max_member_mb) -> None:
         self.urls = expand_urls(urls)
+        self.fetch = Fetch(stall_timeout_s, retries, retry_delay_s, max_member_mb).checked()
         if epochs is not None and int(epochs) < 1:
             raise UserError(f"epochs={epochs} must be >= 1 (or None for endless)")
         if int(buffer) < 0:
@@ -376,13 +295,13 @@ class StreamingShards(IterableDataset):
             pool = frozenset(part)
             k = st.shard
             while True:
-                yield 0, k, part[_stable_int(self.seed, "draw", reader, k) % len(part)], pool
+                yield 0, k, part[stable_int(self.seed, "draw", reader, k) % len(part)], pool
                 k += 1
         e = st.epoch
         while self.epochs is None or e < self.epochs:
             order = list(range(n))
             if self.shuffle_shards:
-                random.Random(_stable_int(self.seed, "epoch", e)).shuffle(order)
+                random.Random(stable_int(self.seed, "epoch", e)).shuffle(order)
             mine = [self.urls[i] for i in order[reader::readers]]
             if not mine:
                 return  # more readers than shards: this one has nothing to read
@@ -417,9 +336,9 @@ class StreamingShards(IterableDataset):
         position "shard finished": a resume from it starts on the next shard instead of re-reading this one.
         """
         skip, taken, held = st.item, 0, None
-        rng = random.Random(_stable_int(self.seed, "buffer", reader, st.epoch, st.shard))
+        rng = random.Random(stable_int(self.seed, "buffer", reader, st.epoch, st.shard))
         for kind, payload in shuffled_events(url, rng, self.buffer, self.image_keys, self.caption_keys,
-                                             self.companion(url)):
+                                             self.companion(url), self.fetch):
             if kind == "sample":
                 taken += 1
                 if taken <= skip:
@@ -450,8 +369,6 @@ class StreamingShards(IterableDataset):
         """(companion shard URL, wanted fingerprint) for a reinforced stream, else None."""
         if not self.reinforced:
             return None
-        from distill.reinforce import companion_url
-
         return companion_url(url, self.teacher_root), self.teacher_fingerprint
 
     def _decode(self, raw: tuple, reader: int, st: ReaderState) -> Sample | None:
@@ -463,7 +380,7 @@ class StreamingShards(IterableDataset):
             img = load_rgb(io.BytesIO(data))
         except DECODE_ERRORS as e:
             st.images_corrupt += 1
-            st.note(f"skipping unreadable image {key}: {_reason(e)}")
+            st.note(f"skipping unreadable image {key}: {error_reason(e)}")
             return None
         st.samples += 1
         return Sample(key, img, caption, reader, st.snapshot(), raw[3] if len(raw) > 3 else None)
@@ -473,7 +390,7 @@ class StreamingShards(IterableDataset):
         first = None
         for url in self.urls:
             for kind, payload in shuffled_events(url, random.Random(0), 0, self.image_keys, self.caption_keys,
-                                                 self.companion(url)):
+                                                 self.companion(url), self.fetch):
                 if kind == "sample":
                     return None
                 first = first or payload
@@ -509,14 +426,24 @@ class _BatchFn:
         return _Batch(self.collate(items), last.reader, last.state)
 
 
+def worker_line(e: BaseException) -> str:
+    """A worker's UserError line: DataLoader re-raises it in the main process wrapped in the worker's traceback."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    name, sep, line = last.partition(": ")
+    return line if sep and re.fullmatch(r"[\w.]+", name) else last
+
+
 class StreamLoader:
     """Batches of a ``StreamingShards`` through a DataLoader, with the bookkeeping that makes the
     stream resumable: the position of every reader as of the last batch handed out, and which
     worker's batch comes next (workers take turns). ``transform(sample)`` and ``collate(items)`` run
     in the workers (default: lists of keys, PIL images and captions).
 
-    ``state_dict`` / ``load_state_dict`` save and restore the position (a JSON-able dict, see the
-    module docstring for the guarantee); ``stats`` gives the skip counters for logs and reports.
+    ``state_dict`` / ``load_state_dict`` save and restore the position (a JSON-able dict; see
+    docs/streaming.md for the guarantee); ``stats`` gives the skip counters for logs and reports.
     Under torch.distributed ``state_dict`` and ``stats(all_ranks=True)`` are collectives: call
     them on every rank.
     """
@@ -546,11 +473,14 @@ class StreamLoader:
         loader = DataLoader(self.source, batch_size=self.batch_size, num_workers=self.num_workers,
                             collate_fn=_BatchFn(self.transform, self.collate), drop_last=self.drop_last,
                             **self.loader_kw)
-        for b in loader:
-            self.positions[b.reader] = b.state
-            self.next_worker = (b.reader % w + 1) % w
-            self.batches += 1
-            yield b.data
+        try:
+            for b in loader:
+                self.positions[b.reader] = b.state
+                self.next_worker = (b.reader % w + 1) % w
+                self.batches += 1
+                yield b.data
+        except UserError as e:
+            raise UserError(worker_line(e)) from None
         if not any(p.get("samples", 0) for p in self.positions.values()):
             line = self.source.probe()
             if line is not None:  # nothing was ever read and no shard yields a sample: every shard failed

@@ -25,7 +25,8 @@ from distill import reinforce
 from distill.data import ViewSpec, augmented_view
 from distill.errors import UserError
 from distill.streaming import StreamingShards, StreamLoader
-from distill.train import StreamViews, TrainStream, stream_collate
+from distill.data_build import TrainStream
+from distill.train import StreamViews, stream_collate
 from tests.conftest import REPO
 from tests.test_stream_training import (CORPUS, N_SHARDS, PER_SHARD, _fit_recording, _losses, _stream,  # noqa: F401
                                         http_base, pattern, write_shards)

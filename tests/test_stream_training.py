@@ -22,9 +22,13 @@ from PIL import Image
 
 from distill.data import ViewSpec
 from distill.engine import EngineConfig, fit
+from distill.engine.checkpoint import load_state
 from distill.errors import UserError
 from distill.streaming import StreamingShards
-from distill.train import DistillTask, TrainStream, train
+from distill import data_build
+from distill import train as train_mod
+from distill.data_build import TrainStream
+from distill.train import DistillTask, train
 from tests.conftest import REPO, ArraySource
 from tests.test_train import _cfg, _loss, _student
 
@@ -113,7 +117,7 @@ def test_a_stopped_stream_run_resumes_with_the_same_batches_and_weights(tmp_path
     full, _ = _fit_recording(_stream(pattern), tiny_teacher, tmp_path / "a", num_workers=workers)
     _fit_recording(_stream(pattern), tiny_teacher, tmp_path / "b", num_workers=workers, ckpt_every=1,
                    stop_after_steps=3)
-    saved = torch.load(tmp_path / "b/checkpoints/step_0000003/state.pt", weights_only=False)
+    saved = load_state(tmp_path / "b/checkpoints/step_0000003")
     assert saved["data"]["kind"] == "distill.streaming" and saved["data"]["workers"] == max(1, workers)
     resumed, res = _fit_recording(_stream(pattern), tiny_teacher, tmp_path / "b", student=_student(seed=9),
                                   num_workers=workers, ckpt_every=1, resume="auto")
@@ -215,19 +219,17 @@ def test_the_stream_config_builds_and_trains_through_the_pipeline(tmp_path, patt
     cfg = _compose(pattern, "cache.enabled=false", "+data.train.corpus.extra=['a cat','a dog']", "train.steps=3",
                    "train.ckpt_every=0", "train.progress=false", "train.tensorboard=false", "train.resume=never")
     validate.check_config(cfg)
-    stream, eval_sets, info = pipeline.build_data(cfg.data)
+    stream, eval_sets, info = data_build.build_data(cfg.data)
     assert isinstance(stream, TrainStream) and stream.source.resampled and stream.spec.augment
     assert info["stream"]["shards"] == N_SHARDS and eval_sets["retrieval"]
     teacher = pipeline.build_teacher(cfg.teacher, CPU)
     student, model_cfg = pipeline.build_student_stage(cfg.student, teacher)
-    res = pipeline.train_stage(cfg, teacher, student, model_cfg, pipeline.student_tokenizer(model_cfg), stream,
+    res = train_mod.train_stage(cfg, teacher, student, model_cfg, pipeline.student_tokenizer(model_cfg), stream,
                                eval_sets, None, tmp_path / "run", CPU)
     assert res["steps"] == 3 and res["target_source"] == "online" and res["stream"]["samples"] > 0
 
 
 def test_ddp_needs_a_resampled_or_endless_stream(pattern, monkeypatch):
-    from distill import pipeline
-
-    monkeypatch.setattr(pipeline.dist_utils, "world_size", lambda: 2)
+    monkeypatch.setattr(data_build.dist_utils, "world_size", lambda: 2)
     with pytest.raises(UserError, match="needs resampled: true"):
-        pipeline.build_data(_compose(pattern, "data.train.stream.resampled=false").data)
+        data_build.build_data(_compose(pattern, "data.train.stream.resampled=false").data)

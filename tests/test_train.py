@@ -8,6 +8,7 @@ import torch
 from distill.cache import build_or_load
 from distill.data import TrainSet, ViewSpec
 from distill.errors import UserError
+from distill.engine.checkpoint import load_state
 from distill.engine.optim import cosine_schedule, param_groups
 from distill.train import DistillTask, TrainingDiverged, train
 from tests.conftest import TINY_TEACHER_CFG, ArraySource
@@ -183,7 +184,7 @@ def test_lr_scale_gives_the_text_tower_its_own_learning_rate(tmp_path, setup):
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     train(student=student, loss_fn=_loss(), dataset=ds, tokenizer=tok, out_dir=tmp_path,
           cfg=_cfg(steps=2, ckpt_every=2, lr_scale={"text": 2.0}), device=torch.device("cpu"), cache=cache)
-    state = torch.load(next((tmp_path / "checkpoints").glob("step_*")) / "state.pt", weights_only=False)
+    state = load_state(next((tmp_path / "checkpoints").glob("step_*")))
     lrs = {g.get("tower", ""): g["lr"] for g in state["optimizer"]["param_groups"]}
     assert lrs["text"] == pytest.approx(2 * lrs[""]) and lrs[""] > 0
     assert not torch.equal(before["token_embedding.weight"], student.token_embedding.weight.detach())
@@ -280,11 +281,11 @@ def test_uncaptioned_images_draw_fresh_corpus_texts_and_extra_texts_resume_exact
 
 
 def test_corpus_draws_cover_the_corpus():
-    from distill.data import _stable_int
+    from distill.data import stable_int
 
     seen = set()
     for step in range(50):
-        g = torch.Generator().manual_seed(_stable_int("draw", 0, step, 0, 0))
+        g = torch.Generator().manual_seed(stable_int("draw", 0, step, 0, 0))
         seen |= set(torch.randint(0, 40, (8,), generator=g).tolist())
     assert len(seen) == 40  # a fixed text per image would cover at most the 12 images' texts
 
