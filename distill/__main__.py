@@ -26,7 +26,9 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except Exception as e:
-        user = find_user_error(e)
+        from distill.distributed import peer_lost
+
+        user = find_user_error(e) or peer_lost(e)
         if user is None:
             raise
         sys.exit(report_user_error(user))
@@ -43,7 +45,9 @@ def check_overrides(argv: list[str]) -> int | None:
 
     from distill.compose import compose, one_line
 
-    if any(a.startswith("-") for a in argv):  # Hydra's own flags (--help, --multirun, -cd, ...): left to Hydra
+    # Hydra's own flags (--help, --multirun, -cd, ...) and extra config search paths change what composes:
+    # those command lines are left to Hydra's main
+    if any(a.startswith("-") or a.lstrip("+~").startswith("hydra.searchpath") for a in argv):
         return None
     overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra.")]  # run-folder settings: Hydra's main
     try:

@@ -3,7 +3,7 @@
 This module must never import torch (directly or through another module): it is what runs on the
 device. ``tests/test_edge.py`` checks that in a fresh interpreter.
 
-Bundle (a folder written by ``distill.export.write_bundle``; it stands alone on a device):
+Bundle (a folder written by ``distill.bundle.write_bundle``; it stands alone on a device):
     edge.py                     launcher: ``python edge.py classify IMG...`` runs runtime/ on this folder
     runtime/distill/            this module and the torch-free modules it imports, copied from the package
     requirements.txt            onnxruntime, numpy, Pillow (``pip install -r requirements.txt``)
@@ -73,7 +73,7 @@ import numpy as np
 
 from distill import onnx_tools
 from distill import preprocess as _pre
-from distill.errors import UserError
+from distill.errors import UserError, one_line
 from distill.preprocess import preprocess_image  # noqa: F401 - the public name benchmarks import from here
 
 SUPPORTED_FORMAT_VERSIONS = (1,)
@@ -81,19 +81,17 @@ TEXT_INT8_FILE = "text_encoder.int8.onnx"
 # encoder file -> (input kind, precision); golden.json holds an output for each of these in the bundle
 ENCODERS = {"image_encoder.onnx": ("image", "fp32"), "image_encoder.int8.onnx": ("image", "int8"),
             "text_encoder.onnx": ("text", "fp32"), TEXT_INT8_FILE: ("text", "int8")}
-# auto keeps fp32 text: dynamic int8 of a trained text transformer (all-MiniLM-L6-v2, 27 prompts) gave min
-# cosine 0.984 (mean 0.993) to fp32 and moved 1 of 7 captions' nearest class prompt, while a prompt is
-# embedded once and kept, so int8's 2.6x faster text run is rarely worth that drift.
+# auto keeps fp32 text: a prompt is embedded once and kept, so int8's faster text run rarely pays for its
+# drift from fp32 (benchmarks/results/config_choices.md, "Edge runtime").
 AUTO_TEXT_PRECISION = "fp32"
 REBUILD_HINT = ("rebuild the bundle (re-run the export stage: python -m distill ... export.bundle=true, "
-                "or distill.export.write_bundle) or copy the whole folder again")
+                "or distill.bundle.write_bundle) or copy the whole folder again")
 FP32_BATCH_SIZE = 16
 TEXT_FP32_BATCH_SIZE = 64
 GOLDEN_FILE = "golden.json"
-# selftest tolerances, also written into golden.json for ports: fp32 differs only by summation order,
-# while int8 outputs (5e-8 apart between ORT's fused and unfused graphs here) can move by a whole
-# quantisation step on another CPU's or runtime's int8 kernels, yet the wrong file lands at the
-# int8-vs-fp32 gap (min cosine 0.984 on all-MiniLM-L6-v2 text), so int8 gets 0.995, between the two.
+# selftest tolerances, also written into golden.json for ports: fp32 differs only by summation order, while
+# int8 can move by a whole quantisation step on another CPU's kernels yet must stay above the int8-vs-fp32
+# gap, so its floor lies between the two (benchmarks/results/config_choices.md, "Edge runtime").
 GOLDEN_MIN_COSINE = {"fp32": 0.9999, "int8": 0.995}
 # the Python runtime reproduces Pillow's pixels exactly, and 1.5 grey levels (/ 255 / std in golden.json)
 # leaves a port's own bicubic room to round a level differently
@@ -106,11 +104,6 @@ class BundleError(UserError):
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
-
-
-def _one_line(err: BaseException) -> str:
-    msg = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {msg[0] if msg else ''}".strip()
 
 
 @dataclass
@@ -167,7 +160,7 @@ class Bundle:
             try:
                 pending.append(self.load_image(p))
             except Exception as e:  # noqa: BLE001 - any decode failure is reported for that file only
-                errors.append((str(p), _one_line(e)))
+                errors.append((str(p), one_line(e)))
                 continue
             ok.append(i)
             if len(pending) == batch_size:
@@ -255,7 +248,7 @@ def _read_manifest(root: Path) -> tuple[dict[str, Any], dict[str, str], int]:
         files: dict[str, str] = meta["files"]
         embed_dim = int(meta["embed_dim"])
     except (ValueError, KeyError, TypeError) as e:
-        raise BundleError(f"{meta_path}: unreadable ({_one_line(e)}); " + REBUILD_HINT) from None
+        raise BundleError(f"{meta_path}: unreadable ({one_line(e)}); " + REBUILD_HINT) from None
     if meta.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
         raise BundleError(f"{meta_path}: format_version {meta.get('format_version')!r} is not supported by this "
                           f"runtime (supports {SUPPORTED_FORMAT_VERSIONS}); update distill or " + REBUILD_HINT)
@@ -314,7 +307,7 @@ def load_bundle(path: str | Path, precision: str = "auto", *, threads: int | Non
     try:
         pre = _pre.check_spec(json.loads((root / "preprocess.json").read_text()))
     except (ValueError, TypeError, AttributeError) as e:
-        raise BundleError(f"{root / 'preprocess.json'}: {_one_line(e)}; " + REBUILD_HINT) from None
+        raise BundleError(f"{root / 'preprocess.json'}: {one_line(e)}; " + REBUILD_HINT) from None
     if emb.ndim != 2 or emb.shape[1] != embed_dim or emb.shape[0] != len(labels):
         raise BundleError(f"class_embeddings.npy shape {emb.shape} disagrees with embed_dim {embed_dim} and "
                           f"{len(labels)} labels; " + REBUILD_HINT)
@@ -409,7 +402,7 @@ def selftest(bundle: str | Path, threads: int | None = None) -> tuple[bool, list
         got = golden_embeddings(b.path, list(golden["embeddings"]), tokens, pixels, threads)
         checks += _check_embeddings(golden, got)
     except (KeyError, TypeError, ValueError, OSError) as e:
-        raise BundleError(f"{b.path / GOLDEN_FILE}: unreadable ({_one_line(e)}); " + REBUILD_HINT) from None
+        raise BundleError(f"{b.path / GOLDEN_FILE}: unreadable ({one_line(e)}); " + REBUILD_HINT) from None
     ok = all(c[0] for c in checks)
     lines = [f"{'ok  ' if passed else 'FAIL'} {line}" for passed, line in checks]
     failed = sum(not c[0] for c in checks)
@@ -424,6 +417,12 @@ def selftest(bundle: str | Path, threads: int | None = None) -> tuple[bool, list
 ISOLATION_HEADERS = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp",
                      "Cross-Origin-Resource-Policy": "same-origin"}
 COMPRESSIBLE = (".wasm", ".onnx", ".mjs", ".js", ".html", ".json", ".npy")  # not the tokenizer's .gz
+
+
+def _inside(root: str | Path, path: str | Path) -> bool:
+    """Whether ``path``, every symlink resolved, lies inside ``root``'s real folder."""
+    root, real = os.path.realpath(root), os.path.realpath(path)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
 
 class _BundleHandler(http.server.SimpleHTTPRequestHandler):
@@ -450,7 +449,11 @@ class _BundleHandler(http.server.SimpleHTTPRequestHandler):
             return False
 
     def send_head(self):
-        path = self.translate_path(self.path)
+        path = self.translate_path(self.path)  # http.server has dropped '..', but not symlinks
+        # a folder is served as its index.html (or a listing), so that file is what must stay inside
+        if not _inside(self.directory, os.path.join(path, "index.html") if os.path.isdir(path) else path):
+            self.send_error(404, "File not found")  # as for a missing file: nothing about what lies outside
+            return None
         if (not os.path.isfile(path) or Path(path).suffix not in COMPRESSIBLE
                 or "gzip" not in self.headers.get("Accept-Encoding", "")):
             return super().send_head()
@@ -485,11 +488,39 @@ class _BundleHandler(http.server.SimpleHTTPRequestHandler):
             super().log_request(code, size)
 
 
+def _symlink_warning(root: Path) -> str | None:
+    """One line when the bundle holds symlinks (a copy made without dereferencing them), else None."""
+    links, outside = [], []
+    for folder, dirs, files in os.walk(root):  # does not descend into linked folders
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                rel = os.path.relpath(path, root)
+                links.append(rel)
+                if not _inside(root, path):
+                    outside.append(rel)
+    if not links:
+        return None
+    where = f"{len(outside)} of them lead outside it and are not served (e.g. {outside[0]})" if outside else \
+        "all resolve inside it"
+    return (f"warning: {root} holds {len(links)} symlink{'s' * (len(links) != 1)} (e.g. {links[0]}); {where}: "
+            f"copy the bundle with cp -rL (or rsync -L) so it holds real files")
+
+
+def serving_line(root: Path, host: str, port: int) -> str:
+    """The line ``serve`` prints: the address the server really listens on, and how to open the page."""
+    if host in ("", "0.0.0.0"):
+        return (f"serving {root} at http://0.0.0.0:{port}/web/ (every network interface: open "
+                f"http://127.0.0.1:{port}/web/ here or this machine's address elsewhere; Ctrl-C stops)")
+    return f"serving {root} at http://{host}:{port}/web/ (Ctrl-C stops)"
+
+
 def serve(bundle: str | Path, port: int = 8765, host: str = "127.0.0.1") -> int:
     """Serve a bundle folder over HTTP for its browser page (bundle/web/index.html) with the COOP/COEP
     headers that wasm threads need, gzip-compressed for browsers that take it (the wasm runtime and the
     models shrink by a half to three quarters). Prints one line with the page's URL (port 0 picks a
-    free port); runs until interrupted. Raises BundleError when the folder has no page."""
+    free port); runs until interrupted. Raises BundleError when the folder has no page. Only files whose
+    real path (symlinks resolved) lies inside the bundle are served; one stderr line warns of symlinks."""
     root = Path(bundle).resolve()
     if not (root / "web" / "index.html").is_file():
         raise BundleError(f"{root}: no web/index.html, so no browser page to serve; " + REBUILD_HINT)
@@ -497,8 +528,10 @@ def serve(bundle: str | Path, port: int = 8765, host: str = "127.0.0.1") -> int:
         server = http.server.ThreadingHTTPServer((host, port), functools.partial(_BundleHandler, directory=str(root)))
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    shown = "127.0.0.1" if host in ("", "0.0.0.0") else host
-    print(f"serving {root} at http://{shown}:{server.server_address[1]}/web/ (Ctrl-C stops)", flush=True)
+    warning = _symlink_warning(root)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    print(serving_line(root, *server.server_address[:2]), flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

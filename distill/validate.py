@@ -8,6 +8,8 @@ per mistake. The stages keep their own checks: this is an early, cheap pass, not
 from __future__ import annotations
 
 import difflib
+import functools
+import inspect
 import math
 import os
 from pathlib import Path
@@ -16,13 +18,14 @@ from typing import Any, Callable, Iterator
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
+from distill.compose import config_dir
 from distill.engine.optim import LR_GROUPS
 from distill.errors import UserError
 from distill.finetune.methods import METHODS as FINETUNE_METHODS
 
 OPEN_CLIP_TEACHER = "distill.teachers.open_clip_teacher.OpenClipTeacher"
 CONSE_TEACHER = "distill.teachers.conse.ConSETeacher"
-ONNX_TEACHERS = ("distill.teachers.onnx_teacher.OnnxDualEncoder", "distill.teachers.onnx_teacher.OnnxTeacher")
+ONNX_TEACHERS = ("distill.teachers.onnx_teacher.OnnxDualEncoder",)
 REFERENCE_VARIANT = "teacher_torch_fp32"
 
 
@@ -98,23 +101,10 @@ def _check_train(cfg: DictConfig) -> Iterator[str]:
 
 
 def _check_student(cfg: DictConfig) -> Iterator[str]:
-    vision = _number(cfg, "student.builder.vision") or {}
-    width, heads = vision.get("width"), vision.get("heads")
-    if isinstance(width, int) and isinstance(heads, int) and heads > 0 and width % heads:
-        yield (f"student.builder.vision.width={width} is not divisible by heads={heads}: "
-               f"pick heads from {_divisors(width)}")
-    size, patch = vision.get("image_size"), vision.get("patch_size")
-    if isinstance(size, int) and isinstance(patch, int) and patch > 0 and size % patch:
-        yield (f"student.builder.vision.image_size={size} is not a multiple of patch_size={patch}: "
-               f"use image_size={size - size % patch or patch} or a patch size dividing {size}")
-    for key in ("width", "layers", "heads", "patch_size", "image_size"):
-        if key in vision and (not isinstance(vision[key], int) or vision[key] < 1):
-            yield f"student.builder.vision.{key}={vision[key]!r} must be a positive integer"
-    text = _number(cfg, "student.builder.text") or {}
-    tw, th = text.get("width"), text.get("heads")
-    if text.get("mode", "distilled") == "distilled" and isinstance(tw, int) and isinstance(th, int) and th > 0 \
-            and tw % th:
-        yield f"student.builder.text.width={tw} is not divisible by heads={th}: pick heads from {_divisors(tw)}"
+    from distill.students import check_config as check_student  # each image tower kind checks its own keys
+
+    # unknown vision keys are already reported by the strict key check, with the closest key
+    yield from (p for p in check_student(cfg) if not p.startswith("student.builder.vision has unknown keys"))
 
 
 def _divisors(n: int) -> list[int]:
@@ -141,6 +131,12 @@ def _check_open_clip_teacher(cfg: DictConfig) -> Iterator[str]:
     import open_clip
 
     if _number(cfg, "teacher.model_cfg") is not None:
+        # OpenClipTeacher builds an inline model_cfg and ignores these (model_name's tokenizer too)
+        for key in ("model_name", "cache_dir"):
+            val = _number(cfg, f"teacher.{key}")
+            if val is not None:
+                yield (f"teacher.{key}={val} is ignored beside the inline teacher.model_cfg, which builds the model: "
+                       f"drop it, or use teacher=openclip for a model named by teacher.model_name")
         return
     name = _number(cfg, "teacher.model_name")
     pretrained = _number(cfg, "teacher.pretrained")
@@ -176,7 +172,7 @@ def _check_loss(cfg: DictConfig) -> Iterator[str]:
 
     for term, w in weights.items():
         if term not in TERMS:
-            yield f"loss.weights.{term} is not a loss term; closest: {_closest(term, list(TERMS))}"
+            yield TERMS.unknown(term, f"loss.weights.{term}")
         if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0:
             yield f"loss.weights.{term}={w!r} must be a number >= 0"
     if weights and all(isinstance(w, (int, float)) and w == 0 for w in weights.values()):
@@ -230,6 +226,31 @@ def _check_data(cfg: DictConfig) -> Iterator[str]:
                 yield from _check_urls(at, urls)
 
 
+def _image_only_target(target: Any) -> bool:
+    """Whether a source ``_target_`` builds an image-only source (its factory or class carries ``image_only``)."""
+    if not isinstance(target, str):
+        return False
+    from hydra.utils import get_object
+
+    try:
+        return bool(getattr(get_object(target), "image_only", False))
+    except Exception:  # noqa: BLE001 - instantiate reports an unimportable target with its own message
+        return False
+
+
+def _check_image_only(cfg: DictConfig) -> Iterator[str]:
+    """data.train.image_only_ratio in [0, 1]; no image-only source as a retrieval set (it has no captions)."""
+    ratio = OmegaConf.select(cfg, "data.train.image_only_ratio", default=None)
+    if ratio is not None and not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 <= ratio <= 1):
+        yield (f"data.train.image_only_ratio={ratio} is not in [0, 1]: set the share of image-only items per batch, "
+               f"e.g. data.train.image_only_ratio=0.25 (null: no mixing)")
+    for where, top in _sources(cfg):
+        if where.startswith("data.eval.retrieval") and any(_image_only_target(src.get("_target_"))
+                                                           for _, src in _walk_sources(where, top)):
+            yield (f"{where} is image-only (no captions for a retrieval metric): drop it from data.eval.retrieval "
+                   f"or use a captioned source")
+
+
 def _check_urls(at: str, urls: str) -> Iterator[str]:
     if urls.startswith(("pipe:", "http://", "https://", "s3://", "gs://")):
         return
@@ -253,7 +274,7 @@ def _check_bench(cfg: DictConfig) -> Iterator[str]:
 
         for name in variants:
             if name not in VARIANTS:
-                yield f"variants: {name} is not a deployment variant; closest: {_closest(name, list(VARIANTS))}"
+                yield VARIANTS.unknown(name, "variants")
         if REFERENCE_VARIANT not in variants:
             yield (f"variants={list(variants)} lacks {REFERENCE_VARIANT}, the reference every ratio in the "
                    f"report is taken against: add it")
@@ -267,7 +288,7 @@ def _check_finetune(cfg: DictConfig) -> Iterator[str]:
     if method in (None, "none"):
         return
     if method not in FINETUNE_METHODS:
-        yield f"finetune.method={method!r} is not known: use one of {', '.join(FINETUNE_METHODS)}"
+        yield FINETUNE_METHODS.unknown(method, "finetune.method")
     if _number(cfg, "teacher._target_") not in (OPEN_CLIP_TEACHER, CONSE_TEACHER):
         yield (f"finetune={method} needs a trainable teacher: teacher={_number(cfg, 'teacher._target_')} cannot be "
                f"fine-tuned; use teacher=openclip, openclip_tiny or conse, or finetune=none")
@@ -286,7 +307,28 @@ def _check_finetune(cfg: DictConfig) -> Iterator[str]:
         yield "finetune.wise_ft.alphas is empty: give at least one α in [0, 1], e.g. [0, 0.5, 1]"
     if method == "lora":
         yield from _positive(cfg, "finetune.lora.rank", True, "set finetune.lora.rank=8")
+        yield from _check_lora_targets(cfg)
     yield from _positive(cfg, "finetune.train.steps", True, "set finetune.train.steps=300")
+
+
+def _check_lora_targets(cfg: DictConfig) -> Iterator[str]:
+    """LoRA with no target module would end in peft's traceback: one line instead."""
+    targets = _number(cfg, "finetune.lora.targets")
+    if not targets:
+        return  # null or {}: auto on both towers (distill.finetune.methods.attach_lora)
+    words = {}
+    for tower, val in targets.items():
+        if val is None:
+            yield f"finetune.lora.targets.{tower}=null: use [] for no LoRA on the {tower} tower, or auto"
+            return
+        words[tower] = [str(w).strip() for w in ([val] if isinstance(val, str) else val)]
+    if not any(w for ws in words.values() for w in ws):
+        yield (f"finetune.lora.targets has no target in any tower ({', '.join(words)} all empty), so LoRA would "
+               f"train nothing: set finetune.lora.targets.image=auto (or text, or module names), or another finetune")
+        return
+    for tower, ws in words.items():
+        if "" in ws:
+            yield f"finetune.lora.targets.{tower} has an empty name: drop it (names: auto, attn or module names)"
 
 
 def _check_stream(cfg: DictConfig) -> Iterator[str]:
@@ -319,10 +361,8 @@ def _check_export(cfg: DictConfig) -> Iterator[str]:
     mob = _number(cfg, "export.mobile")
     if mob is None:
         return
-    for key, val in mob.items():
-        if key not in MOBILE_KEYS:
-            yield f"export.mobile.{key} is not a setting; closest: {_closest(str(key), list(MOBILE_KEYS))}"
-        elif key != "ort_style" and not isinstance(val, bool):
+    for key, val in mob.items():  # an unknown key is _check_keys' line
+        if key in MOBILE_KEYS and key != "ort_style" and not isinstance(val, bool):
             yield f"export.mobile.{key}={val!r} must be true or false"
     from distill.mobile import ORT_STYLES
 
@@ -338,6 +378,198 @@ def _check_export(cfg: DictConfig) -> Iterator[str]:
                    f"set it to 64, or export.mobile.static_int8=false")
 
 
+# ------------------------------------------------------------------------------- strict keys
+# Every key of a composed config must be one the config files declare, so a misspelt or misplaced
+# setting is an error before any work instead of being silently ignored. The known keys are read
+# from the files (each group's options, config.yaml and the experiment deltas, unioned per key) and
+# from the code they name, not kept by hand (CODE_KEYS aside), so a new option file extends them itself.
+
+HYDRA_KEYS = frozenset({"_target_", "_partial_", "_recursive_", "_convert_", "_args_"})
+# Subtrees whose keys are data rather than settings, so any key goes (or has its own check):
+OPEN_KEYS = {
+    "teacher.model_cfg": "an inline open_clip model config: open_clip reads it",
+    "teacher.preprocess": "an ONNX teacher's preprocessing spec: distill.preprocess reads it",
+    "loss.weights": "loss term names: _check_loss checks them against distill.losses.TERMS",
+    "train.lr_scale": "parameter groups: _check_train and the engine check them against LR_GROUPS",
+    "finetune.train.lr_scale": "parameter groups of the fine-tune's model (head, adapter, ...)",
+    "bench.targets": "report.json summary entries (free-form names with dots and slashes)",
+    "student.builder.vision.timm_model_kwargs": "keyword arguments of timm.create_model for the chosen model",
+}
+# Beside those, a `_target_`-built object (teacher, loss, optimizer, schedule, student builder,
+# data sources and stream) takes exactly the parameters of what it names (read off its signature,
+# open when it takes **kwargs), data.train.corpus is passed as keyword arguments to build_corpus,
+# student.builder.vision takes its tower kind's keys, and a list is open unless its items are maps
+# the files describe (eval sets).
+KWARGS_OF = {"data.train.corpus": "distill.data.build_corpus"}
+# finetune.train holds engine settings merged over conf/train/default.yaml's (distill.compose.train_defaults)
+SAME_KEYS = {"finetune.train": "train"}
+
+
+# Keys the code reads with a default of its own that no config file declares.
+CODE_KEYS = {"student": ("embed_dim",), "bench": ("ceilings",), "student.builder.text": ("mlp_ratio",)}
+
+
+def _tower_keys(vision: dict[str, Any]) -> tuple[frozenset[str] | None, str]:
+    """student.builder.vision takes the keys its tower kind declares (distill.students, one class per kind)."""
+    from distill import students
+
+    kind = vision.get("kind", "vit")
+    try:
+        tower = students.tower_kind(kind)
+    except Exception:  # noqa: BLE001 - an unknown kind is the student check's line, not a key problem
+        return None, ""
+    return frozenset({"kind", *tower.keys, *getattr(tower, "derived", ())}), f"kind={kind}"
+
+
+# Maps whose keys the code declares per choice made inside them.
+DECLARED_BY = {"student.builder.vision": _tower_keys}
+
+
+class _Keys:
+    """The union of one config node over every file: child keys, list items, `_target_`s seen."""
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Keys] = {}
+        self.item: _Keys | None = None
+        self.targets: set[str] = set()
+        self.is_map = False
+
+    def at(self, dotted: str) -> "_Keys":
+        node = self
+        for part in filter(None, dotted.split(".")):
+            node.is_map = True
+            node = node.children.setdefault(part, _Keys())
+        return node
+
+    def add(self, value: Any) -> None:
+        if isinstance(value, dict):
+            self.is_map = True
+            if isinstance(value.get("_target_"), str):
+                self.targets.add(value["_target_"])
+            for k, v in value.items():
+                self.children.setdefault(str(k), _Keys()).add(v)
+        elif isinstance(value, list):
+            for v in value:
+                if isinstance(v, (dict, list)):
+                    self.item = self.item or _Keys()
+                    self.item.add(v)
+
+    def merge(self, other: "_Keys") -> None:
+        self.is_map |= other.is_map
+        self.targets |= other.targets
+        for k, v in other.children.items():
+            self.children.setdefault(k, _Keys()).merge(v)
+        if other.item is not None:
+            self.item = self.item or _Keys()
+            self.item.merge(other.item)
+
+
+def _package(path: Path, group: str) -> str:
+    """Where Hydra puts a config file's keys: its `# @package` header, else its group path."""
+    for line in path.read_text().splitlines():
+        if line.startswith("# @package"):
+            pkg = line.split(None, 2)[2].strip()
+            pkg = pkg.replace("_group_", group.replace("/", "."))
+            return "" if pkg == "_global_" else pkg.removeprefix("_global_.")
+        if line.strip() and not line.startswith("#"):
+            break
+    return group.replace("/", ".")
+
+
+@functools.lru_cache(maxsize=4)
+def known_keys(conf_dir: str | None = None) -> _Keys:
+    """Every key the config files under ``conf_dir`` (default: the packaged configs) declare."""
+    conf = Path(conf_dir or config_dir())
+    files = sorted(conf.rglob("*.yaml"))
+    loaded = {f: OmegaConf.to_container(OmegaConf.load(f), resolve=False) or {} for f in files}
+    groups = {f: "/".join(f.relative_to(conf).parts[:-1]) for f in files}
+    packages = {f: {_package(f, groups[f])} for f in files}
+    # a defaults entry `sub@pkg: option` in a group's file places group/sub's options at pkg
+    for f, data in loaded.items():
+        entries = (data.get("defaults") if isinstance(data, dict) else None) or []
+        for name in (k for e in entries if isinstance(e, dict) for k in e):
+            sub, _, pkg = str(name).partition("@")
+            if pkg and not sub.startswith(("/", "override")):
+                base = next(iter(packages[f]))
+                for g in (g for g in files if groups[g] == f"{groups[f]}/{sub}".strip("/")):
+                    packages[g].add(f"{base}.{pkg}".strip("."))
+    root = _Keys()
+    for f, data in loaded.items():
+        if not isinstance(data, dict):
+            continue
+        data = {k: v for k, v in data.items() if k != "defaults" and not (groups[f] == "" and k == "hydra")}
+        for pkg in packages[f]:
+            root.at(pkg).add(data)
+    for alias, source in SAME_KEYS.items():
+        root.at(alias).merge(root.at(source))
+    return root
+
+
+@functools.lru_cache(maxsize=64)
+def _parameters(target: str) -> frozenset[str] | None:
+    """The keyword parameters of ``target`` (a dotted name), or None: not importable, or takes **kwargs."""
+    from hydra.utils import get_object
+
+    try:
+        params = inspect.signature(get_object(target)).parameters.values()
+    except Exception:  # noqa: BLE001 - instantiate reports an unimportable target with its own message
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def _allowed(value: dict[str, Any], node: _Keys, where: str) -> tuple[frozenset[str] | None, str]:
+    """(the keys ``value`` may hold, whose they are for the message); None: any key goes."""
+    if where in DECLARED_BY:
+        return DECLARED_BY[where](value)
+    target = value.get("_target_") if isinstance(value.get("_target_"), str) else None
+    if target is None and len(node.targets) == 1:  # e.g. finetune.train.optimizer, merged over train's AdamW
+        target = next(iter(node.targets))
+    target = target or KWARGS_OF.get(where)
+    extra = set(CODE_KEYS.get(where, ()))
+    if target is not None:
+        params = _parameters(target)
+        if params is not None:
+            return params | HYDRA_KEYS | extra, target.rsplit(".", 1)[-1]
+    if node.is_map and node.children:
+        return frozenset(node.children) | extra, ""
+    return None, ""
+
+
+def _unknown_keys(value: Any, node: _Keys, where: str, shown: str) -> Iterator[str]:
+    """One line per key of ``value`` that ``node`` does not know (the topmost one of a subtree)."""
+    if where in OPEN_KEYS:
+        return
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _unknown_keys(v, node.item or _Keys(), f"{where}[]", f"{shown}[{i}]")
+        return
+    if not isinstance(value, dict):
+        return
+    allowed, owner = _allowed(value, node, where)
+    if allowed is None:
+        return
+    for key, v in value.items():
+        full = f"{shown}.{key}" if shown else str(key)
+        if key in allowed:
+            yield from _unknown_keys(v, node.children.get(key) or _Keys(), f"{where}.{key}".lstrip("."), full)
+            continue
+        names = sorted(allowed - HYDRA_KEYS)
+        close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.6)
+        hint = f"closest: {', '.join(close)}" if close else \
+            f"known: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}"
+        of = f" of {owner}" if owner else ""
+        yield f"{full} is not a setting{of}; {hint} (fix the name or drop it)"
+
+
+def _check_keys(cfg: DictConfig) -> Iterator[str]:
+    """Every key no config file (or the code it names) knows: misspelt, or set where it does nothing."""
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    tree.pop("hydra", None)
+    yield from _unknown_keys(tree, known_keys(), "", "")
+
+
 CHECKS: tuple[Callable[[DictConfig], Iterator[str]], ...] = (
-    _check_train, _check_student, _check_teacher, _check_loss, _check_data, _check_bench, _check_finetune,
-    _check_stream, _check_export)
+    _check_keys, _check_train, _check_student, _check_teacher, _check_loss, _check_data, _check_image_only, _check_bench,
+    _check_finetune, _check_stream, _check_export)

@@ -69,7 +69,8 @@ def test_required_values_and_missing_shards(tmp_path):
 
 def test_unknown_and_all_zero_loss_weights():
     problems = _problems("+loss.weights.feature_mes=1.0")
-    assert any(p.startswith("loss.weights.feature_mes is not a loss term; closest: feature_mse") for p in problems)
+    assert any(p.startswith("loss.weights.feature_mes: loss term 'feature_mes' is not registered; did you mean 'feature_mse'?")
+               for p in problems)
     assert _problems("loss.weights.feature_mse=0.0", "loss.weights.contrastive_kd=0") == [
         "loss.weights are all zero: nothing would be trained; give at least one term a positive weight"]
 
@@ -91,7 +92,7 @@ def test_variants_must_be_registered_and_include_the_reference():
     [p] = _problems("variants=[student_torch_fp32]")
     assert "lacks teacher_torch_fp32" in p
     [p] = _problems("variants=[teacher_torch_fp32,student_onnx_int9]")
-    assert p.startswith("variants: student_onnx_int9 is not a deployment variant; closest: student_onnx_int8")
+    assert p.startswith("variants: deployment variant 'student_onnx_int9' is not registered; did you mean 'student_onnx_int8'?")
 
 
 def test_cli_reports_every_problem_before_any_stage(tmp_path):
