@@ -13,6 +13,10 @@ Two independent counts, meant to agree:
   open_clip's docs/model_profile.csv.
 * ``onnx_flops``: 2 x MACs summed over MatMul/Gemm/Conv (and their int8 forms) of an exported
   graph at batch 1. It is the generic count for any model and the cross-check of the analytic one.
+* Image towers the analytic count does not model (timm towers: conv nets, hybrids) are counted by
+  their student tower kind (``distill.students.base.count_image_flops``: ``FlopCounterMode`` on the
+  export form, reparameterised, with timm's fused attention off so attention products show as
+  matmuls); that count equals ``onnx_flops`` of the exported image file (tests/test_student_towers.py).
 
 Why not ``FlopCounterMode`` on CPU: in eval + no_grad, ``nn.MultiheadAttention`` takes the fused
 fast path (``aten::_native_multi_head_attention``), which the counter has no formula for, so about
@@ -77,21 +81,30 @@ def clip_flops(model_cfg: Mapping[str, Any]) -> dict[str, int]:
     """
     import open_clip
 
-    vcfg = open_clip.CLIPVisionCfg(**dict(model_cfg.get("vision_cfg", {})))
-    tcfg = open_clip.CLIPTextCfg(**dict(model_cfg.get("text_cfg", {})))
+    vision = {k: v for k, v in dict(model_cfg.get("vision_cfg", {})).items() if k != "timm_model_kwargs"}
+    vcfg = open_clip.CLIPVisionCfg(**vision)
     embed_dim = int(model_cfg["embed_dim"])
     if vcfg.timm_model_name or vcfg.attentional_pool or not isinstance(vcfg.layers, int):
         raise ValueError("clip_flops models only open_clip's ViT image tower; use onnx_flops on the exported file")
-    if getattr(tcfg, "hf_model_name", None):
-        raise ValueError("clip_flops models only open_clip's text transformer; use onnx_flops on the exported file")
+    _text_cfg_flops(model_cfg)  # raises for towers it does not model
     image_size = vcfg.image_size if isinstance(vcfg.image_size, int) else vcfg.image_size[0]
     patch = vcfg.patch_size if isinstance(vcfg.patch_size, int) else vcfg.patch_size[0]
     if not isinstance(vcfg.image_size, int) and vcfg.image_size[0] != vcfg.image_size[1]:
         raise ValueError("clip_flops assumes square images; use onnx_flops on the exported file")
     image = vit_flops(vcfg.width, vcfg.layers, max(1, vcfg.width // vcfg.head_width), patch, image_size,
                       vcfg.mlp_ratio, embed_dim)
-    text = text_flops(tcfg.width, tcfg.layers, tcfg.heads, tcfg.context_length, tcfg.mlp_ratio, embed_dim)
-    return {"image": int(image), "text": int(text)}
+    return {"image": int(image), "text": _text_cfg_flops(model_cfg)}
+
+
+def _text_cfg_flops(model_cfg: Mapping[str, Any]) -> int:
+    """The analytic text FLOPs of a model_cfg whose text tower is open_clip's transformer (ValueError otherwise)."""
+    import open_clip
+
+    tcfg = open_clip.CLIPTextCfg(**dict(model_cfg.get("text_cfg", {})))
+    if getattr(tcfg, "hf_model_name", None):
+        raise ValueError("clip_flops models only open_clip's text transformer; use onnx_flops on the exported file")
+    return int(text_flops(tcfg.width, tcfg.layers, tcfg.heads, tcfg.context_length, tcfg.mlp_ratio,
+                          int(model_cfg["embed_dim"])))
 
 
 def model_cfg_from_module(model: Any) -> dict[str, Any] | None:
@@ -130,7 +143,10 @@ def model_cfg_from_module(model: Any) -> dict[str, Any] | None:
 def clip_model_stats(model: Any, model_cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """{"params": {"image", "text", "total"}, "flops": {"image", "text"}, "files": []} of an open_clip
     CLIP: params counted from its modules, FLOPs from ``model_cfg`` or else the config read off the
-    modules; FLOPs are {} for towers ``clip_flops`` cannot model (count those on an ONNX export)."""
+    modules. An image tower the analytic count does not model is counted by its student tower kind
+    (distill.students: FlopCounterMode on the form it is exported in, reparameterised where the kind
+    has training-time branches; its image params are that form's too). FLOPs are {} when neither can
+    count a tower (count those on an ONNX export)."""
     def count(m: Any) -> int:
         return int(sum(p.numel() for p in m.parameters()))
 
@@ -141,7 +157,28 @@ def clip_model_stats(model: Any, model_cfg: Mapping[str, Any] | None = None) -> 
         fl = clip_flops(model_cfg) if model_cfg is not None else {}
     except ValueError:
         fl = {}
+        tower = _tower_of(model)
+        if tower is not None:
+            size = getattr(model.visual, "image_size", None) or (model_cfg or {}).get("vision_cfg", {}).get(
+                "image_size")
+            size = size[0] if isinstance(size, (tuple, list)) else size
+            p["image"] = tower.image_params(model)
+            p["total"] = p["image"] + p["text"]
+            try:
+                fl = {"image": tower.image_flops(model, int(size)),
+                      "text": _text_cfg_flops(model_cfg) if model_cfg is not None else None}
+            except ValueError:  # a text tower the analytic count does not model
+                fl = {}
+            if None in fl.values():
+                fl = {}
     return {"params": p, "flops": fl, "files": []}
+
+
+def _tower_of(model: Any) -> Any:
+    """The student tower kind that owns ``model.visual`` (distill.students), or None."""
+    from distill.students import tower_for
+
+    return tower_for(model)
 
 
 def onnx_params(path: str | Path) -> int:

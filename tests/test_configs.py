@@ -18,9 +18,9 @@ from omegaconf import OmegaConf
 from hydra.utils import instantiate
 from PIL import Image
 
-from distill import pipeline
+from distill import data_build, pipeline
 from distill.finetune.stage import finetune_stage
-from distill.train import TrainStream
+from distill.data_build import TrainStream
 from tests.conftest import REPO
 
 CONF = REPO / "conf"
@@ -85,6 +85,7 @@ def test_teacher_configs_instantiate(name, onnx_files):
 def test_student_configs_build(name, tiny_teacher_mod):
     cfg = _compose("+experiment=smoke", f"student={name}")
     student, model_cfg = pipeline.build_student_stage(cfg.student, tiny_teacher_mod)
+    student.eval()  # conv towers' BatchNorm cannot normalise one pooled image in training mode
     size = model_cfg["vision_cfg"]["image_size"]
     ctx = model_cfg["text_cfg"]["context_length"]
     with torch.no_grad():
@@ -125,7 +126,7 @@ def _png(k: int) -> bytes:
 @pytest.mark.parametrize("name", options("data"))
 def test_data_configs_build(name, tmp_path):
     cfg = _compose("+experiment=smoke", f"data={name}", *_data_overrides(name, tmp_path))
-    trainset, eval_sets, info = pipeline.build_data(cfg.data)
+    trainset, eval_sets, info = data_build.build_data(cfg.data)
     assert any(eval_sets[k] for k in eval_sets), "every data config evaluates on something"
     if isinstance(trainset, TrainStream):  # a stream has no length or index: read its first sample
         assert info["stream"]["shards"] == 1
@@ -234,7 +235,7 @@ def test_finetune_configs_tune_the_teacher(name, tmp_path, tiny_teacher_mod):
         "finetune.train.steps=2", "finetune.train.eval_every=0", "finetune.train.ckpt_every=0",
         "+finetune.train.progress=false", "+finetune.train.tensorboard=false", "finetune.val_fraction=0.3",
         "finetune.wise_ft.alphas=[0.0,1.0]", "finetune.chain_eval=false"]))
-    trainset, eval_sets, _ = pipeline.build_data(cfg.data)
+    trainset, eval_sets, _ = data_build.build_data(cfg.data)
     tuned, info = finetune_stage(cfg.finetune, tiny_teacher_mod, trainset, eval_sets, tmp_path, torch.device("cpu"))
     if name == "none":
         assert tuned is tiny_teacher_mod and info is None

@@ -328,7 +328,7 @@ def test_student_stage_token_init_uses_and_fills_the_text_cache(tmp_path):
     build reads them from the cache and gives the same table; DDP ranks > 0 skip it."""
     from omegaconf import OmegaConf
 
-    from distill.pipeline import build_student_stage
+    from distill.students.stage import build_student_stage
 
     class Teacher:
         embed_dim, fingerprint, model = 48, "letters", None

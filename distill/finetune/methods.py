@@ -3,7 +3,8 @@ head only), where a dual encoder's parts are (``Layout``), and turning a tuned m
 plain one at a WiSE-FT α for export.
 
 Every method works from a ``Layout``, so the same code serves open_clip CLIPs and the packaged
-ConSE teacher; only the layouts differ.
+ConSE teacher; only the layouts differ. Each method is one ``Method`` registered in ``METHODS`` (a
+distill.registry.Registry) by ``@method``; the fine-tune stage looks ``finetune.method`` up there.
 """
 
 from __future__ import annotations
@@ -11,15 +12,17 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from distill.errors import UserError
-from distill.students import TEXT_PARAM_PREFIXES
+from distill.registry import Registry
+from distill.students.text import TEXT_PARAM_PREFIXES
 
-METHODS = ("none", "full", "lock_image", "lock_text", "lora", "adapter", "head")
+SELECTED = ("full", "lock_image", "lock_text", "head")  # the methods that only choose which weights train
 PEFT_PREFIX = "base_model.model."  # what peft's PeftModel puts before every parameter name
 PARAMS_ADAPTER = "params"  # the LoRA adapter on raw attention weights (open_clip's own Attention)
 
@@ -32,7 +35,7 @@ class Layout:
     text: tuple[str, ...]  # ... of the text tower
     head: tuple[str, ...]  # exact names (or prefixes ending in '.') of projections, temperature, class table
     blocks: Mapping[str, str]  # tower -> prefix of its numbered blocks ("...resblocks.")
-    adapter_after: Mapping[str, str]  # tower -> module-name pattern a bottleneck adapter follows
+    adapter_after: Mapping[str, Any]  # tower -> module-name pattern (or predicate(name, module)) an adapter follows
     lora_keywords: Mapping[str, Any] = field(default_factory=dict)  # keyword -> predicate(name, module)
     lora_default: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # tower -> targets of "auto"
 
@@ -73,6 +76,24 @@ OPEN_CLIP = Layout(
 )
 
 
+def layout_for(model: nn.Module) -> Layout:
+    """The layout of an open_clip CLIP: its image tower's part from the tower's kind (distill.students;
+    a timm tower's stages, 1x1 convolutions and head), the text tower's from ``OPEN_CLIP``; ``OPEN_CLIP``
+    itself for a ViT."""
+    from distill.students import tower_for
+
+    tower = tower_for(model)
+    image = tower.layout(model) if tower is not None else None
+    if image is None:
+        return OPEN_CLIP
+    return Layout(image=tuple(image["image"]), text=OPEN_CLIP.text,
+                  head=(*image["head"], "text_projection", "logit_scale"),
+                  blocks={"image": image["blocks"], "text": OPEN_CLIP.blocks["text"]},
+                  adapter_after={"image": image["adapter_after"], "text": OPEN_CLIP.adapter_after["text"]},
+                  lora_keywords={**OPEN_CLIP.lora_keywords, **image["lora_keywords"]},
+                  lora_default={"image": tuple(image["lora_default"]), "text": OPEN_CLIP.lora_default["text"]})
+
+
 def _block_index(name: str, prefix: str) -> int | None:
     if not name.startswith(prefix):
         return None
@@ -92,8 +113,8 @@ def select_trainable(model: nn.Module, method: str, layout: Layout = OPEN_CLIP,
     lock_image / lock_text: the other tower and the head train, plus the locked tower's last
     ``unlocked_layers`` blocks (open_clip's --lock-image-unlocked-groups / --lock-text-unlocked-layers).
     """
-    if method not in ("full", "lock_image", "lock_text", "head"):
-        raise UserError(f"finetune.method={method!r} is unknown here: use one of {list(METHODS[1:])}")
+    if method not in SELECTED:
+        raise UserError(f"finetune.method={method!r} is unknown here: use one of {list(SELECTED)}")
     locked = {"lock_image": "image", "lock_text": "text"}.get(method)
     n_blocks = len({_block_index(n, layout.blocks[locked]) for n, _ in model.named_parameters()} - {None}) \
         if locked else 0
@@ -213,10 +234,17 @@ class BottleneckAdapter(nn.Module):
 def _out_width(module: nn.Module) -> int:
     if isinstance(module, nn.Conv2d):
         return int(module.out_channels)
-    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise UserError(f"cannot place an adapter after {type(module).__name__}: it has no linear layer")
-    return int(linears[-1].out_features)
+    # a conv block (timm towers) ends in its last convolution, a transformer MLP in its last linear
+    layers = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not layers:
+        raise UserError(f"cannot place an adapter after {type(module).__name__}: it has no linear or conv layer")
+    last = layers[-1]
+    return int(last.out_features if isinstance(last, nn.Linear) else last.out_channels)
+
+
+def _adapter_site(where: Any, name: str, module: nn.Module) -> bool:
+    """Whether an adapter follows module ``name``: ``where`` is a name pattern or a predicate(name, module)."""
+    return where(name, module) if callable(where) else fnmatch.fnmatchcase(name, where)
 
 
 def attach_adapters(model: nn.Module, layout: Layout, reduction: int = 4,
@@ -231,7 +259,7 @@ def attach_adapters(model: nn.Module, layout: Layout, reduction: int = 4,
     for p in model.parameters():
         p.requires_grad_(False)
     sites = [(n, m) for n, m in model.named_modules()
-             if any(fnmatch.fnmatchcase(n, layout.adapter_after[t]) for t in towers)]
+             if any(_adapter_site(layout.adapter_after[t], n, m) for t in towers)]
     if not sites:
         raise UserError(f"finetune.adapter: no block MLP found in towers {list(towers)} of this model")
     for _, m in sites:
@@ -274,3 +302,94 @@ def _merge_leftovers(model: nn.Module) -> nn.Module:
         layer = model.get_submodule(name)
         layer.merge()
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.get_base_layer())
+
+
+# --------------------------------------------------------------------------------------- methods
+@dataclass(frozen=True)
+class Method:
+    """A registered fine-tune method: ``prepare(model, layout, cfg)`` -> (the model ready to train,
+    its parameter counts), or None for no fine-tune; ``save(model, ft_dir)`` -> {label: file} of the
+    parts it trains beside the base weights (the LoRA adapter, bottleneck adapters)."""
+
+    name: str
+    prepare: Callable[[nn.Module, Layout, Any], tuple[nn.Module, dict[str, int]]] | None
+    save: Callable[[nn.Module, Path], dict[str, str]]
+
+
+def _no_parts(model: nn.Module, ft_dir: Path) -> dict[str, str]:
+    return {}
+
+
+METHODS: Registry[Method] = Registry("fine-tune method")
+METHODS.register("none", Method("none", None, _no_parts), doc="No fine-tune: the teacher is distilled as built.")
+
+
+def method(name: str, save: Callable[[nn.Module, Path], dict[str, str]] = _no_parts) -> Callable:
+    """Register ``prepare(model, layout, cfg)`` as fine-tune method ``name`` in ``METHODS`` (its docstring
+    is its description); ``save`` writes the parts it trains beside the base weights."""
+
+    def wrap(prepare: Callable) -> Callable:
+        METHODS.register(name, Method(name, prepare, save), doc=prepare.__doc__)
+        return prepare
+
+    return wrap
+
+
+@method("full")
+def _full(model: nn.Module, layout: Layout, cfg: Any) -> tuple[nn.Module, dict[str, int]]:
+    """Every weight trains: both towers and the head."""
+    return model, select_trainable(model, "full", layout, int(cfg.get("unlocked_layers", 0)))
+
+
+@method("lock_image")
+def _lock_image(model: nn.Module, layout: Layout, cfg: Any) -> tuple[nn.Module, dict[str, int]]:
+    """The image tower is locked (but its last finetune.unlocked_layers blocks); the text tower and the head train."""
+    return model, select_trainable(model, "lock_image", layout, int(cfg.get("unlocked_layers", 0)))
+
+
+@method("lock_text")
+def _lock_text(model: nn.Module, layout: Layout, cfg: Any) -> tuple[nn.Module, dict[str, int]]:
+    """The text tower is locked (but its last finetune.unlocked_layers blocks); the image tower and the head train."""
+    return model, select_trainable(model, "lock_text", layout, int(cfg.get("unlocked_layers", 0)))
+
+
+def _save_lora(model: nn.Module, ft_dir: Path) -> dict[str, str]:
+    """The adapter alone (peft's safetensors and config), so one base can carry several domains."""
+    model.save_pretrained(str(ft_dir / "lora_adapter"))
+    parts = {"lora_adapter": str(ft_dir / "lora_adapter" / "adapter_model.safetensors")}
+    if PARAMS_ADAPTER in model.peft_config:  # peft saves a second adapter in a subfolder
+        parts["lora_adapter_params"] = str(ft_dir / "lora_adapter" / PARAMS_ADAPTER / "adapter_model.safetensors")
+    return parts
+
+
+@method("lora", save=_save_lora)
+def _lora(model: nn.Module, layout: Layout, cfg: Any) -> tuple[nn.Module, dict[str, int]]:
+    """LoRA through peft on the layout's targets (finetune.lora), merged into the weights for export."""
+    from omegaconf import OmegaConf
+
+    lc = cfg.lora
+    targets = OmegaConf.to_container(lc.targets, resolve=True) if OmegaConf.is_config(lc.targets) else lc.targets
+    model = attach_lora(model, layout, rank=int(lc.rank), alpha=float(lc.alpha), dropout=float(lc.dropout),
+                        targets=targets)
+    return model, check_trainable(model, "lora")
+
+
+def _save_adapters(model: nn.Module, ft_dir: Path) -> dict[str, str]:
+    """The bottleneck adapters' weights alone."""
+    from safetensors.torch import save_file
+
+    parts = {k: v.contiguous() for k, v in model.state_dict().items() if ".adapter." in k}
+    save_file(parts, str(ft_dir / "adapters.safetensors"))
+    return {"adapters": str(ft_dir / "adapters.safetensors")}
+
+
+@method("adapter", save=_save_adapters)
+def _adapter(model: nn.Module, layout: Layout, cfg: Any) -> tuple[nn.Module, dict[str, int]]:
+    """Bottleneck adapters after each block's MLP (finetune.adapter); only the adapters train."""
+    return model, attach_adapters(model, layout, int(cfg.adapter.reduction), list(cfg.adapter.towers))
+
+
+@method("head")
+def _head(model: nn.Module, layout: Layout, cfg: Any) -> tuple[nn.Module, dict[str, int]]:
+    """Only the layout's head trains: projections, temperature and any class table."""
+    return model, select_trainable(model, "head", layout, int(cfg.get("unlocked_layers", 0)))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from distill.encoders import ClipEncoder, normalize_images, resize_to
-from distill.finetune.methods import OPEN_CLIP, Layout
+from distill.finetune.methods import OPEN_CLIP, Layout, layout_for
 
 
 class OpenClipSubject:
@@ -25,7 +25,10 @@ class OpenClipSubject:
 
     @classmethod
     def of_teacher(cls, teacher: Any) -> "OpenClipSubject":
-        return cls(teacher.tokenizer, teacher.image_size, teacher.mean.flatten().tolist(), teacher.std.flatten().tolist())
+        subject = cls(teacher.tokenizer, teacher.image_size, teacher.mean.flatten().tolist(),
+                      teacher.std.flatten().tolist())
+        subject.layout = layout_for(teacher.model)  # a shipped student's image tower need not be a ViT
+        return subject
 
     def features(self, model: nn.Module, images: torch.Tensor | None, texts: Sequence[str] | None
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
