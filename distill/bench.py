@@ -8,6 +8,7 @@ Accuracy-type numbers are fractions in [0, 1] (distill/metrics.py); FLOPs are 2 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import platform
@@ -23,6 +24,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from distill import evaluation
+
+log = logging.getLogger(__name__)
 
 __all__ = ["environment", "time_fn", "peak_rss_mb", "measure_peak_rss", "count_params", "file_size_mb",
            "matmul_ceiling", "Variant", "measure_variants"]
@@ -476,3 +479,59 @@ def _agreement(kept: Mapping[str, dict], name: str, reference: str) -> dict[str,
     for set_name, entry in evaluation.agreement(kept[name], ref).items():
         agr[set_name] = {k: None if x is None else round(x, 6) for k, x in entry.items()}
     return agr
+
+
+# ---------------------------------------------------------------------------- the bench stage
+class Unbuildable:
+    """Stands in for a variant whose encoder could not be built, so the bench reports it failed."""
+
+    image_size = 0
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(self.reason)
+
+    encode_text = encode_image
+
+
+def bench_variants(cfg: Any, variants: Sequence[str], ctx: Any, eval_sets: Mapping[str, Any],
+                   teacher: Any) -> dict[str, Any]:
+    """Build each configured variant's encoder (distill.variants, from the export stage's ``ctx``) and
+    measure them all the same way; ``cfg`` is the bench config. Returns report["variants"] and the
+    ceilings and timing settings the report records."""
+    from distill import flops
+    from distill.validate import REFERENCE_VARIANT
+    from distill.variants import VARIANTS
+
+    threads = int(cfg.threads)
+    torch.set_num_threads(threads)
+    stats = {"teacher": teacher.stats(),
+             "student": flops.clip_model_stats(ctx.student, ctx.model_cfg) if ctx.student is not None else {}}
+    onnx_teacher = ctx.built.get("teacher_onnx_fp32")
+    if not stats["teacher"]["flops"] and onnx_teacher is not None:  # towers the analytic count cannot model
+        log.info("teacher FLOPs counted on its ONNX export: the analytic count does not model its towers")
+        stats["teacher"] = {**stats["teacher"], "flops": onnx_teacher.stats()["flops"]}
+    rows = []
+    for name in variants:
+        spec = VARIANTS[name]
+        try:
+            if name in ctx.built["failed"]:
+                raise RuntimeError(ctx.built["failed"][name])
+            enc, files = spec.encoder(ctx), spec.files(ctx)
+        except Exception as e:  # a variant that cannot be built is reported failed; the rest still run
+            log.warning("variant %s failed to build: %s", name, e)
+            enc, files = Unbuildable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"), []
+        st = stats[spec.role]
+        rows.append(Variant(name=name, role=spec.role, runtime=spec.runtime, precision=spec.precision,
+                            encoder=enc, params=st["params"], flops=st["flops"],
+                            files=files or list(st.get("files", []))))
+    ceilings = matmul_ceiling(threads) if cfg.get("ceilings", True) else None
+    timing = {"threads": threads, "batch_sizes": list(cfg.batch_sizes), "warmup": int(cfg.warmup),
+              "repeats": int(cfg.repeats), "rounds": int(cfg.rounds), "settle_s": float(cfg.settle_s)}
+    measured = measure_variants(
+        rows, eval_sets, batch_sizes=tuple(cfg.batch_sizes), threads=threads, reference=REFERENCE_VARIANT,
+        warmup=timing["warmup"], repeats=timing["repeats"], rounds=timing["rounds"], settle_s=timing["settle_s"],
+        ceilings=ceilings, own_reference={n: VARIANTS[n].reference for n in variants if VARIANTS[n].reference in variants})
+    return {"variants": measured, "ceilings": ceilings, "timing": timing}

@@ -21,9 +21,8 @@ log = logging.getLogger("distill")
 
 
 def build(cfg: DictConfig):
-    """Check the config, set up torch.distributed when under torchrun, build (or find) the entry."""
-    import torch
-
+    """Check the config, set up torch.distributed when under torchrun, then run the pipeline's own
+    teacher, data and targets stages (the cache, or a reinforced stream's companion shards)."""
     from distill import distributed as dist_utils
     from distill import pipeline, validate
     from distill.errors import UserError
@@ -35,26 +34,19 @@ def build(cfg: DictConfig):
     if not cfg.cache.enabled:
         raise UserError("cache.enabled=false: nothing to build (drop the override)")
     dist_utils.setup_from_env()
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    device = pipeline.pick_device(cfg.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    pipeline.seed_everything(int(cfg.seed))  # as run() does before building the teacher
-    teacher = pipeline.build_teacher(cfg.teacher, device)
-    trainset, _, _ = pipeline.build_data(cfg.data)
-    if isinstance(trainset, pipeline.TrainStream):  # a reinforced stream's cache is its companion shards
-        out = pipeline.reinforce_stage(cfg.cache, teacher, trainset)
+    device = pipeline.start(cfg)  # seeds as run() does before building the teacher
+    p = pipeline.targets_stage(cfg, pipeline.teacher_and_data(cfg, device), device)
+    if p.cache is None:  # a reinforced stream's cache is its companion shards
+        out = p.data_info["reinforce"]
         if dist_utils.rank() == 0:
             print(f"companion teacher shards: {out['manifest']} (this rank built {out['built']}, kept {out['kept']}, "
                   f"failed {len(out['failed'])})")
         dist_utils.cleanup()
         return out
-    cache = pipeline.cache_stage(cfg.cache, teacher, trainset, device)
     if dist_utils.rank() == 0:
-        print(f"teacher cache: {cache.path} ({cache.image_emb.shape[0]} items, {cache.text_emb.shape[0]} texts)")
+        print(f"teacher cache: {p.cache.path} ({p.cache.image_emb.shape[0]} items, {p.cache.text_emb.shape[0]} texts)")
     dist_utils.cleanup()
-    return cache
+    return p.cache
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except Exception as e:
-        user = find_user_error(e)
+        from distill.distributed import peer_lost
+
+        user = find_user_error(e) or peer_lost(e)
         if user is None:
             raise
         return report_user_error(user)

@@ -16,18 +16,18 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from distill.errors import UserError
-from distill.report import _pct, _accuracy_key, _fmt, _table, load_report
+from distill.report import pct, accuracy_key, fmt, table, load_report
 
 __all__ = ["compare_markdown", "plot_compare", "main"]
 
 _ROWS = [
-    ("image b1 median (ms)", lambda v: _fmt(v.get("latency", {}).get("image_b1_median_ms"))),
-    ("image b32 median (ms)", lambda v: _fmt(v.get("latency", {}).get("image_b32_median_ms"))),
-    ("text b1 median (ms)", lambda v: _fmt(v.get("latency", {}).get("text_b1_median_ms"))),
-    ("throughput (img/s)", lambda v: _fmt(v.get("throughput_img_s"), 1)),
-    ("params total (M)", lambda v: _fmt(v.get("params", {}).get("total") and v["params"]["total"] / 1e6)),
-    ("image GFLOPs (2 x MACs)", lambda v: _fmt(v.get("flops", {}).get("image") and v["flops"]["image"] / 1e9)),
-    ("size (MB)", lambda v: _fmt(v.get("size_mb"))),
+    ("image b1 median (ms)", lambda v: fmt(v.get("latency", {}).get("image_b1_median_ms"))),
+    ("image b32 median (ms)", lambda v: fmt(v.get("latency", {}).get("image_b32_median_ms"))),
+    ("text b1 median (ms)", lambda v: fmt(v.get("latency", {}).get("text_b1_median_ms"))),
+    ("throughput (img/s)", lambda v: fmt(v.get("throughput_img_s"), 1)),
+    ("params total (M)", lambda v: fmt(v.get("params", {}).get("total") and v["params"]["total"] / 1e6)),
+    ("image GFLOPs (2 x MACs)", lambda v: fmt(v.get("flops", {}).get("image") and v["flops"]["image"] / 1e9)),
+    ("size (MB)", lambda v: fmt(v.get("size_mb"))),
 ]
 
 
@@ -58,7 +58,7 @@ def compare_markdown(paths: Sequence[str | Path], reports: Sequence[Mapping[str,
                 if s not in sets:
                     sets.append(s)
         for s in sets:
-            metric_rows.append((f"zero-shot {s} top1 (%)", lambda v, s=s: _pct(v.get("zeroshot", {}).get(s, {}).get("top1"))))
+            metric_rows.append((f"zero-shot {s} top1 (%)", lambda v, s=s: pct(v.get("zeroshot", {}).get(s, {}).get("top1"))))
         rsets: list[str] = []
         for r in reports:
             for s in r["variants"].get(name, {}).get("retrieval", {}):
@@ -66,8 +66,8 @@ def compare_markdown(paths: Sequence[str | Path], reports: Sequence[Mapping[str,
                     rsets.append(s)
         for s in rsets:
             metric_rows.append((f"{s} i2t / t2i R@1 (%)", lambda v, s=s: (
-                f"{_pct(v.get('retrieval', {}).get(s, {}).get('i2t_r1'))} / "
-                f"{_pct(v.get('retrieval', {}).get(s, {}).get('t2i_r1'))}")))
+                f"{pct(v.get('retrieval', {}).get(s, {}).get('i2t_r1'))} / "
+                f"{pct(v.get('retrieval', {}).get(s, {}).get('t2i_r1'))}")))
         for label, fn in metric_rows:
             cells = []
             for r in reports:
@@ -86,7 +86,7 @@ def compare_markdown(paths: Sequence[str | Path], reports: Sequence[Mapping[str,
         lines += ["**Warning:** the runs were measured on different CPUs or thread counts; compare their "
                   "latencies only through within-run ratios.", ""]
     lines += ["Accuracy in percent; FLOPs = 2 x MACs; latency = median ms.", ""]
-    lines += _table(header, rows)
+    lines += table(header, rows)
     return "\n".join(lines) + "\n"
 
 
@@ -104,7 +104,7 @@ def plot_compare(labels: Sequence[str], reports: Sequence[Mapping[str, Any]], pa
     for i, (lab, r) in enumerate(zip(labels, reports)):
         xs, ys = [], []
         for name, v in r["variants"].items():
-            acc = _accuracy_key(v) if v.get("status") == "ok" else None
+            acc = accuracy_key(v) if v.get("status") == "ok" else None
             ms = v.get("latency", {}).get("image_b1_median_ms") if acc else None
             if acc and ms and not math.isnan(acc[1]):
                 xs.append(ms)

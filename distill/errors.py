@@ -26,6 +26,12 @@ class ExportCheckError(UserError):
     """An exported file failed its self-check (onnx.checker or parity with PyTorch)."""
 
 
+def one_line(err: BaseException) -> str:
+    """``Type: first line of the message``: an exception as it goes into a one-line error or a report."""
+    msg = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {msg[0] if msg else ''}".strip()
+
+
 def find_user_error(e: BaseException | None) -> UserError | None:
     """The UserError behind ``e``: Hydra's instantiate wraps errors raised by a ``_target_``
     (InstantiationException), and the user must see our one line, not Hydra's wrapper."""

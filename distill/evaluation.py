@@ -1,5 +1,5 @@
 """One evaluation path: zero-shot top-1/top-5, retrieval R@1/5/10 both ways, bootstrap intervals
-and agreement with a reference encoder. Training-time evaluation (``distill.pipeline.make_evaluator``)
+and agreement with a reference encoder. Training-time evaluation (``make_evaluator``)
 and the bench (``distill.bench.measure_variants``) both call ``evaluate``.
 
 Images are streamed: an eval set is decoded ``chunk_size`` images at a time and each chunk is
@@ -28,7 +28,8 @@ import torch
 from distill import metrics
 
 __all__ = ["DEFAULT_TEMPLATES", "SetResult", "evaluate", "evaluate_classification", "evaluate_retrieval",
-           "encode_images", "encode_texts", "flatten_captions", "flat_metrics", "agreement"]
+           "encode_images", "encode_texts", "flatten_captions", "flat_metrics", "agreement", "evaluate_encoder",
+           "make_evaluator"]
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 CI_KEYS = ("top1", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
@@ -147,6 +148,26 @@ def evaluate(encoder: Any, eval_sets: Mapping[str, Mapping[str, Any]], *, image_
 def flat_metrics(results: Mapping[str, Mapping[str, SetResult]]) -> dict[str, float]:
     """{"fashion-mnist/test/top1": 0.31, "tuxpaint/val/i2t_r5": 0.4, ...}: the training log's form."""
     return {f"{name}/{k}": v for sets in results.values() for name, r in sets.items() for k, v in r.metrics.items()}
+
+
+def evaluate_encoder(enc: Any, eval_sets: Mapping[str, Mapping[str, Any]], batch_size: int = 64) -> dict[str, float]:
+    """Flat metrics dict, e.g. {"fashion-mnist/test/top1": 0.31, "tuxpaint/val/i2t_r5": 0.4}, from
+    ``evaluate`` (streamed, ``batch_size`` images and captions per call). No intervals: the training
+    log and TensorBoard take floats."""
+    results = evaluate(enc, eval_sets, image_batch=batch_size, text_batch=batch_size, resamples=0)
+    return flat_metrics(results)
+
+
+def make_evaluator(eval_sets: Mapping[str, Mapping[str, Any]], tokenizer: Any, image_size: int,
+                   device: torch.device) -> Any:
+    """A callback for the training loop: the open_clip student's zero-shot top-1/5 and retrieval recall
+    (``evaluate_encoder``, the bench's evaluation path)."""
+    from distill.encoders import ClipEncoder
+
+    def evaluate_student(model: torch.nn.Module) -> dict[str, float]:
+        return evaluate_encoder(ClipEncoder(model, tokenizer, image_size, device=device), eval_sets)
+
+    return evaluate_student
 
 
 def agreement(results: Mapping[str, Mapping[str, SetResult]], reference: Mapping[str, Mapping[str, SetResult]]

@@ -1,4 +1,4 @@
-"""Phone and NPU files for an edge bundle, in ``bundle/mobile/`` (issue #18, "Phones and NPUs").
+"""Phone and NPU files for an edge bundle, in ``bundle/mobile/`` (docs/guide.md, "Phones and NPUs").
 
 ``write_mobile_files(bundle_dir, ...)`` writes, next to the bundle's fp32 ONNX files:
 
@@ -47,7 +47,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from distill import onnx_tools
-from distill.errors import ExportCheckError, UserError
+from distill.errors import ExportCheckError, UserError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,8 @@ EPS = {"NNAPI": ("nnapi", None), "CoreML NeuralNetwork": ("coreml", "coreml_supp
 CHECK_PROMPTS = ("a photo of a dog.", "a red sneaker on a white background", "an aerial view of a harbour at night",
                  "a diagram.")
 ORT_TOL = 0.9999  # the .ort holds the same graph, only optimised: rounding-level differences at most
-# Static QDQ int8 of the w384/d6 image tower on 32 real photos: min cosine 0.9996 to fp32
-# (benchmarks/results/int8_modes.md, results/mobile_files.md); 0.995 leaves room for other
-# students and data while still catching a broken calibration (a saturated tensor drops it below 0.99).
+# static QDQ int8's floor: room for students and calibration data other than those measured, while a
+# broken calibration still fails (benchmarks/results/config_choices.md, "Phone and NPU files")
 INT8_TOL = 0.995
 FP16_TOL = 0.999
 
@@ -80,7 +79,7 @@ def _tool(module: str, fix: str) -> Any:
     except ImportError as e:
         import onnxruntime
 
-        raise UserError(f"onnxruntime {onnxruntime.__version__} has no {module} ({onnx_tools._one_line(e)}): "
+        raise UserError(f"onnxruntime {onnxruntime.__version__} has no {module} ({one_line(e)}): "
                         f"install the full onnxruntime wheel (pip install 'onnxruntime>=1.17'), or {fix}") from None
     finally:
         root.handlers[:] = handlers
@@ -181,7 +180,7 @@ def _convert_to_ort(stage: Path, out: Path, style: str) -> Path:
             conv.convert_onnx_models_to_ort(stage, output_dir=out, optimization_styles=styles, target_platform="arm")
     except Exception as e:  # noqa: BLE001 - the converter prints which model failed, then raises
         said = [ln for ln in printed.getvalue().splitlines() if ln.startswith("Error converting")]
-        raise ExportCheckError(f"ORT-format conversion failed: {(said or [onnx_tools._one_line(e)])[-1][:200]}; "
+        raise ExportCheckError(f"ORT-format conversion failed: {(said or [one_line(e)])[-1][:200]}; "
                                f"set export.mobile.ort=false to skip the .ort files") from None
     (config,) = out.glob("required_operators*.config")
     # its comment lines name the models by absolute build-machine paths: keep the file names only
@@ -289,24 +288,20 @@ def _names(batch1: bool) -> dict[tuple[str, str], str]:
 
 def _update_bundle(bundle: Path, files: Sequence[Path], extra: dict[str, Any]) -> None:
     """Add ``files`` with their sha256 to bundle.json "files" and ``extra`` as "extra"/"mobile";
-    then the bundle's SHA256SUMS, when distill.export can rewrite it."""
+    then the bundle's SHA256SUMS."""
     meta_path = bundle / "bundle.json"
     meta = json.loads(meta_path.read_text())
     meta["files"] = {k: v for k, v in meta["files"].items() if not k.startswith(MOBILE_DIR + "/")}
     meta["files"].update({p.relative_to(bundle).as_posix(): onnx_tools.sha256_file(p) for p in sorted(files)})
     meta.setdefault("extra", {})["mobile"] = extra
     meta_path.write_text(json.dumps(meta, indent=1))
-    from distill import export
-
-    write_checksums = getattr(export, "write_checksums", None)
-    if write_checksums is not None:
-        write_checksums(bundle)
+    onnx_tools.write_checksums(bundle)
 
 
 def _bundle_inputs(bundle: Path, image_onnx: Any, text_onnx: Any) -> dict[str, Path]:
     meta_path = bundle / "bundle.json"
     if not meta_path.is_file():
-        raise UserError(f"{meta_path}: not found; write the bundle (distill.export.write_bundle) before its mobile files")
+        raise UserError(f"{meta_path}: not found; write the bundle (distill.bundle.write_bundle) before its mobile files")
     files = json.loads(meta_path.read_text()).get("files", {})
     towers = {"image": Path(image_onnx) if image_onnx else bundle / "image_encoder.onnx",
               "text": Path(text_onnx) if text_onnx else (bundle / "text_encoder.onnx"

@@ -15,12 +15,13 @@ because the edge install has onnxruntime but not onnx.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from distill.errors import ExportCheckError, UserError
+from distill.errors import ExportCheckError, UserError, one_line
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -28,11 +29,6 @@ CUDA = "CUDAExecutionProvider"
 
 class OnnxFileError(UserError):
     """An ONNX file is missing or onnxruntime cannot load it. One line naming the file."""
-
-
-def _one_line(err: BaseException) -> str:
-    msg = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {msg[0] if msg else ''}".strip()
 
 
 # ---------------------------------------------------------------------------- sessions
@@ -78,7 +74,7 @@ def session(path: str | Path | bytes, threads: int | None = None, providers: Seq
     try:
         return ort.InferenceSession(model, so, providers=providers_for(providers, device))
     except Exception as e:  # noqa: BLE001 - protobuf, graph and provider errors all mean "cannot load"
-        raise OnnxFileError(f"{name}: onnxruntime cannot load it ({_one_line(e)[:160]})") from None
+        raise OnnxFileError(f"{name}: onnxruntime cannot load it ({one_line(e)[:160]})") from None
 
 
 # ---------------------------------------------------------------------------- digests
@@ -94,6 +90,25 @@ def sha256_update(h: Any, path: str | Path, chunk: int = 1 << 20) -> Any:
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes."""
     return sha256_update(hashlib.sha256(), path, chunk).hexdigest()
+
+
+CHECKSUMS = "SHA256SUMS"  # a bundle's checksum list, in ``sha256sum -c`` format
+
+
+def write_checksums(bundle_dir: str | Path) -> Path:
+    """(Re)write bundle_dir/SHA256SUMS in ``sha256sum -c`` format from bundle.json's files (their recorded
+    sha256) plus bundle.json itself, so a device without Python can check the copy. Call it again after
+    adding files to bundle.json."""
+    out = Path(bundle_dir)
+    try:
+        files = dict(json.loads((out / "bundle.json").read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{out / 'bundle.json'}: cannot list the bundle's files ({type(e).__name__}: {e}); "
+                        f"write the bundle first (distill.bundle.write_bundle)") from None
+    files["bundle.json"] = sha256_file(out / "bundle.json")
+    lines = [f"{digest}  {rel}\n" for rel, digest in sorted(files.items())]
+    (out / CHECKSUMS).write_text("".join(lines))
+    return out / CHECKSUMS
 
 
 # ---------------------------------------------------------------------------- graph facts
@@ -124,8 +139,14 @@ def io_names(path: str | Path) -> tuple[list[str], list[str]]:
 
 
 def external_data(path: str | Path) -> list[str]:
-    """The external-data files an ONNX file names, relative to its folder (sorted, usually none)."""
-    return sorted({e.value for i in _graph(path).initializer for e in i.external_data if e.key == "location"})
+    """The external-data files an ONNX file names, relative to its folder (sorted, usually none). A
+    location outside that folder is refused, as onnxruntime refuses it: callers hash and copy these."""
+    names = sorted({e.value for i in _graph(path).initializer for e in i.external_data if e.key == "location"})
+    for name in names:
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise UserError(f"{path}: its external data {name!r} lies outside the model's folder; "
+                            f"re-export it with the data beside the .onnx file")
+    return names
 
 
 def output_dim(path: str | Path) -> int:
@@ -214,6 +235,6 @@ def check_file(path: str | Path, inputs: Sequence[Sequence[np.ndarray]], referen
             got.append(sess.run(None, dict(zip(names, arrays)))[0])
         except Exception as e:  # noqa: BLE001 - e.g. a batch dimension fixed at export
             raise ExportCheckError(f"{path.name}: onnxruntime failed at batch size {len(arrays[0])} "
-                                   f"({_one_line(e)[:160]}; is the batch axis static?){tail}") from None
+                                   f"({one_line(e)[:160]}; is the batch axis static?){tail}") from None
         ref.append(np.asarray(reference(*arrays)))
     return parity(got, ref, tol=tol, name=path.name, against=against, hint=hint)

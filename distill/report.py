@@ -49,8 +49,8 @@ from typing import Any, Mapping
 
 SCHEMA_VERSION = 1
 TEACHER_BASELINES = ("teacher_torch_fp32", "teacher_onnx_fp32")
-# p90 / median above this marks a latency as unsteady in report.md: on a steady box the two are
-# within tens of percent, and a 1 ms call stalling to 210 ms while the box is busy has been seen.
+# p90 / median above this marks a latency as unsteady in report.md: on a steady machine the two are
+# close, so a wider spread means a busy one (benchmarks/results/config_choices.md, "Measurement").
 LATENCY_SPREAD_WARN = 2.0
 
 __all__ = ["SCHEMA_VERSION", "new_report", "summarize", "target", "write_report", "render_markdown", "load_report"]
@@ -201,7 +201,7 @@ def target(measured: float | None, *, at_least: float | None = None, at_most: fl
 
 # ----------------------------------------------------------------------------- Markdown
 
-def _fmt(x: Any, digits: int = 2) -> str:
+def fmt(x: Any, digits: int = 2) -> str:
     if x is None:
         return "-"
     if isinstance(x, bool):
@@ -213,17 +213,17 @@ def _fmt(x: Any, digits: int = 2) -> str:
     return str(x)
 
 
-def _pct(x: float | None) -> str:
+def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
 
 def _pct_ci(metrics: Mapping[str, Any], key: str) -> str:
     """A metric in percent with its 95% interval when the report has one: "41.20 [38.10, 44.00]"."""
     ci = metrics.get(f"{key}_ci95")
-    return _pct(metrics.get(key)) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
+    return pct(metrics.get(key)) + (f" [{pct(ci[0])}, {pct(ci[1])}]" if ci else "")
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return lines
@@ -244,25 +244,25 @@ def _variant_rows(variants: Mapping[str, dict]) -> list[tuple[str, Any]]:
     bs = sorted({int(k.split("_")[1][1:]) for v in ok.values() for k in v.get("latency", {}) if k.startswith("image_b")})
     rows: list[tuple[str, Any]] = [
         ("role / runtime / precision", lambda v: f"{v.get('role')} / {v.get('runtime')} / {v.get('precision')}"),
-        ("params total (M)", lambda v: _fmt(v.get("params", {}).get("total") and v["params"]["total"] / 1e6)),
-        ("params image (M)", lambda v: _fmt(v.get("params", {}).get("image") and v["params"]["image"] / 1e6)),
-        ("image GFLOPs (2 x MACs)", lambda v: _fmt(v.get("flops", {}).get("image") and v["flops"]["image"] / 1e9)),
-        ("text GFLOPs (2 x MACs)", lambda v: _fmt(v.get("flops", {}).get("text") and v["flops"]["text"] / 1e9)),
-        ("file size (MB)", lambda v: _fmt(v.get("size_mb"))),
+        ("params total (M)", lambda v: fmt(v.get("params", {}).get("total") and v["params"]["total"] / 1e6)),
+        ("params image (M)", lambda v: fmt(v.get("params", {}).get("image") and v["params"]["image"] / 1e6)),
+        ("image GFLOPs (2 x MACs)", lambda v: fmt(v.get("flops", {}).get("image") and v["flops"]["image"] / 1e9)),
+        ("text GFLOPs (2 x MACs)", lambda v: fmt(v.get("flops", {}).get("text") and v["flops"]["text"] / 1e9)),
+        ("file size (MB)", lambda v: fmt(v.get("size_mb"))),
     ]
     for b in bs:
         rows.append((f"image b{b} median / p90 (ms)", lambda v, b=b: (
-            f"{_fmt(v.get('latency', {}).get(f'image_b{b}_median_ms'))} / "
-            f"{_fmt(v.get('latency', {}).get(f'image_b{b}_p90_ms'))}")))
+            f"{fmt(v.get('latency', {}).get(f'image_b{b}_median_ms'))} / "
+            f"{fmt(v.get('latency', {}).get(f'image_b{b}_p90_ms'))}")))
     rows += [
-        ("text b1 median / p90 (ms)", lambda v: f"{_fmt(v.get('latency', {}).get('text_b1_median_ms'))} / "
-                                                f"{_fmt(v.get('latency', {}).get('text_b1_p90_ms'))}"),
-        ("throughput (img/s, largest batch)", lambda v: _fmt(v.get("throughput_img_s"), 1)),
+        ("text b1 median / p90 (ms)", lambda v: f"{fmt(v.get('latency', {}).get('text_b1_median_ms'))} / "
+                                                f"{fmt(v.get('latency', {}).get('text_b1_p90_ms'))}"),
+        ("throughput (img/s, largest batch)", lambda v: fmt(v.get("throughput_img_s"), 1)),
     ]
     def achieved(v: dict, b: int) -> str:
         a = v.get("achieved", {})
         share = a.get(f"image_b{b}_ceiling_share")
-        return _fmt(a.get(f"image_b{b}_gflops_s"), 1) + (f" ({_pct(share)}% of {a.get('ceiling')})" if share else "")
+        return fmt(a.get(f"image_b{b}_gflops_s"), 1) + (f" ({pct(share)}% of {a.get('ceiling')})" if share else "")
 
     for b in bs:
         if any(f"image_b{b}_gflops_s" in v.get("achieved", {}) for v in ok.values()):
@@ -270,7 +270,7 @@ def _variant_rows(variants: Mapping[str, dict]) -> list[tuple[str, Any]]:
     for s in _sets(ok, "zeroshot"):
         rows.append((f"zero-shot {s} top1 / top5 (%)", lambda v, s=s: (
             f"{_pct_ci(v.get('zeroshot', {}).get(s, {}), 'top1')} / "
-            f"{_pct(v.get('zeroshot', {}).get(s, {}).get('top5'))}")))
+            f"{pct(v.get('zeroshot', {}).get(s, {}).get('top5'))}")))
     for s in _sets(ok, "retrieval"):
         for d in ("i2t", "t2i"):
             rows.append((f"{s} {d} R@1 / R@5 / R@10 (%)", lambda v, s=s, d=d: " / ".join(
@@ -279,15 +279,15 @@ def _variant_rows(variants: Mapping[str, dict]) -> list[tuple[str, Any]]:
     ref_name = next((v["agreement"].get("reference") for v in ok.values() if "agreement" in v), None)
     for s in dict.fromkeys(agr_sets):
         rows.append((f"agreement {s} with `{ref_name}`: image cosine / top1 (%)", lambda v, s=s: (
-            f"{_fmt(v.get('agreement', {}).get(s, {}).get('image_cosine'), 4)} / "
-            f"{_pct(v.get('agreement', {}).get(s, {}).get('top1'))}")))
+            f"{fmt(v.get('agreement', {}).get(s, {}).get('image_cosine'), 4)} / "
+            f"{pct(v.get('agreement', {}).get(s, {}).get('top1'))}")))
     own_sets = [k for v in ok.values() for k in v.get("agreement_own", {}) if isinstance(v["agreement_own"][k], dict)]
     for s in dict.fromkeys(own_sets):
         rows.append((f"agreement {s} with own reference: image cosine / top1 (%)", lambda v, s=s: (
             "-" if "agreement_own" not in v else
-            f"{_fmt(v['agreement_own'].get(s, {}).get('image_cosine'), 4)} / "
-            f"{_pct(v['agreement_own'].get(s, {}).get('top1'))} (vs `{v['agreement_own'].get('reference')}`)")))
-    rows.append(("peak RSS rise while measured (MiB)", lambda v: _fmt(v.get("memory", {}).get("delta_mb"), 1)))
+            f"{fmt(v['agreement_own'].get(s, {}).get('image_cosine'), 4)} / "
+            f"{pct(v['agreement_own'].get(s, {}).get('top1'))} (vs `{v['agreement_own'].get('reference')}`)")))
+    rows.append(("peak RSS rise while measured (MiB)", lambda v: fmt(v.get("memory", {}).get("delta_mb"), 1)))
     return rows
 
 
@@ -305,20 +305,20 @@ def _ratio_rows(summ: Mapping[str, Any]) -> list[list[str]]:
     rows = []
     for tower in ("image", "text"):
         for s, d in summ.get(f"speedup_{tower}_b1", {}).items():
-            rows += [[f"`{s}`", f"{tower} speed-up at batch 1 vs `{t}`", f"{_fmt(x)}x"] for t, x in d.items()]
+            rows += [[f"`{s}`", f"{tower} speed-up at batch 1 vs `{t}`", f"{fmt(x)}x"] for t, x in d.items()]
     for s, d in summ.get("compression", {}).items():
         rows.append([f"`{s}`", f"compression vs `{summ.get('reference_teacher')}`: params / image FLOPs",
-                     f"{_fmt(d.get('params'))}x / {_fmt(d.get('flops_image'))}x"])
-        rows.append([f"`{s}`", f"file size vs `{d.get('size_vs')}`", f"{_fmt(d.get('size'))}x"])
+                     f"{fmt(d.get('params'))}x / {fmt(d.get('flops_image'))}x"])
+        rows.append([f"`{s}`", f"file size vs `{d.get('size_vs')}`", f"{fmt(d.get('size'))}x"])
     for s, d in summ.get("accuracy_retained", {}).items():
         for k, x in d.items():
-            rows.append([f"`{s}`", f"zero-shot top1 retained on {k} (student / teacher)", _pct(x) + "%"])
+            rows.append([f"`{s}`", f"zero-shot top1 retained on {k} (student / teacher)", pct(x) + "%"])
     for s, d in summ.get("r5_retained", {}).items():
         for k, x in d.items():
-            rows.append([f"`{s}`", f"R@5 retained on {k} (i2t / t2i)", f"{_pct(x.get('i2t'))}% / {_pct(x.get('t2i'))}%"])
+            rows.append([f"`{s}`", f"R@5 retained on {k} (i2t / t2i)", f"{pct(x.get('i2t'))}% / {pct(x.get('t2i'))}%"])
     for rt, d in summ.get("int8_loss_points", {}).items():
         for k, x in d.items():
-            rows.append([f"student {rt}", f"int8 top1 loss on {k} (fp32 - int8)", f"{_fmt(x)} points"])
+            rows.append([f"student {rt}", f"int8 top1 loss on {k} (fp32 - int8)", f"{fmt(x)} points"])
     return rows
 
 
@@ -330,9 +330,9 @@ def _target_lines(targets: Mapping[str, Any]) -> list[str]:
         margin = t.get("margin_pct")
         how = "-" if margin is None else (f"{margin:+.1f}% past the target" if t.get("met")
                                          else f"{margin:+.1f}% short of the target")
-        rows.append([name, f"{t.get('direction', '>=')} {_fmt(t.get('target'))}", _fmt(t.get("measured")),
+        rows.append([name, f"{t.get('direction', '>=')} {fmt(t.get('target'))}", fmt(t.get("measured")),
                      "met" if t.get("met") else "MISSED", how])
-    return _table(["target", "wanted", "measured", "result", "by how much"], rows)
+    return table(["target", "wanted", "measured", "result", "by how much"], rows)
 
 
 def _activation_note(teacher: Mapping[str, Any]) -> str:
@@ -366,7 +366,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines += ["## Variants", ""]
     if ok_names:
         rows = [[label] + [fn(variants[n]) for n in ok_names] for label, fn in _variant_rows(variants)]
-        lines += _table(["metric"] + [f"`{n}`" for n in ok_names], rows)
+        lines += table(["metric"] + [f"`{n}`" for n in ok_names], rows)
     failed = [n for n in names if variants[n].get("status") != "ok"]
     if failed:
         lines += ["", "Failed variants:", ""] + [f"- `{n}`: {variants[n].get('reason', '?')}" for n in failed]
@@ -374,22 +374,53 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if unsteady:
         lines += ["", f"**Warning: unsteady latency** (p90 above {LATENCY_SPREAD_WARN:g}x the median; the box was "
                   "probably busy, so compare these medians with care or rerun the bench):", ""]
-        lines += [f"- `{u['variant']}` {u['shape']}: median {_fmt(u['median_ms'])} ms, p90 {_fmt(u['p90_ms'])} ms "
-                  f"({_fmt(u['ratio'])}x)" for u in unsteady]
+        lines += [f"- `{u['variant']}` {u['shape']}: median {fmt(u['median_ms'])} ms, p90 {fmt(u['p90_ms'])} ms "
+                  f"({fmt(u['ratio'])}x)" for u in unsteady]
     lines += ["", "## Ratios (within this run)", ""]
     rows = _ratio_rows(summ)
-    lines += _table(["variant", "ratio", "value"], rows) if rows else ["(no ratios: a baseline or student is missing)"]
+    lines += table(["variant", "ratio", "value"], rows) if rows else ["(no ratios: a baseline or student is missing)"]
     lines += ["", "## Targets", ""] + _target_lines(report.get("targets", {}))
     lines += _finetune_lines(report)
+    lines += _skipped_lines(report)
     for section in ("training", "export"):
         if report.get(section):
             lines += ["", f"## {section.capitalize()}", ""]
-            lines += _table(["key", "value"], [[k, _fmt(v, 4)] for k, v in _flat(report[section])])
+            lines += table(["key", "value"], [[k, fmt(v, 4)] for k, v in _flat(report[section])])
     return "\n".join(lines) + "\n"
 
 
+def skipped_inputs(report: Mapping[str, Any]) -> list[tuple[str, int, list[str]]]:
+    """(where, how many, the first ones named) for every place a run skipped unreadable inputs."""
+    training = report.get("training") or {}
+    out = []
+    cache = training.get("cache") or {}
+    if cache.get("skipped"):
+        out.append(("training images (teacher cache)", int(cache["skipped"]), list(cache.get("skipped_first") or [])))
+    seen = training.get("skipped_inputs") or {}
+    if seen.get("count"):
+        out.append(("training images (read while training)", int(seen["count"]),
+                    [f"{f['key']} ({f['reason']})" for f in seen.get("first", [])]))
+    data = training.get("data") or {}
+    for name, count in (data.get("eval_skipped") or {}).items():
+        if count:
+            first = (data.get("eval_skipped_first") or {}).get(name, [])
+            out.append((f"eval set {name}", int(count), [f"{f['key']} ({f['reason']})" for f in first]))
+    return out
+
+
+def _skipped_lines(report: Mapping[str, Any]) -> list[str]:
+    rows = skipped_inputs(report)
+    if not rows:
+        return []
+    lines = ["", "## Skipped inputs", ""]
+    for where, count, first in rows:
+        more = f", and {count - len(first)} more" if count > len(first) else ""
+        lines.append(f"- {where}: {count} unreadable, skipped: {'; '.join(first) or '(not named)'}{more}")
+    return lines
+
+
 def _chain_cells(flat: Mapping[str, Any], cols: list[str]) -> list[str]:
-    return [_pct(flat.get(c)) for c in cols]
+    return [pct(flat.get(c)) for c in cols]
 
 
 def _variant_flat(v: Mapping[str, Any] | None) -> dict[str, float]:
@@ -418,15 +449,15 @@ def _finetune_lines(report: Mapping[str, Any]) -> list[str]:
         return []
     lines = ["", "## Fine-tune", "",
              f"Method `{ft['method']}` ({ft['loss']} loss): {ft['trainable_params']:,} of {ft['total_params']:,} "
-             f"parameters train ({_fmt(ft['trainable_pct'], 3)}%); {ft['steps']} steps in {_fmt(ft['seconds'], 1)} s "
-             f"({_fmt(ft['step_ms'], 1)} ms a step); the whole stage, with the WiSE-FT sweep and the chain "
-             f"evaluation, {_fmt(ft.get('stage_seconds'), 1)} s; process peak RSS {_fmt(ft['peak_rss_gb'])} GB; "
+             f"parameters train ({fmt(ft['trainable_pct'], 3)}%); {ft['steps']} steps in {fmt(ft['seconds'], 1)} s "
+             f"({fmt(ft['step_ms'], 1)} ms a step); the whole stage, with the WiSE-FT sweep and the chain "
+             f"evaluation, {fmt(ft.get('stage_seconds'), 1)} s; process peak RSS {fmt(ft['peak_rss_gb'])} GB; "
              f"{_best_step_words(ft)}WiSE-FT α* = {ft['alpha']:g} by {ft['wise_ft']['rule'].get('metric')} on "
              f"{ft['val_images']} validation images carved from the training data. Plot: `{ft['wise_ft']['plot']}`.", ""]
     sweep = ft["wise_ft"]["sweep"]
     keys = [k for k in sweep[0] if k == "val/top1" or k.endswith(("/top1", "_r5"))]
-    lines += _table(["α"] + keys, [[f"{r['alpha']:g}" + (" *" if r["alpha"] == ft["alpha"] else "")]
-                                   + [_pct(r.get(k)) for k in keys] for r in sweep])
+    lines += table(["α"] + keys, [[f"{r['alpha']:g}" + (" *" if r["alpha"] == ft["alpha"] else "")]
+                                   + [pct(r.get(k)) for k in keys] for r in sweep])
     chain = ft.get("chain") or {}
     if chain:
         cols = [c for c in chain.get("zero_shot", {}) if c.endswith(("/top1", "_r5"))]
@@ -444,13 +475,13 @@ def _finetune_lines(report: Mapping[str, Any]) -> list[str]:
         rows.append([("tuned model" if alone else "student") + " int8 (ONNX)"]
                     + _chain_cells(_variant_flat(variants.get(int8)), cols))
         lines += ["", "Down the chain (percent; the change from zero-shot on a set the fine-tune never saw is its "
-                  "forgetting):", ""] + _table(["model"] + cols, rows)
+                  "forgetting):", ""] + table(["model"] + cols, rows)
     return lines
 
 
 # ----------------------------------------------------------------------------- plots
 
-def _accuracy_key(v: Mapping[str, Any]) -> tuple[str, float] | None:
+def accuracy_key(v: Mapping[str, Any]) -> tuple[str, float] | None:
     """The accuracy a plot shows: top1 of the first zero-shot set, else mean R@1 of the first retrieval set."""
     for s, m in v.get("zeroshot", {}).items():
         return f"zero-shot top1 on {s} (%)", 100 * m["top1"]
@@ -468,7 +499,7 @@ def plot_accuracy_vs_latency(variants: Mapping[str, dict], path: str | Path, tit
 
     pts = []
     for name, v in variants.items():
-        acc = _accuracy_key(v) if v.get("status") == "ok" else None
+        acc = accuracy_key(v) if v.get("status") == "ok" else None
         ms = v.get("latency", {}).get("image_b1_median_ms") if acc else None
         if acc and ms:
             pts.append((ms, acc[1], name, v.get("role"), acc[0]))
@@ -570,3 +601,47 @@ def load_report(path: str | Path) -> dict[str, Any]:
     if not isinstance(rep.get("variants"), dict):
         raise UserError(f"{p}: has no 'variants' table; re-run the benchmark to rewrite it")
     return rep
+
+
+def evaluate_targets(report: Mapping[str, Any], targets: Mapping[str, Any]) -> dict[str, Any]:
+    """Targets from conf (bench.targets): {summary key: {at_least: x} | {at_most: x}} -> met/missed.
+
+    The keys name entries of ``report["summary"]`` (nested keys joined by '.'); a target whose
+    figure is missing is reported as not met, never silently dropped.
+    """
+    out = {}
+    for key, spec in targets.items():
+        val: Any = report["summary"]
+        for part in key.split("."):
+            val = val.get(part) if isinstance(val, dict) else None
+        out[key] = target(val if isinstance(val, (int, float)) else None, **spec)
+    return out
+
+
+def report_stage(cfg: Any, teacher: Any, model_cfg: dict[str, Any], measured: dict[str, Any],
+                 train_metrics: dict[str, Any], export_info: dict[str, Any], out: Path,
+                 finetune: dict[str, Any] | None = None, started: float | None = None) -> dict[str, Any]:
+    """The report stage: report.json / report.md (and plots) in the run folder ``out``, with the summary
+    and the targets (``cfg.bench.targets``); ``measured`` is the bench stage's output."""
+    import time
+
+    from omegaconf import OmegaConf
+
+    from distill.bench import environment
+    from distill.session import command_line
+
+    t = {"name": teacher.name, "embed_dim": teacher.embed_dim, "fingerprint": teacher.fingerprint}
+    if teacher.activation:
+        t.update(activation=teacher.activation, activation_reason=getattr(teacher, "activation_reason", None))
+    report = new_report(
+        cfg.experiment_name, environment(), teacher=t, student={"name": cfg.student.name, "model_cfg": model_cfg},
+        variants=measured["variants"], training=train_metrics, export=export_info, ceilings=measured["ceilings"],
+        timing=measured["timing"], command="python -m distill " + " ".join(command_line()))
+    if finetune is not None:
+        report["finetune"] = finetune
+    if started is not None:  # this invocation's wall time, every stage included (a reused teacher cache shortens it)
+        report["run_minutes"] = round((time.perf_counter() - started) / 60, 2)
+    report["summary"] = summarize(report)
+    report["targets"] = evaluate_targets(report, OmegaConf.to_container(cfg.bench.targets, resolve=True) if cfg.bench.get("targets") else {})
+    write_report(report, out)
+    return report

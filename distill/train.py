@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -24,25 +23,16 @@ from torch.utils.data import DataLoader
 
 from distill import distributed as dist_utils
 from distill.cache import TeacherCache
-from distill.data import ResumableSampler, TrainSet, ViewSpec, _stable_int, augmented_view, collate, eval_view
+from distill.data import ResumableSampler, TrainSet, ViewSpec, stable_int, augmented_view, collate, eval_view
+from distill.data_build import TrainStream
 from distill.encoders import normalize_images, resize_to
 from distill.engine import EngineConfig, TrainingDiverged, fit
 from distill.engine.checkpoint import unwrap
 from distill.errors import UserError
-from distill.streaming import Sample, StreamingShards, StreamLoader, stable_key
+from distill.streaming import Sample, StreamLoader, stable_key
 from distill.students import tower_of
 
-__all__ = ["DistillTask", "StreamViews", "TrainStream", "TrainingDiverged", "stream_collate", "train"]
-
-
-@dataclass
-class TrainStream:
-    """A streaming training source and what turns its samples into training items: the view spec
-    (size, augmentation, seed; ``views`` does not apply) and the corpus for uncaptioned samples."""
-
-    source: StreamingShards
-    spec: ViewSpec
-    corpus: list[str] = field(default_factory=list)
+__all__ = ["DistillTask", "StreamViews", "TrainingDiverged", "stream_collate", "train", "train_stage"]
 
 
 class StreamViews:
@@ -60,7 +50,7 @@ class StreamViews:
 
     def seed(self, sample: Sample) -> int:
         # not the full key: the shards' location (a tmp folder, a mount, a URL) must not change the crops
-        return _stable_int(self.spec.seed, stable_key(sample.key), int(sample.state["samples"]))
+        return stable_int(self.spec.seed, stable_key(sample.key), int(sample.state["samples"]))
 
     def __call__(self, sample: Sample) -> dict[str, Any]:
         spec, t = self.spec, sample.teacher
@@ -163,7 +153,8 @@ class DistillTask:
         if self.loader is not None:
             return self._stream_batches()  # the loader resumes from load_data_state, not from start_step
         return view_batches(self.dataset, self.cfg, start_step, self.device,
-                            valid=self.cache.valid if self.cache is not None else None)
+                            valid=self.cache.valid if self.cache is not None else None,
+                            image_only_ratio=getattr(self.dataset, "image_only_ratio", None))  # the distillation mixes; the fine-tune does not
 
     def _stream_batches(self) -> Iterator[dict[str, Any]]:
         yield from self.loader
@@ -182,7 +173,7 @@ class DistillTask:
     def _texts(self, batch: Mapping[str, Any], step: int, micro: int) -> tuple[list[str], torch.Tensor | None]:
         """The text of each image (a fresh corpus draw for uncaptioned ones), then the extra rows; with
         their rows in ``dataset.texts`` for the indexed set (the cache is keyed by them), None for a stream."""
-        draw = torch.Generator().manual_seed(_stable_int("draw", int(self.cfg.seed), step, micro))
+        draw = torch.Generator().manual_seed(stable_int("draw", int(self.cfg.seed), step, micro))
         if self.stream is not None:
             return self._stream_texts(batch, draw), None
         text_index = batch["text_index"]
@@ -272,7 +263,8 @@ class DistillTask:
             out["text_features"] = s_txt_all[:n_img]
             extra = {"student_text": s_txt_all[n_img:], "teacher_text": t_txt[n_img:]} if self.cfg.extra_texts else None
             losses = self.loss_fn(out, {"image_features": t_img, "text_features": t_txt[:n_img],
-                                        "logit_scale": self.teacher_scale}, has_pairs=batch["paired"], extra=extra)
+                                        "logit_scale": self.teacher_scale}, has_pairs=batch["paired"], extra=extra,
+                                  pair_mask=batch.get("pair_mask"))
         self._pending = (t0, t1, t2, n_img)
         return losses
 
@@ -307,13 +299,16 @@ def _rank_rows(global_rows: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def view_batches(dataset: TrainSet, cfg: EngineConfig, start_step: int, device: torch.device,
-                 valid: Any = None) -> Iterator[dict[str, Any]]:
+                 valid: Any = None, image_only_ratio: float | None = None) -> Iterator[dict[str, Any]]:
     """This rank's micro-batches of ``dataset`` views from ``start_step`` optimizer steps into the
-    seeded stream (distill.data.ResumableSampler), so a resumed run sees the same batches."""
+    seeded stream (distill.data.ResumableSampler), so a resumed run sees the same batches;
+    ``image_only_ratio``: the share of image-only items per batch (None: no mixing)."""
     per_step = int(cfg.batch_size) * int(cfg.grad_accum) * dist_utils.world_size()
     sampler = ResumableSampler(len(dataset), seed=int(cfg.seed), start=start_step * per_step,
                                batch_size=int(cfg.batch_size), rank=dist_utils.rank(),
-                               world_size=dist_utils.world_size(), valid=valid)
+                               world_size=dist_utils.world_size(), valid=valid,
+                               image_only=dataset.image_only_items() if image_only_ratio is not None else None,
+                               image_only_ratio=image_only_ratio)
     workers = int(cfg.num_workers)
     loader = DataLoader(dataset, batch_size=int(cfg.batch_size), sampler=sampler, collate_fn=collate, drop_last=True,
                         num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
@@ -334,3 +329,32 @@ def train(*, student: torch.nn.Module, loss_fn: torch.nn.Module, dataset: TrainS
     task = DistillTask(student, loss_fn, dataset, tokenizer, ecfg, image_size or spec.size,
                        teacher=teacher, cache=cache, stream=stream)
     return fit(task, ecfg, Path(out_dir), device, evaluate=evaluate)
+
+
+def train_stage(cfg: Any, teacher: Any, student: torch.nn.Module, model_cfg: dict[str, Any], tokenizer,
+                trainset: TrainSet, eval_sets: Mapping[str, Any], cache: TeacherCache | None,
+                out: Path, device: torch.device) -> dict[str, Any]:
+    """The train stage: the configured loss (``cfg.loss``), then ``train`` with the cache's targets or the
+    teacher online, evaluated on ``eval_sets`` as it goes; returns the training figures."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from distill.evaluation import make_evaluator
+
+    loss_fn = instantiate(cfg.loss, student_dim=int(model_cfg["embed_dim"]), teacher_dim=teacher.embed_dim,
+                          _convert_="all")
+    image_size = int(model_cfg["vision_cfg"]["image_size"])
+    stream = trainset if isinstance(trainset, TrainStream) else None
+    result = train(student=student, loss_fn=loss_fn, dataset=None if stream else trainset, tokenizer=tokenizer,
+                   cfg=OmegaConf.to_container(cfg.train, resolve=True), out_dir=out, device=device,
+                   teacher=teacher if cache is None else None, cache=cache,
+                   evaluate=make_evaluator(eval_sets, tokenizer, image_size, device), image_size=image_size,
+                   stream=stream)
+    if cache is not None:
+        result["cache"] = {"path": str(cache.path), "build_seconds": cache.manifest.get("build_seconds"),
+                           "skipped": cache.manifest.get("skipped"),
+                           "skipped_first": cache.manifest.get("skipped_first", [])}
+    skips = getattr(trainset, "skips", None)  # images the training itself found unreadable (online teacher)
+    if skips is not None and skips.count:
+        result["skipped_inputs"] = skips.as_dict()
+    return result

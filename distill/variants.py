@@ -1,7 +1,8 @@
 """Deployment variants, registered by name: each is an export step (what it writes into the run's
 ``export/`` folder) and an encoder that runs what it exported, with its role, runtime and
 precision. ``variants:`` in the config lists the ones a run builds and measures; export_stage,
-bench_stage and the report loop over that list, so a new format is one ``register`` call here.
+bench_stage and the report loop over that list, so a new format is one ``register`` call here
+(into ``VARIANTS``, a distill.registry.Registry).
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
+
+from distill.registry import Registry
 
 log = logging.getLogger("distill")
 
@@ -62,16 +65,14 @@ class VariantSpec:
     optional: bool = False  # an export failure marks the variant failed instead of stopping the run
 
 
-VARIANTS: dict[str, VariantSpec] = {}
+VARIANTS: Registry[VariantSpec] = Registry("deployment variant")
 
 
 def register(spec: VariantSpec) -> VariantSpec:
-    if spec.name in VARIANTS:
-        raise ValueError(f"variant {spec.name!r} is registered twice")
+    """Register ``spec`` in ``VARIANTS``; its description says its role, runtime and precision."""
     if spec.role not in ("teacher", "student"):
         raise ValueError(f"variant {spec.name}: role must be 'teacher' or 'student', got {spec.role!r}")
-    VARIANTS[spec.name] = spec
-    return spec
+    return VARIANTS.register(spec.name, spec, doc=f"{spec.role}, {spec.runtime} {spec.precision}: {spec.doc}")
 
 
 def _nothing(ctx: VariantContext) -> None:
@@ -166,13 +167,22 @@ def _onnx_export(ctx: VariantContext) -> None:
                                    attention=str(cfg.attention))
 
 
+def int8_ops(ctx: VariantContext, tower: str) -> dict[str, Any]:
+    """A conv image tower (timm, EfficientNet-Lite) quantises only MatMul/Gemm: ORT's dynamic ConvInteger
+    is slower than fp32 Conv and moves a pretrained conv tower's embedding far from fp32."""
+    from distill.students import tower_for
+
+    kind = getattr(tower_for(ctx.student), "kind", "vit") if ctx.student is not None else "vit"
+    return {"op_types": ("MatMul", "Gemm")} if tower == "image" and kind != "vit" else {}
+
+
 def _onnx_int8_export(ctx: VariantContext) -> None:
     from distill.quantize import quantize_dynamic_onnx
 
     ctx.require("student_onnx_fp32")
     ctx.info["onnx_int8"] = {t: str(quantize_dynamic_onnx(ctx.info["onnx"][t]["path"],
                                                           ctx.export_dir / "onnx" / f"{t}_encoder.int8.onnx",
-                                                          **_int8_mode(ctx)))
+                                                          **_int8_mode(ctx), **int8_ops(ctx, t)))
                              for t in ("image", "text")}
 
 
@@ -265,3 +275,30 @@ def _torch_int8(student: torch.nn.Module) -> torch.nn.Module:
 
 
 __all__ = ["VARIANTS", "VariantContext", "VariantSpec", "register"]
+
+
+# ---------------------------------------------------------------------------- the export stage
+def export_stage(cfg: Any, variants: list[str], student: torch.nn.Module, model_cfg: dict[str, Any],
+                 out_dir: Path, eval_sets: Mapping[str, Any], trainset: Any, tokenizer,
+                 teacher: Any = None, threads: int | None = None) -> tuple[dict[str, Any], VariantContext]:
+    """The open_clip folder, each configured variant's export step (distill.variants), then the
+    edge bundle from what they wrote. Returns report["export"] and the context the bench reuses."""
+    ctx = VariantContext(cfg=cfg, student=student.cpu().eval() if student is not None else None, model_cfg=model_cfg,
+                         export_dir=out_dir / "export", tokenizer=tokenizer, teacher=teacher, trainset=trainset,
+                         threads=threads)
+    if cfg.open_clip and student is not None:
+        ctx.require("student_torch_fp32")
+    failed: dict[str, str] = {}
+    for name in variants:
+        try:
+            ctx.require(name)
+        except Exception as e:
+            if not VARIANTS[name].optional:
+                raise
+            log.warning("variant %s: export failed: %s", name, e)  # reported failed; the rest still run
+            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    ctx.built["failed"] = failed
+    from distill import bundle
+
+    bundle.write_run_bundle(cfg, ctx, eval_sets, trainset, threads)
+    return ctx.info, ctx

@@ -20,8 +20,9 @@ from PIL import Image
 
 from distill import edge
 from distill.errors import UserError
-from distill.export import (CHECKSUMS, GOLDEN_TEXTS, default_preprocess, export_onnx, runtime_modules,
-                            write_bundle, write_checksums)
+from distill.bundle import GOLDEN_TEXTS, runtime_modules, write_bundle
+from distill.export import default_preprocess, export_onnx
+from distill.onnx_tools import CHECKSUMS, write_checksums
 from distill.quantize import quantize_dynamic_onnx
 from tests.conftest import link_edge_deps
 

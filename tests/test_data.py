@@ -105,3 +105,26 @@ def test_view_memo_is_left_alone_inside_a_dataloader_worker(monkeypatch):
     assert memo.get("k") is None and memo.stats()["views"] == 1
     monkeypatch.setattr(data, "get_worker_info", lambda: None)
     assert torch.equal(memo.get("k"), torch.full((3, 2, 2), 51 / 255)) and memo.get("w") is None
+
+
+def test_skipped_images_are_named_for_the_report():
+    """The report names what was skipped (first SkipLog.keep, with the count), not just how many."""
+    from distill.data import load_eval_set
+    from distill.imageio import SkipLog
+    from distill.report import render_markdown, skipped_inputs
+
+    src = ArraySource(6, broken=(1, 4), name="arr")
+    es = load_eval_set("arr-set", src, 16)
+    assert es.skipped == 2 and [f["key"] for f in es.skip_log["first"]] == [src.key(1), src.key(4)]
+    many = SkipLog()
+    for i in range(SkipLog.keep + 5):
+        many.add(f"img{i}", "truncated")
+    report = {"training": {"cache": {"skipped": 3, "skipped_first": ["a.png", "b.png", "c.png"]},
+                           "skipped_inputs": many.as_dict(),
+                           "data": {"eval_skipped": {"arr-set": 2}, "eval_skipped_first": {"arr-set": es.skip_log["first"]}}}}
+    rows = skipped_inputs(report)
+    assert [(w, n, len(f)) for w, n, f in rows] == [("training images (teacher cache)", 3, 3),
+                                                    ("training images (read while training)", 25, SkipLog.keep),
+                                                    ("eval set arr-set", 2, 2)]
+    md = render_markdown({**report, "experiment": "x", "environment": {}, "variants": {}, "summary": {}})
+    assert "## Skipped inputs" in md and "a.png; b.png; c.png" in md and ", and 5 more" in md and src.key(4) in md

@@ -16,7 +16,8 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 from torchvision import transforms as T
 
-from distill.export import default_preprocess, export_onnx, write_bundle
+from distill.bundle import write_bundle
+from distill.export import default_preprocess, export_onnx
 from distill.imageio import load_rgb
 from distill.quantize import quantize_dynamic_onnx
 

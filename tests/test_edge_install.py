@@ -16,7 +16,8 @@ import open_clip
 import torch
 from PIL import Image
 
-from distill.export import default_preprocess, export_onnx, write_bundle
+from distill.bundle import write_bundle
+from distill.export import default_preprocess, export_onnx
 from distill.quantize import quantize_dynamic_onnx
 from tests.conftest import link_edge_deps
 

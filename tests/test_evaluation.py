@@ -14,7 +14,7 @@ from distill import evaluation
 from distill.bench import Variant, measure_variants
 from distill.data import EvalSet, eval_view, load_eval_set
 from distill.metrics import bootstrap_ci
-from distill.pipeline import evaluate_encoder
+from distill.evaluation import evaluate_encoder
 from distill.report import render_markdown
 from tests.conftest import ArraySource
 

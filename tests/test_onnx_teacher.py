@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from distill.encoders import normalize_images
 from distill.errors import UserError
-from distill.export import default_preprocess, export_onnx, write_bundle
+from distill.bundle import write_bundle
+from distill.export import default_preprocess, export_onnx
 from distill.teachers.base import Teacher
 from distill.teachers.onnx_teacher import OnnxDualEncoder, OnnxTeacher
 

@@ -176,6 +176,24 @@ def test_external_data_is_listed(tmp_path):
     assert onnx_tools.output_dim(p) == 4
 
 
+@pytest.mark.parametrize("location", ["../outside.bin", "/etc/passwd"])
+def test_external_data_outside_the_models_folder_is_refused(tmp_path, location):
+    """A crafted file must not make the fingerprint or the bundle copy read a file elsewhere."""
+    import onnx
+
+    p = tmp_path / "ext.onnx"
+    onnx.save(_matmul_model(), str(p), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.onnx.data", size_threshold=0)
+    m = onnx.load(str(p), load_external_data=False)
+    for init in m.graph.initializer:
+        for e in init.external_data:
+            if e.key == "location":
+                e.value = location
+    onnx.save(m, str(p))
+    with pytest.raises(UserError, match="outside the model's folder"):
+        onnx_tools.external_data(p)
+
+
 # ---------------------------------------------------------------------------- torch-free
 
 def test_import_is_torch_free():

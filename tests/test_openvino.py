@@ -148,7 +148,7 @@ def _broken_variants(monkeypatch, files) -> None:
 
 
 def test_variants_run_through_export_and_bench_stages_and_a_failure_keeps_its_row(files, tmp_path, monkeypatch):
-    from distill import pipeline, report
+    from distill import bench, pipeline, report
     from distill.data import TrainSet, ViewSpec
     from distill.teachers.open_clip_teacher import OpenClipTeacher
 
@@ -168,7 +168,7 @@ def test_variants_run_through_export_and_bench_stages_and_a_failure_keeps_its_ro
     assert info["student_openvino_fp32"]["openvino"]
     bench_cfg = OmegaConf.create({"threads": 1, "batch_sizes": [1, 2], "warmup": 0, "repeats": 1, "rounds": 1,
                                   "settle_s": 0.0, "ceilings": False})
-    rows = pipeline.bench_stage(bench_cfg, names, ctx, eval_sets, teacher)["variants"]
+    rows = bench.bench_variants(bench_cfg, names, ctx, eval_sets, teacher)["variants"]
     for name, floor in (("student_openvino_fp32", 0.999), ("student_openvino_static_int8", 0.99)):
         row = rows[name]
         assert row["status"] == "ok" and row["runtime"] == "openvino", row

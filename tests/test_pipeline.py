@@ -196,7 +196,7 @@ def test_bundle_labels_prefer_classes_then_given_prompts_then_captions():
     from omegaconf import OmegaConf
 
     from distill.data import EvalSet
-    from distill.pipeline import bundle_labels
+    from distill.bundle import bundle_labels
 
     import torch
 

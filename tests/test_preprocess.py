@@ -20,7 +20,9 @@ from distill.data import eval_view, load_eval_set
 from distill.edge import BundleError, load_bundle
 from distill.encoders import ClipEncoder, normalize_images
 from distill.errors import UserError
-from distill.export import default_preprocess, export_onnx, sha256_file, write_bundle
+from distill.bundle import write_bundle
+from distill.export import default_preprocess, export_onnx
+from distill.onnx_tools import sha256_file
 from distill.imageio import load_rgb
 
 REPO = Path(__file__).resolve().parents[1]

@@ -262,7 +262,8 @@ def build_bundle(work: Path, *, model_cfg: dict = CFG, size: int = SIZE, ctx: in
     import open_clip
     import torch
 
-    from distill.export import default_preprocess, export_onnx, write_bundle
+    from distill.bundle import write_bundle
+    from distill.export import default_preprocess, export_onnx
     from distill.quantize import quantize_dynamic_onnx
 
     torch.manual_seed(0)
@@ -280,7 +281,7 @@ def build_bundle(work: Path, *, model_cfg: dict = CFG, size: int = SIZE, ctx: in
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    from distill.export import ORT_WEB_DIST, ORT_WEB_FILES
+    from distill.bundle import ORT_WEB_DIST, ORT_WEB_FILES
 
     if not all((ORT_WEB_DIST / f).is_file() for f in ORT_WEB_FILES):
         _missing(f"onnxruntime-web is not installed: npm ci --prefix {WEB} (tools/setup.sh does)")
@@ -426,12 +427,12 @@ def test_write_bundle_copies_the_page_and_runtime_into_the_manifest(bundle):
 
 
 def test_write_bundle_without_the_npm_runtime_warns_once_and_still_writes(bundle, tmp_path, monkeypatch, caplog):
-    from distill import export
+    from distill import bundle as bundle_mod
     from distill.edge import load_bundle
 
-    monkeypatch.setattr(export, "ORT_WEB_DIST", tmp_path / "no_node_modules")
-    caplog.set_level("WARNING", logger="distill.export")
-    out = export.write_bundle(tmp_path / "b", image_onnx=bundle / "image_encoder.onnx",
+    monkeypatch.setattr(bundle_mod, "ORT_WEB_DIST", tmp_path / "no_node_modules")
+    caplog.set_level("WARNING", logger="distill.bundle")
+    out = bundle_mod.write_bundle(tmp_path / "b", image_onnx=bundle / "image_encoder.onnx",
                               class_embeddings=np.load(bundle / "class_embeddings.npy"), labels=LABELS,
                               preprocess={"size": SIZE}, context_length=CTX)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]

@@ -18,7 +18,6 @@ from typing import Any, Mapping
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
 
 from distill import evaluation
 from distill.data import EvalSet, TrainSet
@@ -55,15 +54,10 @@ def subject_for(teacher: Any) -> tuple[Any, torch.nn.Module]:
 
 def apply_method(model: torch.nn.Module, layout: methods.Layout, cfg: DictConfig) -> tuple[torch.nn.Module, dict]:
     """The model ready to train by ``cfg.method`` (peft-wrapped for LoRA) and its parameter counts."""
-    method = cfg.method
-    if method == "lora":
-        lc = cfg.lora
-        model = methods.attach_lora(model, layout, rank=int(lc.rank), alpha=float(lc.alpha), dropout=float(lc.dropout),
-                                    targets=OmegaConf.to_container(lc.targets, resolve=True))
-        return model, methods.check_trainable(model, method)
-    if method == "adapter":
-        return model, methods.attach_adapters(model, layout, int(cfg.adapter.reduction), list(cfg.adapter.towers))
-    return model, methods.select_trainable(model, method, layout, int(cfg.get("unlocked_layers", 0)))
+    method = methods.METHODS.get(cfg.method, where="finetune.method")
+    if method.prepare is None:
+        raise UserError(f"finetune.method={cfg.method} tunes nothing: pick a method that trains (python -m distill list)")
+    return method.prepare(model, layout, cfg)
 
 
 def check_base(ft_dir: Path, base: str, method: str) -> None:
@@ -153,26 +147,10 @@ def tuned_teacher(teacher: Any, module: torch.nn.Module, method: str, alpha: flo
     return t
 
 
-def _save_parts(model: torch.nn.Module, method: str, ft_dir: Path) -> dict[str, str]:
-    """LoRA: the adapter alone (peft's safetensors + config), so one base can carry several domains;
-    bottleneck adapters: their weights alone."""
-    if method == "lora":
-        model.save_pretrained(str(ft_dir / "lora_adapter"))
-        parts = {"lora_adapter": str(ft_dir / "lora_adapter" / "adapter_model.safetensors")}
-        if methods.PARAMS_ADAPTER in model.peft_config:  # peft saves a second adapter in a subfolder
-            parts["lora_adapter_params"] = str(ft_dir / "lora_adapter" / methods.PARAMS_ADAPTER / "adapter_model.safetensors")
-        return parts
-    if method == "adapter":
-        parts = {k: v.contiguous() for k, v in model.state_dict().items() if ".adapter." in k}
-        save_file(parts, str(ft_dir / "adapters.safetensors"))
-        return {"adapters": str(ft_dir / "adapters.safetensors")}
-    return {}
-
-
 def finetune_stage(cfg: DictConfig, teacher: Any, trainset: TrainSet, eval_sets: Mapping[str, Mapping[str, EvalSet]],
                    out_dir: Path, device: torch.device) -> tuple[Any, dict[str, Any] | None]:
     """(the teacher to distil from, report["finetune"]); ``finetune.method=none`` returns the teacher as is."""
-    if cfg.method == "none":
+    if methods.METHODS.get(cfg.method, where="finetune.method").prepare is None:  # "none"
         return teacher, None
     t_start = time.perf_counter()
     subject, model = subject_for(teacher)
@@ -203,7 +181,7 @@ def finetune_stage(cfg: DictConfig, teacher: Any, trainset: TrainSet, eval_sets:
     gen_key = next((k for k in rows[0] if k.startswith("general/") and k.endswith(("/top1", "/i2t_r5"))), None)
     png = wise.plot(rows, "val/top1", gen_key, alpha, ft_dir / "wise_ft.png")
     chain = _chain(model, theta0, subject, eval_sets) if cfg.chain_eval else {}
-    files = _save_parts(model, cfg.method, ft_dir)
+    files = methods.METHODS.get(cfg.method).save(model, ft_dir)
     final, parity = _final_module(model, theta0, alpha, subject, valset)
     section = {
         "method": cfg.method, "then": cfg.then, "loss": cfg.loss, "trainable_params": counts["trainable"], "total_params": counts["total"],
