@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
@@ -42,7 +43,8 @@ from distill.sources import ImageSource
 log = logging.getLogger(__name__)
 
 
-def _stable_int(*parts: object) -> int:
+def stable_int(*parts: object) -> int:
+    """A 64-bit integer from ``parts``, the same in every process (``hash()`` is salted per process)."""
     h = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(h[:8], "little")
 
@@ -119,7 +121,7 @@ def build_corpus(
 
         wt = list(words.get("templates") or ["{}"])
         for w in english_words(limit=words.get("limit"), seed=int(words.get("seed", 0))):
-            texts.append(wt[_stable_int("word", w) % len(wt)].format(w))
+            texts.append(wt[stable_int("word", w) % len(wt)].format(w))
     seen: set[str] = set()
     out = []
     for t in texts:
@@ -199,9 +201,13 @@ class TrainSet(Dataset):
     Item j is image j // K, view j % K. ``__getitem__`` returns a dict:
     ``index`` (int), ``image`` ((3, S, S) float [0, 1] or None when unreadable), ``text_index``
     (int into ``self.texts``), ``paired`` (bool).
+
+    Items of image-only sources (``image_only`` attribute, distill.datasets.ImageOnly) are never
+    paired; ``image_only_ratio`` (None: no mixing) is their share of every batch (ResumableSampler).
     """
 
-    def __init__(self, sources: Sequence[ImageSource], spec: ViewSpec, corpus: Sequence[str] = ()) -> None:
+    def __init__(self, sources: Sequence[ImageSource], spec: ViewSpec, corpus: Sequence[str] = (),
+                 image_only_ratio: float | None = None) -> None:
         if not sources:
             raise UserError("no training data: set data.train.sources to at least one source")
         self.sources = list(sources)
@@ -222,6 +228,9 @@ class TrainSet(Dataset):
                 cap_pos[c] = len(captions)
                 captions.append(c)
             self._caption_of.append(cap_pos[c])
+        self._image_only = [bool(getattr(self.sources[s], "image_only", False)) for s, _ in self.index]
+        self.image_only_ratio = check_image_only_ratio(image_only_ratio, sum(self._image_only),
+                                                       len(self._image_only) - sum(self._image_only))
         self.corpus = [t for t in corpus if t not in cap_pos]
         self.texts: list[str] = captions + self.corpus
         if any(c < 0 for c in self._caption_of) and not self.corpus:
@@ -238,7 +247,7 @@ class TrainSet(Dataset):
         return self.sources[s].key(i)
 
     def view_seed(self, j: int) -> int:
-        return _stable_int(self.spec.seed, self.key(j), j % self.spec.views)
+        return stable_int(self.spec.seed, self.key(j), j % self.spec.views)
 
     def text_index(self, j: int) -> int:
         c = self._caption_of[j // self.spec.views]
@@ -253,6 +262,10 @@ class TrainSet(Dataset):
 
     def paired(self, j: int) -> bool:
         return self._caption_of[j // self.spec.views] >= 0
+
+    def image_only_items(self) -> list[bool]:
+        """Per item j: whether it comes from an image-only source (the sampler's two groups)."""
+        return [self._image_only[j // self.spec.views] for j in range(len(self))]
 
     def identity_files(self) -> list[tuple[str, list[str] | None]]:
         """(source name, the files its items are read from) per source, None for a source without
@@ -294,6 +307,28 @@ class TrainSet(Dataset):
         return {"index": j, "image": self.load_view(j), "text_index": self.text_index(j), "paired": self.paired(j)}
 
 
+def check_image_only_ratio(ratio: float | None, n_image_only: int, n_other: int) -> float | None:
+    """``data.train.image_only_ratio`` as a float (None: no mixing), or a one-line UserError when it
+    is outside [0, 1] or asks for a group the sources do not have."""
+    if ratio is None:
+        return None
+    try:
+        r = float(ratio)
+    except (TypeError, ValueError):
+        r = float("nan")
+    if not 0.0 <= r <= 1.0:
+        raise UserError(f"data.train.image_only_ratio={ratio} is not in [0, 1]: set the share of image-only "
+                        f"items per batch, e.g. data.train.image_only_ratio=0.25 (null: no mixing)")
+    if r > 0 and not n_image_only:
+        raise UserError(f"data.train.image_only_ratio={ratio} but no training source is image-only: add one "
+                        f"(distill.datasets.image_only / image_files / csv_images, distill.pool.general_pool) "
+                        f"or set data.train.image_only_ratio=null")
+    if r < 1 and not n_other:
+        raise UserError(f"data.train.image_only_ratio={ratio} but every training source is image-only: set "
+                        f"data.train.image_only_ratio=1 (or null), or add a captioned source")
+    return r
+
+
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack readable items; unreadable ones are dropped and their indices reported in ``skipped``."""
     ok = [it for it in items if it["image"] is not None]
@@ -314,25 +349,60 @@ class ResumableSampler(Sampler[int]):
     exact sample it stopped at. With ``world_size`` > 1 each global batch of
     ``batch_size * world_size`` indices is split into contiguous per-rank chunks, so the ranks
     together see exactly the batch one process would see.
+
+    With ``image_only`` (per item: in the image-only group) and ``image_only_ratio`` r, global batch
+    b holds floor((b+1)·r·G) − floor(b·r·G) image-only items (G = the global batch) and paired ones
+    for the rest, each group an endless seeded permutation of its own, the batch shuffled by (seed, b):
+    the share is exact over any run of batches, and position ``start`` alone still fixes the stream.
     """
 
     def __init__(self, n: int, seed: int = 0, start: int = 0, batch_size: int = 1,
-                 rank: int = 0, world_size: int = 1, valid: Sequence[bool | int] | None = None) -> None:
+                 rank: int = 0, world_size: int = 1, valid: Sequence[bool | int] | None = None,
+                 image_only: Sequence[bool] | None = None, image_only_ratio: float | None = None) -> None:
         # valid[i]: False skips item i; an int > 1 repeats it in every epoch (class-balanced sampling)
         self.order = [i for i in range(n) for _ in range(1 if valid is None else int(valid[i]))]
         if not self.order:
             raise UserError("no readable training images: every image failed to load (see the skip log)")
         self.seed, self.start, self.bs, self.rank, self.world = seed, start, batch_size, rank, world_size
+        self.ratio = None if image_only is None or image_only_ratio is None else float(image_only_ratio)
+        if self.ratio is not None:
+            self.groups = ([i for i in self.order if image_only[i]], [i for i in self.order if not image_only[i]])
+            for group, need, what in ((self.groups[0], self.ratio > 0, "image-only"),
+                                      (self.groups[1], self.ratio < 1, "paired")):
+                if need and not group:
+                    raise UserError(f"no readable {what} training images for data.train.image_only_ratio="
+                                    f"{self.ratio} (see the skip log): fix the data or change the ratio")
 
-    def global_stream(self, start: int) -> Iterator[int]:
-        n = len(self.order)
+    def _perm_stream(self, order: list[int], start: int, *tag: object) -> Iterator[int]:
+        n = len(order)
         epoch, offset = divmod(start, n)
         while True:
-            g = torch.Generator().manual_seed(_stable_int(self.seed, epoch) % (2**63))
+            g = torch.Generator().manual_seed(stable_int(self.seed, *tag, epoch) % (2**63))
             perm = torch.randperm(n, generator=g).tolist()
             for p in perm[offset:]:
-                yield self.order[p]
+                yield order[p]
             epoch, offset = epoch + 1, 0
+
+    def _image_only_before(self, batch: int, gb: int) -> int:
+        """How many image-only items the global batches before ``batch`` hold."""
+        return math.floor(batch * gb * self.ratio)
+
+    def global_stream(self, start: int) -> Iterator[int]:
+        if self.ratio is None:
+            yield from self._perm_stream(self.order, start)
+            return
+        gb = self.bs * self.world
+        b, skip = divmod(start, gb)
+        a0 = self._image_only_before(b, gb)
+        img = self._perm_stream(self.groups[0], a0, "image_only") if self.groups[0] else iter(())
+        pair = self._perm_stream(self.groups[1], b * gb - a0, "paired") if self.groups[1] else iter(())
+        while True:
+            k = self._image_only_before(b + 1, gb) - self._image_only_before(b, gb)
+            chunk = [next(img) for _ in range(k)] + [next(pair) for _ in range(gb - k)]
+            g = torch.Generator().manual_seed(stable_int(self.seed, "mix", b) % (2**63))
+            chunk = [chunk[p] for p in torch.randperm(gb, generator=g).tolist()]
+            yield from chunk[skip:]
+            b, skip = b + 1, 0
 
     def __iter__(self) -> Iterator[int]:
         gb = self.bs * self.world
@@ -365,6 +435,7 @@ class EvalSet:
         self.source, self.size, self._tensor = source, size, images
         self.indices = list(range(len(images))) if images is not None else list(indices or [])
         self.memo: ViewMemo | None = None  # decoded views, shared with the training set (attach_view_memo)
+        self.skip_log: dict[str, Any] = {"count": int(skipped), "first": []}  # filled by load_eval_set
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -432,7 +503,7 @@ def load_eval_set(name: str, source: ImageSource, size: int, templates: Sequence
         raise UserError(f"evaluation set {name} has no readable image ({skips.summary()})")
     if skips.count:
         log.warning("eval set %s: %s", name, skips.summary())
-    return EvalSet(
+    es = EvalSet(
         name=name,
         labels=torch.tensor(labels) if source.labels is not None else None,
         classnames=list(source.classnames) if source.classnames is not None else None,
@@ -444,3 +515,5 @@ def load_eval_set(name: str, source: ImageSource, size: int, templates: Sequence
         indices=indices,
         size=size,
     )
+    es.skip_log = skips.as_dict()  # the report names the first skipped images
+    return es

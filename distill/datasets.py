@@ -12,6 +12,9 @@ same path builds a new cache entry.
 The packaged sets are found through ``dpkg -L <package>`` (the installed package's own file
 list), never a hard-coded path; a missing package is a one-line MissingDataError naming the
 ``apt-get install`` command.
+
+Each source a config can name as a ``_target_`` is registered in ``SOURCES`` under its Python name
+(``python -m distill list`` prints them).
 """
 
 from __future__ import annotations
@@ -34,7 +37,12 @@ from PIL import Image
 
 from distill.errors import MissingDataError, UserError
 from distill.imageio import load_rgb
+from distill.registry import Registry
 from distill.sources import ImageSource
+
+# name = the ``_target_``'s last part in conf/data; distill.streaming registers its StreamingShards here too
+# distill.pool registers the packaged general pool
+SOURCES: Registry = Registry("data source", discover=("distill.streaming", "distill.pool"))
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -42,7 +50,7 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
-def _apt_hint(package: str) -> str:
+def apt_hint(package: str) -> str:
     return f"sudo apt-get install --no-install-recommends {package}"
 
 
@@ -51,16 +59,16 @@ def package_files(package: str) -> tuple[str, ...]:
     """Files an installed Debian package owns (``dpkg -L``); MissingDataError when it is absent."""
     if shutil.which("dpkg") is None:
         raise MissingDataError(f"the Debian package {package} is needed but this system has no dpkg: "
-                               f"run on Debian/Ubuntu with `{_apt_hint(package)}`")
+                               f"run on Debian/Ubuntu with `{apt_hint(package)}`")
     res = subprocess.run(["dpkg", "-L", package], capture_output=True, text=True)
     files = tuple(line for line in res.stdout.splitlines() if line.startswith("/"))
     if res.returncode != 0 or not files:
-        raise MissingDataError(f"data package {package} is not installed: run `{_apt_hint(package)}` "
+        raise MissingDataError(f"data package {package} is not installed: run `{apt_hint(package)}` "
                                f"(or bash tools/setup.sh)")
     return files
 
 
-def _stable_fraction(key: str) -> float:
+def stable_fraction(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") / 2**64
 
 
@@ -111,6 +119,7 @@ class FileListSource:
             self.index_files)
 
 
+@SOURCES.register("CsvPairs")
 def CsvPairs(path: str, img_key: str = "filepath", caption_key: str = "title", sep: str = "\t",
              root: str | None = None, limit: int | None = None) -> FileListSource:
     """Image-caption pairs from a CSV/TSV file (open_clip's ``--csv-img-key/--csv-caption-key/
@@ -139,6 +148,7 @@ def CsvPairs(path: str, img_key: str = "filepath", caption_key: str = "title", s
     return FileListSource(f"csv:{p.name}", paths, captions=caps, index_files=[str(p)])
 
 
+@SOURCES.register("ClassFolder")
 def ClassFolder(root: str, templates: Sequence[str] = ("a photo of a {}.",), limit: int | None = None,
                 per_class: int | None = None) -> FileListSource:
     """One subfolder per class (``root/<class>/*.jpg``). Class names come from folder names
@@ -159,7 +169,7 @@ def ClassFolder(root: str, templates: Sequence[str] = ("a photo of a {}.",), lim
         for f in files:
             paths.append(f)
             labels.append(li)
-            t = templates[int(_stable_fraction(f) * len(templates))] if templates else "{}"
+            t = templates[int(stable_fraction(f) * len(templates))] if templates else "{}"
             caps.append(t.format(names[li]))
     if limit is not None:
         paths, labels, caps = paths[:limit], labels[:limit], caps[:limit]
@@ -168,6 +178,7 @@ def ClassFolder(root: str, templates: Sequence[str] = ("a photo of a {}.",), lim
     return FileListSource(f"folder:{r.name}", paths, captions=caps, labels=labels, classnames=names)
 
 
+@SOURCES.register("WebDatasetShards")
 class WebDatasetShards:
     """WebDataset tar shards (``/data/shard-{000000..000099}.tar``) as an indexed source.
 
@@ -212,7 +223,7 @@ class WebDatasetShards:
                     for k in caption_keys:
                         if k in members:
                             raw = tf.extractfile(members[k]).read().decode("utf-8", "replace")
-                            cap = _json_caption(raw) if k == "json" else raw.strip()
+                            cap = json_caption(raw) if k == "json" else raw.strip()
                             break
                     self._img.append((si, im.offset_data, im.size))
                     self._keys.append(f"{shard}#{stem}")
@@ -248,7 +259,7 @@ class WebDatasetShards:
         return load_rgb(io.BytesIO(data))
 
 
-def _json_caption(raw: str) -> str:
+def json_caption(raw: str) -> str:
     import json
 
     try:
@@ -281,7 +292,7 @@ class _ArrayImages:
         if caption_templates:  # like a class folder: each image captioned from its label
             t = list(caption_templates)
             self.name += "/captioned"
-            self.captions = [t[int(_stable_fraction(f"{self.name}/{j}") * len(t))].format(self.classnames[c].lower())
+            self.captions = [t[int(stable_fraction(f"{self.name}/{j}") * len(t))].format(self.classnames[c].lower())
                              for j, c in zip(index, self.labels)]
 
     def __len__(self) -> int:
@@ -326,6 +337,7 @@ def _fashion_arrays(part: str) -> tuple[np.ndarray, np.ndarray]:
     return _read_idx(img), _read_idx(lab)
 
 
+@SOURCES.register("fashion_mnist")
 def fashion_mnist(split: str = "test", limit: int | None = None, per_class: int | None = None,
                   invert: bool = False, caption_templates: Sequence[str] | None = None) -> _ArrayImages:
     """Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (70k 28x28 grey images, 10 classes).
@@ -390,6 +402,7 @@ def _tuxpaint_pairs() -> tuple[tuple[str, str, str], ...]:
     return tuple(pairs)
 
 
+@SOURCES.register("tuxpaint")
 def tuxpaint(split: str = "all", limit: int | None = None, val_fraction: float = 0.2) -> FileListSource:
     """Tux Paint stamps from Debian's ``tuxpaint-stamps-default``: 538 real PNGs (animals, food,
     plants, vehicles...) with English captions (the first line of each stamp's .txt), leaving out
@@ -404,7 +417,7 @@ def tuxpaint(split: str = "all", limit: int | None = None, val_fraction: float =
     pairs = _tuxpaint_pairs()
     if split != "all":
         want_val = split == "val"
-        pairs = tuple(p for p in pairs if (_stable_fraction(p[1]) < val_fraction) == want_val)
+        pairs = tuple(p for p in pairs if (stable_fraction(p[1]) < val_fraction) == want_val)
     if limit is not None:
         pairs = pairs[:limit]
     return FileListSource(f"tuxpaint/{split}", [p[0] for p in pairs], captions=[p[2] for p in pairs])
@@ -423,6 +436,7 @@ class Repeated:
         if int(times) < 1:
             raise UserError(f"repeat times={times} must be >= 1")
         self.source, self.times, self._n = source, int(times), len(source)
+        self.image_only = is_image_only(source)
         self.name = f"{source.name}/x{self.times}"
         self.captions = list(source.captions) * self.times if source.captions is not None else None
         self.labels = list(source.labels) * self.times if source.labels is not None else None
@@ -442,6 +456,7 @@ class Repeated:
         return self.source.open(i % self._n)
 
 
+@SOURCES.register("repeat")
 def repeat(source: ImageSource, times: int) -> Repeated:
     """``Repeated(source, times)``, for configs: ``{_target_: distill.datasets.repeat, source: {...}, times: 8}``."""
     return Repeated(source, times)
@@ -462,6 +477,7 @@ class Mixed:
             raise UserError(f"mixup needs a source of at least 2 images and n >= 1 (got {len(source)} images, n={n})")
         self.source, self.n, self.alpha, self.seed = source, int(n), float(alpha), int(seed)
         self.name = f"{source.name}/mix{self.n}a{self.alpha:g}s{self.seed}"
+        self.image_only = is_image_only(source)
         self.captions = self.labels = self.classnames = None
 
     def __len__(self) -> int:
@@ -487,6 +503,7 @@ class Mixed:
         return Image.blend(x, y.resize(x.size, Image.BICUBIC), 1.0 - lam)
 
 
+@SOURCES.register("mixup")
 def mixup(source: ImageSource, n: int, alpha: float = 1.0, seed: int = 0) -> Mixed:
     """``Mixed(source, n, alpha, seed)``, for configs: ``{_target_: distill.datasets.mixup, source: {...}, n: 4000}``."""
     return Mixed(source, n, alpha, seed)
@@ -505,10 +522,95 @@ def english_words(min_len: int = 3, limit: int | None = None, seed: int = 0) -> 
         words = sorted({w.strip() for w in f if w.strip().isalpha() and w.strip().islower()
                         and w.strip().isascii() and len(w.strip()) >= min_len})
     if limit is not None and limit < len(words):
-        words = sorted(words, key=lambda w: _stable_fraction(f"{seed}:{w}"))[:limit]
+        words = sorted(words, key=lambda w: stable_fraction(f"{seed}:{w}"))[:limit]
     return words
 
 
+# --------------------------------------------------------------------------------------------
+# Image-only sources: images without captions, for the image-side loss terms only
+# --------------------------------------------------------------------------------------------
 
-# The data sources a config can name as a ``_target_`` (python -m distill list prints them).
-SOURCES = {f.__name__: f for f in (CsvPairs, ClassFolder, WebDatasetShards, fashion_mnist, tuxpaint, repeat, mixup)}
+
+def is_image_only(source: ImageSource) -> bool:
+    """Whether ``source`` is marked image-only (``ImageOnly``, ``image_files``, ``csv_images``, the pool)."""
+    return bool(getattr(source, "image_only", False))
+
+
+class ImageOnly:
+    """``source``'s images with its captions dropped and the image-only mark: in training each item
+    gets a corpus text (never a caption pair) and ``data.train.image_only_ratio`` sets its share of
+    every batch; as a retrieval eval set it is refused (it has no captions to retrieve)."""
+
+    image_only = True
+
+    def __init__(self, source: ImageSource) -> None:
+        self.source = source
+        self.name = f"{source.name}/image-only"
+        self.captions = None
+        self.labels, self.classnames = source.labels, source.classnames
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def key(self, i: int) -> str:
+        return self.source.key(i)
+
+    def identity_files(self) -> list[str] | None:
+        """The wrapped source's files."""
+        return source_identity_files(self.source)
+
+    def open(self, i: int) -> Image.Image:
+        return self.source.open(i)
+
+
+@SOURCES.register("image_only")
+def image_only(source: ImageSource) -> ImageOnly:
+    """``ImageOnly(source)``, for configs: ``{_target_: distill.datasets.image_only, source: {...}}``
+    (e.g. WebDataset shards without text, or a captioned set used for its images alone)."""
+    return ImageOnly(source)
+
+
+image_only.image_only = True  # configs name the factory: the config check (distill.validate) reads this mark
+
+
+@SOURCES.register("image_files")
+def image_files(root: str, limit: int | None = None) -> ImageOnly:
+    """Every image file under ``root`` (any depth, no class folders), sorted, as an image-only source."""
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise UserError(f"image folder not found: {base} (point the source's root at a folder of images)")
+    paths = sorted(str(p) for p in base.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if not paths:
+        raise UserError(f"no images ({', '.join(IMAGE_EXTS)}) under {base}: check the source's root")
+    if limit is not None:
+        paths = paths[:int(limit)]
+    return ImageOnly(FileListSource(f"files:{base}", paths))
+
+
+image_files.image_only = True
+
+
+@SOURCES.register("csv_images")
+def csv_images(path: str, img_key: str = "filepath", sep: str = "\t", root: str | None = None,
+               limit: int | None = None) -> ImageOnly:
+    """The images of a CSV/TSV file that has no caption column (column ``img_key``), image-only;
+    relative paths resolve against ``root`` or the file's folder."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"image list not found: {p} (point the source's path at your CSV/TSV file)")
+    sep = "\t" if sep in ("\\t", "tab") else sep
+    base = Path(root).expanduser() if root else p.parent
+    paths = []
+    with p.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter=sep)
+        if img_key not in (reader.fieldnames or []):
+            raise UserError(f"{p}: no column {img_key!r} (columns: {reader.fieldnames}); set img_key or sep "
+                            f"(separator now {sep!r})")
+        for row in reader:
+            if limit is not None and len(paths) >= int(limit):
+                break
+            paths.append(str(base / row[img_key]))
+    return ImageOnly(FileListSource(f"csv-images:{p}", paths, index_files=[str(p)]))
+
+
+csv_images.image_only = True

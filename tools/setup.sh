@@ -19,6 +19,10 @@ need_apt=""
 dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || need_apt="$need_apt dataset-fashion-mnist"
 dpkg -s tuxpaint-stamps-default >/dev/null 2>&1 || need_apt="$need_apt tuxpaint-stamps-default"
 dpkg -s wamerican >/dev/null 2>&1 || need_apt="$need_apt wamerican"
+# The general image pool (distill.pool, data=offline_pool): wallpapers and Wesnoth's art, about 260 MB.
+for p in mate-backgrounds gnome-backgrounds ukui-wallpapers lomiri-wallpapers-20.04 wesnoth-1.16-data; do
+  dpkg -s "$p" >/dev/null 2>&1 || need_apt="$need_apt $p"
+done
 dpkg -s nodejs >/dev/null 2>&1 || need_apt="$need_apt nodejs"
 # The bundle's browser page: npm fetches its runtime (onnxruntime-web), headless Chromium tests it.
 command -v npm >/dev/null 2>&1 || dpkg -s npm >/dev/null 2>&1 || need_apt="$need_apt npm"
