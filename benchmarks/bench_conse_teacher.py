@@ -1,6 +1,7 @@
 """The packaged offline ConSE teacher (EfficientNet-Lite + all-MiniLM-L6-v2): accuracy, speed, size.
 
     .venv/bin/python benchmarks/bench_conse_teacher.py --threads 2
+    .venv/bin/python benchmarks/bench_conse_teacher.py --smoke     # a few images, seconds
 
 Measured:
 
@@ -24,27 +25,20 @@ The 2 cores here are shared with other jobs; the load average around the timing 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shlex
-import sys
 import time
 from collections import Counter
 from datetime import datetime
-from pathlib import Path
 
+import common
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from distill.bench import environment, time_fn  # noqa: E402
-from distill.data import load_eval_set  # noqa: E402
-from distill.datasets import fashion_mnist, tuxpaint  # noqa: E402
-from distill.metrics import retrieval_recall, zero_shot_accuracy, zero_shot_classifier  # noqa: E402
-from distill.teachers.conse import ConSETeacher  # noqa: E402
+from distill.data import load_eval_set
+from distill.datasets import fashion_mnist, tuxpaint
+from distill.metrics import retrieval_recall, zero_shot_accuracy, zero_shot_classifier
+from distill.teachers.conse import ConSETeacher
 
 TEMPLATES = ["a photo of a {}."]
 TOP_KS = (1, 3, 5, 10, 20, 50)
@@ -66,15 +60,15 @@ def mix(teacher: ConSETeacher, probs: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = common.parser(__doc__, "conse_teacher.md")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variant", default="lite0")
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--per-class", type=int, default=0, help="Fashion-MNIST test images per class; 0 = all 10k")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/conse_teacher.md"))
-    args = ap.parse_args()
+    ap.add_argument("--tux-limit", type=int, default=0, help="the first N Tux Paint pairs only; 0 = all 538")
+    args = common.parse(ap, smoke=dict(per_class=1, batch=4, repeats=1, tux_limit=48))
     torch.set_num_threads(args.threads)
     t_start = time.time()
 
@@ -108,7 +102,7 @@ def main() -> None:
     classnames = es.classnames
 
     # ---------------------------------------------------------------- Tux Paint retrieval
-    src_all, src_val = tuxpaint("all"), tuxpaint("val")
+    src_all, src_val = tuxpaint("all", limit=args.tux_limit or None), tuxpaint("val")
     es_all = load_eval_set(src_all.name, src_all, teacher.image_size)
     val_keys = {src_val.key(i) for i in range(len(src_val))}
     val_idx = torch.tensor([i for i, k in enumerate(es_all.keys) if k in val_keys])
@@ -129,12 +123,12 @@ def main() -> None:
     # ---------------------------------------------------------------- speed
     x = torch.rand(args.batch, 3, teacher.image_size, teacher.image_size, generator=torch.Generator().manual_seed(0))
     load_before = os.getloadavg()
-    t_img = time_fn(lambda: teacher.encode_image(x), warmup=2, repeats=args.repeats)
+    t_img = common.time_fn(lambda: teacher.encode_image(x), warmup=2, repeats=args.repeats)
     chunk, teacher.image_chunk = teacher.image_chunk, None
-    t_img_whole = time_fn(lambda: teacher.encode_image(x), warmup=1, repeats=max(3, args.repeats // 2))
+    t_img_whole = common.time_fn(lambda: teacher.encode_image(x), warmup=1, repeats=max(3, args.repeats // 2))
     teacher.image_chunk = chunk
-    t_img1 = time_fn(lambda: teacher.encode_image(x[:1]), warmup=3, repeats=3 * args.repeats)
-    t_txt = time_fn(lambda: teacher.encode_text(["a photo of a small dog sitting on the grass."]), warmup=3,
+    t_img1 = common.time_fn(lambda: teacher.encode_image(x[:1]), warmup=3, repeats=3 * args.repeats)
+    t_txt = common.time_fn(lambda: teacher.encode_text(["a photo of a small dog sitting on the grass."]), warmup=3,
                     repeats=3 * args.repeats)
     load_after = os.getloadavg()
     ips = args.batch / (t_img["median_ms"] / 1e3)
@@ -142,12 +136,10 @@ def main() -> None:
     print(f"encode_image b{args.batch}: {t_img} -> {ips:.1f} img/s; b1 {t_img1}; text b1 {t_txt}", flush=True)
 
     # ---------------------------------------------------------------- report
-    cmd = "PYTHONPATH=. .venv/bin/python " + " ".join(shlex.quote(a) for a in [sys.argv[0].replace(str(REPO) + "/", "")]
-                                                     + sys.argv[1:])
     fm_desc = (f"{per_class} per class, the first of each class in file order = {n_fm} images" if per_class
                else f"all {n_fm} test images")
     L = [f"# ConSE teacher ({teacher.name}): zero-shot, retrieval, speed", "",
-         f"Command: `{cmd}`  ",
+         f"Command: `{common.command(args.argv)}`  ",
          f"Run took {time.time() - t_start:.0f} s on {datetime.now():%Y-%m-%d %H:%M}.", "",
          f"Teacher: `ConSETeacher(variant={args.variant!r}, top_k={teacher.top_k}, prompt={teacher.prompt!r}, "
          f"classnames='imagenet')`, fingerprint `{teacher.fingerprint}`, input {teacher.image_size} px, "
@@ -207,18 +199,14 @@ def main() -> None:
           f"{args.batch / (t_img_whole['median_ms'] / 1e3):.1f} as one forward). "
           f"Load average (1/5/15 min) before timing {', '.join(f'{v:.2f}' for v in load_before)}, after "
           f"{', '.join(f'{v:.2f}' for v in load_after)} on {os.cpu_count()} cores (this benchmark's own threads "
-          "count about 2): other jobs share this machine, so treat absolute times as noisy.", "",
-          "## Environment", "", "```json", json.dumps(environment(), indent=1), "```", ""]
+          "count about 2): other jobs share this machine, so treat absolute times as noisy.", ""]
     raw = {"zeroshot": zs, "zeroshot_topk": zs_k, "retrieval": rt, "retrieval_topk": rt_k, "stats": stats,
            "images_per_s": ips,
            "latency": {"image_b": t_img, "image_b_whole": t_img_whole, "image_b1": t_img1, "text_b1": t_txt},
            "load_s": load_s, "fashion_mnist_images": n_fm, "tuxpaint_images": {"all": n_tux, "val": n_val}}
     L += ["<details><summary>raw numbers</summary>", "", "```json", json.dumps(raw, indent=1, default=str), "```",
-          "", "</details>", ""]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(L))
-    print(f"wrote {out}")
+          "", "</details>"]
+    common.write_results(args.out, L, data=json.loads(json.dumps(raw, default=str)))
 
 
 if __name__ == "__main__":

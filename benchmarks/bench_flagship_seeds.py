@@ -1,6 +1,7 @@
 """The fine-tune -> distill -> ship flagship (`+experiment=offline_finetuned`) over several seeds.
 
     .venv/bin/python benchmarks/bench_flagship_seeds.py [--seeds 0,1,2] [--work DIR] [--name N] [-- extra overrides]
+    .venv/bin/python benchmarks/bench_flagship_seeds.py --smoke     # one seed at a tiny budget (about a minute)
 
 Each seed is one whole `python -m distill +experiment=offline_finetuned` run in its own process
 and folder, with every seed of the config set to S: the student's initialisation (`seed`), both
@@ -9,7 +10,7 @@ trainings' batch order (`train.seed`, `finetune.train.seed`) and the augmented v
 by a hash of the image keys, the same for every seed. Every seed starts from an empty cache of its
 own (DISTILL_CACHE_DIR=<work>/seed<S>.cache), as on a fresh machine: the BPE token table, keyed by
 the text tower alone, would otherwise be reused by the later seeds.
-Writes benchmarks/results/<name>.{json,md} (default flagship_seeds) after every seed: mean ± sd over seeds and a
+Writes benchmarks/results/<name>.{json,md} (default flagship_seeds; or --out) after every seed: mean ± sd over seeds and a
 t-based 95% interval of the mean, per figure, next to each seed's own figures and targets.
 """
 
@@ -19,20 +20,28 @@ import argparse
 import datetime
 import json
 import math
-import os
 import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "benchmarks" / "results"
+import common
+
 FM, TUX = "fashion-mnist/test", "tuxpaint/val"
 # two-sided 95% Student-t quantiles by degrees of freedom (n - 1)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+# the smoke run: 30 Fashion-MNIST and 12 Tux Paint training images, 20 test images, a few steps of each training
+SMOKE_OVERRIDES = [
+    "data.train.sources=[{_target_: distill.datasets.fashion_mnist, split: train, per_class: 3, invert: true, "
+    "caption_templates: ['a picture of a {}.']}, {_target_: distill.datasets.tuxpaint, split: train, limit: 12}]",
+    "++data.eval.classification.0.source.per_class=2", "++data.eval.retrieval.0.source.limit=16",
+    "data.train.corpus.imagenet_classes=false", "data.train.corpus.words.limit=20", "finetune.train.steps=3",
+    "finetune.train.batch_size=8", "finetune.train.eval_every=0", "finetune.val_fraction=0.2",
+    "finetune.wise_ft.alphas=[0.0,1.0]", "+finetune.train.progress=false", "student.token_init=random",
+    "train.steps=2", "train.batch_size=8", "train.extra_texts=8", "export.mobile.enabled=false",
+    "variants=[teacher_torch_fp32,student_torch_fp32,student_onnx_fp32,student_onnx_int8]", "bench.repeats=1",
+    "bench.rounds=1", "bench.warmup=0", "bench.batch_sizes=[1]", "bench.settle_s=0.0", "++bench.ceilings=false"]
 
 
 def stage_minutes(run_dir: Path) -> dict[str, float]:
@@ -52,7 +61,6 @@ def figures(report: dict, run_dir: Path) -> dict:
     v, ft, summ = report["variants"], report["finetune"], report["summary"]
     ref, st, q = v["teacher_torch_fp32"], v["student_torch_fp32"], v["student_onnx_int8"]
     chain = ft.get("chain") or {}
-    tr = report.get("training", {})
     out = {
         "teacher_zero_shot_top1": 100 * chain.get("zero_shot", {}).get(f"{FM}/top1", float("nan")),
         "alpha": ft["alpha"],
@@ -113,19 +121,13 @@ ROWS = [  # (key, label, target as text)
 
 
 def write(rows: list[dict], args: argparse.Namespace, env: dict) -> None:
-    from distill.bench import environment_section
-
-    OUT.mkdir(parents=True, exist_ok=True)
     agg = {k: stats([r["figures"][k] for r in rows]) for k, _, _ in ROWS}
-    (OUT / f"{args.name}.json").write_text(json.dumps(
-        {"args": vars(args), "environment": env, "rows": rows, "aggregate": agg}, indent=2))
     seeds = [r["seed"] for r in rows]
     f = lambda x: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"  # noqa: E731
     lines = [
         "# The fine-tune -> distill -> ship flagship over seeds",
         "",
-        f"`benchmarks/bench_flagship_seeds.py --seeds {args.seeds} --name {args.name}"
-        + (f" -- {' '.join(args.overrides)}" if args.overrides else "") + "`: each seed one whole "
+        f"`{common.command(args.argv)}`: each seed one whole "
         "`python -m distill +experiment=offline_finetuned` run with `seed`, `train.seed`, `finetune.train.seed` and "
         "`data.train.seed` all set to S (init, both trainings' batch order, the augmented views), alone on the "
         "machine unless noted. "
@@ -146,8 +148,7 @@ def write(rows: list[dict], args: argparse.Namespace, env: dict) -> None:
         missed = [f"{k} ({t['measured']:.3f} vs {t['direction']} {t['target']})" for k, t in r["targets"].items() if not t["met"]]
         lines.append(f"- seed {r['seed']}: {len(r['targets']) - len(missed)} of {len(r['targets'])} met"
                      + (f"; missed: {', '.join(missed)}" if missed else "") + (f" ({r['note']})" if r.get("note") else ""))
-    lines += ["", *environment_section(env)]
-    (OUT / f"{args.name}.md").write_text("\n".join(lines))
+    common.write_results(args.out, lines, data={"args": vars(args), "rows": rows, "aggregate": agg}, env=env)
 
 
 def run_seed(seed: int, work: Path, extra: list[str]) -> dict:
@@ -156,34 +157,30 @@ def run_seed(seed: int, work: Path, extra: list[str]) -> dict:
            f"+finetune.train.seed={seed}", f"data.train.seed={seed}", f"out_dir={out}", "train.progress=false", *extra]
     t0 = time.perf_counter()
     if not (out / "report.json").is_file():  # --work of an earlier call: a finished seed is collected, not rerun
-        with open(work / f"seed{seed}.log", "w") as log:
-            env = {**os.environ, "DISTILL_CACHE_DIR": str(work / f"seed{seed}.cache")}
-            rc = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
-        if rc != 0:
-            raise SystemExit(f"seed {seed} failed (exit {rc}): see {work / f'seed{seed}.log'}")
+        common.run_logged(cmd, work / f"seed{seed}.log", env={"DISTILL_CACHE_DIR": str(work / f"seed{seed}.cache")})
     report = json.loads((out / "report.json").read_text())
     return {"seed": seed, "wall_minutes": (time.perf_counter() - t0) / 60, "out": str(out),
             "figures": figures(report, out), "targets": report.get("targets", {})}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> None:
+    ap = common.parser(__doc__, "flagship_seeds.md")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--work", default=None, help="folder for the runs and their logs (default: a temporary one)")
     ap.add_argument("--note", default="", help="seed=text notes, comma-separated (e.g. '2=shared the machine with CI')")
-    ap.add_argument("--name", default="flagship_seeds", help="file name of the results, in benchmarks/results")
+    ap.add_argument("--name", default=None, help="results file name in benchmarks/results (instead of --out)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
-    args = ap.parse_args()
-    sys.path.insert(0, str(REPO))
-    from distill.bench import environment
-
-    env = environment()
-    work = Path(args.work or tempfile.mkdtemp(prefix="flagship_seeds_"))
+    args = common.parse(ap, argv, smoke=dict(seeds="0"))
+    if args.name and not any(a == "--out" or a.startswith("--out=") for a in args.argv):
+        args.out = str(common.RESULTS / f"{args.name}.md")
+    extra = [*(SMOKE_OVERRIDES if args.smoke else []), *args.overrides]
+    env = common.environment()
+    work = Path(args.work) if args.work else common.scratch(args, "flagship_seeds_")
     work.mkdir(parents=True, exist_ok=True)
     notes = dict(n.split("=", 1) for n in args.note.split(",") if "=" in n)
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        rows.append(run_seed(seed, work, list(args.overrides)))
+        rows.append(run_seed(seed, work, extra))
         rows[-1]["note"] = notes.get(str(seed), "")
         write(rows, args, env)  # after every seed: a stopped run keeps what it measured
         print(json.dumps({"seed": seed, **rows[-1]["figures"]}), flush=True)

@@ -2,6 +2,7 @@
 parity and NNAPI/CoreML coverage.
 
     .venv/bin/python benchmarks/bench_mobile.py --threads 2
+    .venv/bin/python benchmarks/bench_mobile.py --smoke     # the tiny student in both roles, a few photos
 
 Two students, **random init** (seed 0; sizes, latency, operator coverage and the numeric damage of
 each format do not need trained weights, accuracy does):
@@ -17,48 +18,37 @@ Writes benchmarks/results/mobile_files.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+import common
 import numpy as np
+import open_clip
 import torch
+from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import open_clip  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from distill import mobile  # noqa: E402
-from distill.bench import environment, interleaved_times  # noqa: E402
-from distill.edge import preprocess_image  # noqa: E402
-from distill.export import default_preprocess, export_onnx, write_bundle  # noqa: E402
-from distill.onnx_tools import cosines, session  # noqa: E402
-from distill.quantize import quantize_dynamic_onnx  # noqa: E402
-from distill.students import build_student  # noqa: E402
+from distill import mobile
+from distill.edge import preprocess_image
+from distill.bundle import write_bundle
+from distill.export import default_preprocess, export_onnx
+from distill.onnx_tools import cosines, session
+from distill.quantize import quantize_dynamic_onnx
+from distill.students import build_student
 
 STUDENTS = {  # (embed_dim, vision, text) as in the conf/student files
     "offline w192/d6/p32 160px": (384, {"width": 192, "layers": 6, "heads": 3, "patch_size": 32, "image_size": 160},
                                   {"width": 64, "layers": 3, "heads": 2, "context_length": 32}),
     "flagship w384/d6/p32 224px": (512, {"width": 384, "layers": 6, "heads": 6, "patch_size": 32, "image_size": 224},
                                    {"width": 256, "layers": 4, "heads": 4, "context_length": 77}),
+    "tiny w64/d2/p8 32px": (64, {"width": 64, "layers": 2, "heads": 2, "patch_size": 8, "image_size": 32},
+                            {"width": 32, "layers": 1, "heads": 2, "context_length": 32}),
 }
+OFFLINE, FLAGSHIP = "offline w192/d6/p32 160px", "flagship w384/d6/p32 224px"
 LABELS = ["a photo of a dog.", "a photo of a cat.", "a photo of a car.", "a photo of an apple.", "a photo of a bus."]
-
-
-def photos(n: int) -> list[str]:
-    import subprocess
-
-    out = subprocess.run(["dpkg", "-L", "tuxpaint-stamps-default"], capture_output=True, text=True, check=True)
-    keep = ("/stamps/animals/", "/stamps/food/", "/stamps/vehicles/")
-    pngs = sorted(p for p in out.stdout.split() if p.endswith(".png") and any(k in p for k in keep) and Path(p).is_file())
-    return pngs[::max(1, len(pngs) // n)][:n]
 
 
 def make_bundle(name: str, work: Path) -> tuple[Path, int]:
@@ -91,7 +81,7 @@ def latency(files: dict[str, Path], x: np.ndarray, threads: int, rounds: int, pe
     """Median ms per call at batch 1, interleaved rounds (a busy phase of the shared cores hits all alike)."""
     sess = {k: session(p, threads=threads) for k, p in files.items()}
     names = {k: s.get_inputs()[0].name for k, s in sess.items()}
-    timed = interleaved_times({k: (lambda k=k: sess[k].run(None, {names[k]: x})) for k in sess},
+    timed = common.interleaved_times({k: (lambda k=k: sess[k].run(None, {names[k]: x})) for k in sess},
                               rounds=rounds, per_round=per_round, warmup=3, settle_s=0.3)
     return {k: round(statistics.median([t for r in v for t in r]), 2) for k, v in timed.items()}
 
@@ -154,31 +144,38 @@ def _reading(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = common.parser(__doc__, "mobile_files.md")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--per-round", type=int, default=10)
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/mobile_files.md"))
-    args = ap.parse_args(argv)
+    ap.add_argument("--photos", type=int, default=96, help="Tux Paint photos picked, evenly spread")
+    ap.add_argument("--calibration", type=int, default=64, help="calibration views for the first student")
+    ap.add_argument("--held", type=int, default=32, help="the second student's calibration and held-out photos, each")
+    ap.add_argument("--students", nargs=2, default=[OFFLINE, FLAGSHIP], choices=list(STUDENTS),
+                    metavar=("COST", "FORMATS"), help="the student whose cost is measured, the one whose formats are")
+    args = common.parse(ap, argv, smoke=dict(rounds=1, per_round=2, photos=32, calibration=16, held=16,
+                                             students=["tiny w64/d2/p8 32px"] * 2))
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    pics = photos(96)
-    work = Path(tempfile.mkdtemp(prefix="bench_mobile_"))
+    pics = common.stamp_photos(args.photos)
+    work = common.scratch(args, "bench_mobile_")
     cost = {}
-    # the offline student: what export.mobile adds to a run, at the pipeline's calibration size
-    b, size = make_bundle("offline w192/d6/p32 160px", work / "offline")
+    # the first student: what export.mobile adds to a run, at the pipeline's calibration size
+    b, size = make_bundle(args.students[0], work / "offline")
     before = sum(p.stat().st_size for p in b.rglob("*") if p.is_file())
     x = load(pics, size)
+    c = args.calibration
     t = time.perf_counter()
-    res_off = mobile.write_mobile_files(b, calibration=[x[i:i + 1] for i in range(64)], check_images=x[64:80],
+    res_off = mobile.write_mobile_files(b, calibration=[x[i:i + 1] for i in range(c)], check_images=x[c:c + 16],
                                         threads=args.threads)
     cost["offline"] = {"seconds": round(time.perf_counter() - t, 1), "bundle_mb_before": round(before / 2 ** 20, 1),
                        "mobile_mb": round(sum(res_off["files"].values()) / 2 ** 20, 1)}
-    print(f"[{time.time() - t0:.0f}s] offline student: {cost['offline']}", flush=True)
-    # the flagship shape: dynamic batch, then batch-1 files in a copy of the bundle
-    b, size = make_bundle("flagship w384/d6/p32 224px", work / "flagship")
-    x = load(pics[:64], size)
-    calib, held = [x[i:i + 4] for i in range(0, 32, 4)], x[32:64]
+    print(f"[{time.time() - t0:.0f}s] {args.students[0]}: {cost['offline']}", flush=True)
+    # the second student: dynamic batch, then batch-1 files in a copy of the bundle
+    b, size = make_bundle(args.students[1], work / "flagship")
+    h = args.held
+    x = load(pics[:2 * h], size)
+    calib, held = [x[i:i + 4] for i in range(0, h, 4)], x[h:2 * h]
     b1 = Path(shutil.copytree(b, work / "flagship" / "bundle_b1"))
     t = time.perf_counter()
     res = mobile.write_mobile_files(b, calibration=calib, check_images=held, threads=args.threads)
@@ -186,7 +183,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     res1 = mobile.write_mobile_files(b1, calibration=calib, check_images=held, batch1=True, threads=args.threads)
     cost["flagship_batch1"] = {"seconds": round(time.perf_counter() - t, 1)}
-    print(f"[{time.time() - t0:.0f}s] flagship mobile files written", flush=True)
+    print(f"[{time.time() - t0:.0f}s] {args.students[1]} mobile files written", flush=True)
     rows, text = flagship_rows(b, b1, held, args)
     print(f"[{time.time() - t0:.0f}s] timed", flush=True)
     write_report(args, t0, cost, rows, text, res, res1, res_off)
@@ -195,16 +192,15 @@ def main(argv=None) -> int:
 
 
 def write_report(args, t0: float, cost: dict, rows: list[dict], text: dict, res: dict, res1: dict, res_off: dict) -> None:
-    env = environment()
-    env["ort_intra_op_threads"] = args.threads
+    env = {**common.environment(), "ort_intra_op_threads": args.threads}
+    first, second = args.students
     flags = set(env.get("cpu_flags") or [])
     isa = ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in flags)
     domains = sorted({d for r in (res, res1) for ops in r["ort_ops"].values() for d in ops})
     contrib = sorted({o for r in (res, res1) for ops in r["ort_ops"].values() for o in ops.get("com.microsoft", [])})
     lines = [
         "# Phone/NPU files of the edge bundle (distill/mobile.py)", "",
-        f"Command: `.venv/bin/python benchmarks/bench_mobile.py --threads {args.threads} --rounds {args.rounds} "
-        f"--per-round {args.per_round}`, {time.strftime('%Y-%m-%d %H:%M')}, {time.time() - t0:.0f} s in all.  ",
+        f"Command: `{common.command(args.argv)}`, {time.strftime('%Y-%m-%d %H:%M')}, {time.time() - t0:.0f} s in all.  ",
         f"CPU: {env.get('cpu')} ({isa or 'no AVX2'}; {env.get('usable_cores')} usable cores), {args.threads} ORT "
         f"intra-op threads, onnxruntime {env.get('onnxruntime')}, torch {env.get('torch')}, onnx {env.get('onnx')}.  ",
         "Students at **random init** (seed 0): sizes, latency, operator coverage and the numeric damage of each "
@@ -212,14 +208,14 @@ def write_report(args, t0: float, cost: dict, rows: list[dict], text: dict, res:
         "rounds, ratios within this run.", "",
         "## Cost of `export.mobile.enabled=true`", "",
         "| student | write_mobile_files s | bundle MB before | mobile/ MB |", "|---|---:|---:|---:|",
-        f"| offline w192/d6/p32 160 px, 64 calibration views | {cost['offline']['seconds']} | "
+        f"| {first}, {args.calibration} calibration views | {cost['offline']['seconds']} | "
         f"{cost['offline']['bundle_mb_before']} | {cost['offline']['mobile_mb']} |",
-        f"| flagship w384/d6/p32 224 px, dynamic batch | {cost['flagship']['seconds']} | | "
+        f"| {second}, dynamic batch | {cost['flagship']['seconds']} | | "
         f"{round(sum(res['files'].values()) / 2 ** 20, 1)} |",
-        f"| flagship, batch1=true | {cost['flagship_batch1']['seconds']} | | {round(sum(res1['files'].values()) / 2 ** 20, 1)} |",
-        "", "## Flagship image tower at batch 1 (CPU provider)", "",
-        f"{args.rounds} interleaved rounds x {args.per_round} calls each; cosine: min over 32 held-out Tux Paint "
-        "photos to the fp32 .onnx (static QDQ calibrated on 32 other photos).", "",
+        f"| {second}, batch1=true | {cost['flagship_batch1']['seconds']} | | {round(sum(res1['files'].values()) / 2 ** 20, 1)} |",
+        "", f"## {second}: image tower at batch 1 (CPU provider)", "",
+        f"{args.rounds} interleaved rounds x {args.per_round} calls each; cosine: min over {args.held} held-out Tux "
+        f"Paint photos to the fp32 .onnx (static QDQ calibrated on {args.held} other photos).", "",
         "| format | file | MB | median ms | speed-up vs fp32 | min cosine to fp32 |", "|---|---|---:|---:|---:|---:|"]
     lines += [f"| {r['file']} | {r['name']} | {r['size_mb']} | {r['median_ms']} | {r['vs_fp32']}x | {r['min_cos_fp32']} |"
               for r in rows]
@@ -234,9 +230,9 @@ def write_report(args, t0: float, cost: dict, rows: list[dict], text: dict, res:
               "Per file: % of nodes (partitions, ORT's verdict). The last column: NNAPI if the dynamic batch were "
               "fixed (the checker's own second pass).", ""] + coverage_lines(res, res1)
     lines += ["", "## Reading", "",
-              f"- Cost: {cost['offline']['seconds']} s for the offline student (a 21-32 min run), but its mobile/ "
-              f"folder is {cost['offline']['mobile_mb']} MB next to a {cost['offline']['bundle_mb_before']} MB bundle, "
-              "and static int8 cannot calibrate on a training stream: export.mobile stays off by default.",
+              f"- Cost: {cost['offline']['seconds']} s for {first}; its mobile/ folder is "
+              f"{cost['offline']['mobile_mb']} MB next to a {cost['offline']['bundle_mb_before']} MB bundle. Static "
+              "int8 cannot calibrate on a training stream, so a streamed run's bundle goes without that file.",
               "- NPUs need batch1=true: at dynamic batch NNAPI and CoreML take almost nothing (every shape is dynamic); "
               "with batch-1 shapes they take most nodes, yet in many partitions (each op they lack splits the graph), "
               "which onnxruntime's checker judges slower than the CPU. The ops they lack are in the last column.",
@@ -246,9 +242,10 @@ def write_report(args, t0: float, cost: dict, rows: list[dict], text: dict, res:
               f"build, ARM included). x86-only domains ({', '.join(mobile.X86_ONLY_DOMAINS)}): none — each .ort is read "
               "op by op from its flatbuffer and write_mobile_files refuses one that has them. Reduced-build config "
               f"(`{res['required_operators']['file']}`): " + "; ".join(
-                  f"{d}: {', '.join(o)}" for d, o in res["required_operators"]["ops"].items()),
-              "", "## Environment", "", "```json", json.dumps(env, indent=1), "```", ""]
-    Path(args.out).write_text("\n".join(lines))
+                  f"{d}: {', '.join(o)}" for d, o in res["required_operators"]["ops"].items())]
+    data = {"cost": cost, "image_formats": rows, "text_formats": text,
+            "parity": {"first": res_off["parity"], "second": res["parity"], "second_b1": res1["parity"]}}
+    common.write_results(args.out, lines, data=json.loads(json.dumps(data, default=str)), env=env)
     print("\n".join(lines[:60]))
 
 

@@ -20,6 +20,7 @@ Parts (each measurement in a fresh process, so peak RSS is that run's alone):
     .venv/bin/python benchmarks/bench_reinforce.py --part throughput --images 256 --views 2
     .venv/bin/python benchmarks/bench_reinforce.py --part memory --sizes 10000,200000
     .venv/bin/python benchmarks/bench_reinforce.py --part plan
+    .venv/bin/python benchmarks/bench_reinforce.py --smoke     # every part with the tiny teacher, a few samples
 
 Appends a Markdown section to benchmarks/results/reinforce.md (or --out) and the raw figures to
 benchmarks/results/reinforce.json.
@@ -31,16 +32,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks.bench_streaming_loader import _vm_kb, write_shards  # noqa: E402
+import common
 
 TINY = dict(embed_dim=64, vision_cfg=dict(width=96, layers=2, head_width=48, patch_size=8, image_size=32),
             text_cfg=dict(width=64, layers=2, heads=2, context_length=32, vocab_size=49408))
@@ -50,15 +47,8 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _reset_peak() -> float:
-    """Reset VmHWM and return VmRSS (KiB): the rise measured from here is the work's, not the imports'."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _vm_kb("VmRSS")
-
-
 def _rise_mib(base_kb: float) -> float:
-    return (_vm_kb("VmHWM") - base_kb) / 1024
+    return (common.vm_kb("VmHWM") - base_kb) / 1024
 
 
 def _teacher(kind: str):
@@ -87,28 +77,31 @@ def child_build(args) -> None:
     spec = ViewSpec(size=args.size, views=args.views, augment=True, seed=0)
     urls = expand_urls(args.urls)
     dist_utils.barrier()
-    base = _reset_peak()
+    base = common.reset_peak()
     t0 = time.perf_counter()
     out = reinforce.build_companions(teacher, urls, spec, root=args.root, batch_size=32)
     seconds = time.perf_counter() - t0  # build_companions ends in a barrier: the slowest rank's time
     peaks = dist_utils.all_gather_object((_peak_mib(), _rise_mib(base)))
     if dist_utils.rank() == 0:
-        print("RESULT " + json.dumps({"seconds": seconds, "built": out["built"], "peak_rss_mib": max(p[0] for p in peaks),
-                                      "rise_mib": max(p[1] for p in peaks), "ranks": dist_utils.world_size()}))
+            common.child_result({"seconds": seconds, "built": out["built"], "peak_rss_mib": max(p[0] for p in peaks),
+                             "rise_mib": max(p[1] for p in peaks), "ranks": dist_utils.world_size()})
     dist_utils.cleanup()
 
 
 def child_train(args) -> None:
     """Train the tiny student for --steps from the reinforced stream; print peak RSS and the stream state size."""
+    import open_clip
     import torch
 
     from distill import reinforce
+    from distill.compose import train_defaults
     from distill.data import ViewSpec
+    from distill.data_build import TrainStream
     from distill.engine import EngineConfig, fit
     from distill.losses import DistillLoss
     from distill.streaming import StreamingShards
     from distill.students import build_student
-    from distill.train import DistillTask, TrainStream
+    from distill.train import DistillTask
 
     torch.set_num_threads(1)
     teacher = _teacher("tiny")
@@ -116,34 +109,24 @@ def child_train(args) -> None:
     src = StreamingShards(args.urls, resampled=True, buffer=1000, seed=0, reinforced=True, teacher_root=args.root)
     src.teacher_fingerprint = reinforce.fingerprint(teacher.fingerprint, spec)
     student, model_cfg = build_student(**json.loads(args.student))
-    import open_clip
-
     tok = open_clip.SimpleTokenizer(context_length=int(model_cfg["text_cfg"]["context_length"]))
-    from distill.compose import train_defaults as defaults
-
-    cfg = EngineConfig.from_mapping(defaults(steps=args.steps, batch_size=32, ckpt_every=0, log_every=50,
-                                             progress=False, tensorboard=False, resume="never", eval_every=0,
-                                             num_workers=0, extra_texts=0))
+    cfg = EngineConfig.from_mapping(train_defaults(steps=args.steps, batch_size=32, ckpt_every=0, log_every=50,
+                                                   progress=False, tensorboard=False, resume="never", eval_every=0,
+                                                   num_workers=0, extra_texts=0))
     loss = DistillLoss(student_dim=int(model_cfg["embed_dim"]), teacher_dim=teacher.embed_dim)
     task = DistillTask(student, loss, None, tok, cfg, 32, teacher=teacher, stream=TrainStream(src, spec, []))
-    base = _reset_peak()
+    base = common.reset_peak()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as run:
         fit(task, cfg, Path(run), torch.device("cpu"))
     state = json.dumps(task.loader.state_dict())
-    print("RESULT " + json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_mib(),
-                                  "rise_mib": _rise_mib(base),
-                                  "state_bytes": len(state), "samples": task.loader.stats()["samples"],
-                                  "mismatch": task.loader.stats()["teacher_mismatch"]}))
+    common.child_result({"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_mib(), "rise_mib": _rise_mib(base),
+                         "state_bytes": len(state), "samples": task.loader.stats()["samples"],
+                         "mismatch": task.loader.stats()["teacher_mismatch"]})
 
 
-def _run(cmd: list[str], env_extra: dict[str, str] | None = None) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if r.returncode != 0 or line is None:
-        raise SystemExit(f"measurement failed ({' '.join(cmd[:6])} ...):\n{r.stderr[-3000:]}")
-    return json.loads(line[7:])
+def _run(cmd: list[str]) -> dict:
+    return common.run_child(cmd, env={"OMP_NUM_THREADS": "1"})  # one thread per rank: R ranks use R cores
 
 
 def _torchrun(ranks: int, *args: str) -> list[str]:
@@ -154,19 +137,20 @@ def _torchrun(ranks: int, *args: str) -> list[str]:
 # ----------------------------------------------------------------------------- parts
 
 
-def part_throughput(images: int, views: int, per_shard: int, tmp: Path) -> dict:
+def part_throughput(images: int, views: int, per_shard: int, tmp: Path, teacher: str = "vitb32", size: int = 224,
+                    rounds: int = 2) -> dict:
     shards = tmp / "tp"
     shards.mkdir()
-    pattern = write_shards(shards, images, per_shard, 256)
+    pattern = common.write_shards(shards, images, per_shard, 256)
     rows = {}
-    for ranks in (1, 2, 1, 2):  # interleaved twice: the machine's drift hits both
+    for ranks in (1, 2) * rounds:  # interleaved: the machine's drift hits both
         root = tmp / f"comp-{ranks}-{time.monotonic_ns()}"
-        res = _run(_torchrun(ranks, "--child", "build", "--teacher", "vitb32", "--size", "224", "--views",
+        res = _run(_torchrun(ranks, "--child", "build", "--teacher", teacher, "--size", str(size), "--views",
                              str(views), "--urls", pattern, "--root", str(root)))
         res["views_per_s"] = images * views / res["seconds"]
         rows.setdefault(ranks, []).append(res)
     best = {r: max(x["views_per_s"] for x in v) for r, v in rows.items()}
-    return {"images": images, "views": views, "per_shard": per_shard, "runs": rows,
+    return {"images": images, "views": views, "per_shard": per_shard, "teacher": teacher, "size": size, "runs": rows,
             "views_per_s": best, "speedup": best[2] / best[1]}
 
 
@@ -179,13 +163,13 @@ def part_memory(sizes: list[int], per_shard: int, views: int, steps: int, tmp: P
         shards = tmp / f"m{n}"
         shards.mkdir()
         t0 = time.perf_counter()
-        pattern = write_shards(shards, n, per_shard, 32)
+        pattern = common.write_shards(shards, n, per_shard, 32)
         write_s = time.perf_counter() - t0
         root = tmp / f"m{n}-comp"
-        build = _run([sys.executable, __file__, "--child", "build", "--teacher", "tiny", "--size", "32",
-                      "--views", str(views), "--urls", pattern, "--root", str(root)])
-        train = _run([sys.executable, __file__, "--child", "train", "--views", str(views), "--urls", pattern,
-                      "--root", str(root), "--steps", str(steps), "--student", student])
+        build = _run(common.script_cmd(__file__, "--child", "build", "--teacher", "tiny", "--size", 32,
+                                       "--views", views, "--urls", pattern, "--root", root))
+        train = _run(common.script_cmd(__file__, "--child", "train", "--views", views, "--urls", pattern,
+                                       "--root", root, "--steps", steps, "--student", student))
         comp = sorted(root.glob("*.teacher.tar"))
         data_bytes = sum(p.stat().st_size for p in shards.glob("*.tar"))
         comp_bytes = sum(p.stat().st_size for p in comp)
@@ -226,12 +210,11 @@ def _decode_ms(views: int, n: int = 64) -> float:
 
     import torch
 
-    from benchmarks.bench_streaming_loader import jpeg_blobs
     from distill.data import augmented_view
     from distill.imageio import load_rgb
 
     torch.set_num_threads(1)
-    blobs = jpeg_blobs(8, 512)
+    blobs = common.jpeg_blobs(8, 512)
     t0 = time.perf_counter()
     for i in range(n):
         img = load_rgb(io.BytesIO(blobs[i % len(blobs)]))
@@ -291,20 +274,12 @@ def _plan_lines(plan: dict) -> list[str]:
     return lines
 
 
-def _env_line() -> str:
-    from distill.bench import environment
-
-    e = environment()
-    flags = ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in e["cpu_flags"])
-    return (f"{e['cpu']} ({flags}); {e['usable_cores']} usable cores; torch {e['torch']}, open_clip {e['open_clip']}, "
-            f"Python {e['python']}, {e['os']}; GPU: {e['gpu'] or 'none'}")
-
-
-def write_report(res: dict, out: Path) -> None:
-    lines = [f"\n## {time.strftime('%Y-%m-%d %H:%M')} — reinforced shards\n", f"Environment: {_env_line()}.\n"]
+def report_lines(res: dict, argv: list[str]) -> list[str]:
+    lines = [f"## {time.strftime('%Y-%m-%d %H:%M')} — reinforced shards\n", f"Command: `{common.command(argv)}`\n"]
     tp = res.get("throughput")
     if tp:
-        lines += [f"### Companion build throughput: ViT-B/32 (random weights, same compute) at 224 px, "
+        who = {"vitb32": "ViT-B/32 (random weights, same compute)", "tiny": "the tiny teacher"}[tp.get("teacher", "vitb32")]
+        lines += [f"### Companion build throughput: {who} at {tp.get('size', 224)} px, "
                   f"{tp['images']} images x {tp['views']} views, shards of {tp['per_shard']}, one thread per rank\n",
                   "| ranks | runs: views/s | best views/s | peak RSS per rank (MiB) |", "|---|---|---|---|"]
         for r in ("1", "2") if "1" in tp["runs"] else (1, 2):
@@ -339,47 +314,50 @@ def write_report(res: dict, out: Path) -> None:
                       f"over the pre-work RSS: build {rises[0]}, training {rises[1]}.\n"]
     if res.get("plan"):
         lines += _plan_lines(res["plan"])
-    with open(out, "a") as f:
-        f.write("\n".join(lines) + "\n")
+    return lines
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None) -> None:
+    ap = common.parser(__doc__, "reinforce.md")
     ap.add_argument("--part", choices=["throughput", "memory", "plan", "all"], default="all")
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--sizes", default="10000,200000")
     ap.add_argument("--per-shard", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/reinforce.md"))
-    ap.add_argument("--child", choices=["build", "train"])
-    ap.add_argument("--teacher", default="tiny")
-    ap.add_argument("--size", type=int, default=32)
-    ap.add_argument("--urls")
-    ap.add_argument("--root")
-    ap.add_argument("--student")
-    args = ap.parse_args()
+    ap.add_argument("--throughput-teacher", choices=["vitb32", "tiny"], default="vitb32")
+    ap.add_argument("--throughput-rounds", type=int, default=2, help="times each rank count builds, interleaved")
+    ap.add_argument("--child", choices=["build", "train"], help=argparse.SUPPRESS)
+    ap.add_argument("--teacher", default="tiny", help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=int, default=32, help=argparse.SUPPRESS)
+    ap.add_argument("--urls", help=argparse.SUPPRESS)
+    ap.add_argument("--root", help=argparse.SUPPRESS)
+    ap.add_argument("--student", help=argparse.SUPPRESS)
+    args = common.parse(ap, argv, smoke=dict(images=16, sizes="64,128", per_shard=32, steps=2,
+                                             throughput_teacher="tiny", throughput_rounds=1))
     if args.child == "build":
         return child_build(args)
     if args.child == "train":
         return child_train(args)
     res = {}
+    old = common.load_json(args.out)
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         if args.part in ("throughput", "all"):
-            res["throughput"] = part_throughput(args.images, args.views, 32, Path(tmp))
+            size = 224 if args.throughput_teacher == "vitb32" else 32
+            res["throughput"] = part_throughput(args.images, args.views, 32, Path(tmp), args.throughput_teacher, size,
+                                                args.throughput_rounds)
         if args.part in ("memory", "all"):
             sizes = [int(s) for s in args.sizes.split(",")]
             res["memory"] = part_memory(sizes, args.per_shard, args.views, args.steps, Path(tmp))
         if args.part in ("plan", "all"):
-            js = Path(args.out).with_suffix(".json")
-            tp = res.get("throughput") or (json.loads(js.read_text()).get("throughput") if js.exists() else None)
+            tp = res.get("throughput") or old.get("throughput")
+            tp = tp if tp and tp.get("teacher", "vitb32") == "vitb32" else None  # the plan's rate is ViT-B/32's
             res["plan"] = part_plan(tp["views_per_s"]["1"] if tp and "1" in tp["views_per_s"] else
                                     tp["views_per_s"].get(1) if tp else None)
-    js = Path(args.out).with_suffix(".json")
-    old = json.loads(js.read_text()) if js.exists() else {}
-    js.write_text(json.dumps({**old, **json.loads(json.dumps(res))}, indent=1))
-    write_report(json.loads(json.dumps(res)), Path(args.out))
-    print(Path(args.out).read_text().split("\n## ")[-1])
+    res = json.loads(json.dumps(res))  # the keys as JSON has them ("1", not 1), as a later run reads them back
+    lines = report_lines(res, args.argv)
+    common.write_results(args.out, lines, data={**old, **res}, append=True)
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 static QDQ int8 (issue #18, section 3). Writes benchmarks/results/runtimes.md.
 
     .venv/bin/python benchmarks/bench_runtimes.py --threads 2
+    .venv/bin/python benchmarks/bench_runtimes.py --smoke     # the tiny student, a few images, seconds
 
 Student: the flagship shape (conf/student/vit_w384_d6_p32.yaml: ViT w384/d6/p32 at 224 px, text
 w256/d4, embed_dim 512) with *random* weights, seed 0: no trained student of that shape exists
@@ -15,30 +16,25 @@ runtime cannot build or run keeps its row, with the reason.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import common
+import open_clip
 import torch
 from omegaconf import OmegaConf
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import open_clip  # noqa: E402
-
-from distill import bench, datasets  # noqa: E402
-from distill.data import TrainSet, ViewSpec, load_eval_set  # noqa: E402
-from distill.export import default_preprocess  # noqa: E402
-from distill.students import build_student  # noqa: E402
-from distill.pipeline import _Unbuildable  # noqa: E402 - the pipeline's stand-in for a failed variant
-from distill.variants import VARIANTS, VariantContext  # noqa: E402
+from distill import bench, datasets
+from distill.bench import Unbuildable
+from distill.data import TrainSet, ViewSpec, load_eval_set
+from distill.export import default_preprocess
+from distill.students import build_student
+from distill.variants import VARIANTS, VariantContext
 
 REFERENCE = "student_onnx_fp32"
 # (runtime, precision, variant): the registered variants, plus OpenVINO on the dynamic int8 files
@@ -48,8 +44,8 @@ ROWS = [("onnxruntime", "fp32", "student_onnx_fp32"), ("onnxruntime", "dynamic i
         ("OpenVINO", "dynamic int8", "student_openvino_int8"), ("OpenVINO", "QDQ int8", "student_openvino_static_int8")]
 
 
-def _student() -> tuple[torch.nn.Module, dict[str, Any]]:
-    card = OmegaConf.to_container(OmegaConf.load(REPO / "conf/student/vit_w384_d6_p32.yaml").builder)
+def _student(name: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    card = OmegaConf.to_container(OmegaConf.load(Path(common.config_dir()) / "student" / f"{name}.yaml").builder)
     card.pop("_target_")
     torch.manual_seed(0)
     model, model_cfg = build_student(embed_dim=512, **card)  # 512: ViT-B/32's output, the default teacher
@@ -75,7 +71,7 @@ def _variants(ctx: VariantContext) -> list[bench.Variant]:
                 ctx.require(name)
                 enc, files = VARIANTS[name].encoder(ctx), VARIANTS[name].files(ctx)
         except Exception as e:  # the row stays, with the reason
-            enc, files = _Unbuildable(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"), []
+            enc, files = Unbuildable(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"), []
         out.append(bench.Variant(name=name, role="student", runtime=runtime, precision=precision, encoder=enc,
                                  files=files))
     return out
@@ -122,26 +118,28 @@ def _table(rows: dict[str, dict], cos: dict[str, dict], image_mb: dict[str, floa
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = common.parser(__doc__, "runtimes.md")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--student", default="vit_w384_d6_p32", help="a conf/student card (random weights)")
     ap.add_argument("--per-class", type=int, default=30, help="Fashion-MNIST test images per class")
     ap.add_argument("--calibration", type=int, default=64, help="training views the QDQ image tower is calibrated on")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=20, help="timed calls per shape, spread over the rounds")
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/runtimes.md"))
-    a = ap.parse_args()
+    a = common.parse(ap, smoke=dict(student="tiny", per_class=1, calibration=4, rounds=1, repeats=1))
     t0, load0 = time.time(), round(os.getloadavg()[0], 2)
     torch.set_num_threads(a.threads)
-    student, model_cfg = _student()
-    export_cfg = OmegaConf.load(REPO / "conf/export/default.yaml")
+    student, model_cfg = _student(a.student)
+    size = int(model_cfg["vision_cfg"]["image_size"])
+    export_cfg = OmegaConf.load(Path(common.config_dir()) / "export" / "default.yaml")
     export_cfg.int8.calibration_images = a.calibration
     train = TrainSet([datasets.fashion_mnist("train", per_class=a.calibration // 10 + 1, invert=True)],
-                     ViewSpec(size=224), corpus=["a photo."])  # captions are not used: calibration reads views only
-    es = load_eval_set("fashion-mnist/test", datasets.fashion_mnist("test", per_class=a.per_class, invert=True), 224,
+                     ViewSpec(size=size), corpus=["a photo."])  # captions are not used: calibration reads views only
+    es = load_eval_set("fashion-mnist/test", datasets.fashion_mnist("test", per_class=a.per_class, invert=True), size,
                        templates=["a photo of a {}."])
     with tempfile.TemporaryDirectory() as tmp:
         ctx = VariantContext(cfg=export_cfg, student=student, model_cfg=model_cfg, export_dir=Path(tmp),
-                             tokenizer=open_clip.SimpleTokenizer(context_length=77), trainset=train, threads=a.threads)
+                             tokenizer=open_clip.SimpleTokenizer(context_length=int(model_cfg["text_cfg"]["context_length"])),
+                             trainset=train, threads=a.threads)
         variants = _variants(ctx)
         t_export = time.time() - t0
         rows = bench.measure_variants(variants, {"classification": {es.name: es}, "retrieval": {}}, batch_sizes=(1, 32),
@@ -152,20 +150,21 @@ def main() -> None:
         # paths relative to the (temporary) export folder
         export_info = json.loads(json.dumps(ctx.info, default=str).replace(tmp + "/", ""))
     # the load average says how busy this shared machine was while it measured
-    env = {**bench.environment(), "openvino": version("openvino"), "threads": a.threads,
+    env = {**common.environment(), "openvino": version("openvino"), "threads": a.threads,
            "load_avg_1min_before_after": [load0, round(os.getloadavg()[0], 2)]}
     _write(a, rows, cos, image_mb, es, env, export_info, t_export, time.time() - t0)
 
 
-def _write(a: argparse.Namespace, rows: dict, cos: dict, image_mb: dict, es: Any, env: dict, export_info: dict,
+def _write(a, rows: dict, cos: dict, image_mb: dict, es: Any, env: dict, export_info: dict,
            t_export: float, total: float) -> None:
     failed = {n: r["reason"] for n, r in rows.items() if r["status"] != "ok"}
     lines = ["# One exported student on two CPU runtimes: onnxruntime and OpenVINO", "",
-             f"Command: `.venv/bin/python benchmarks/bench_runtimes.py --threads {a.threads}` ({total:.0f} s, of which "
+             f"Command: `{common.command(a.argv)}` ({total:.0f} s, of which "
              f"export and quantisation {t_export:.0f} s; {time.strftime('%Y-%m-%d')})", "",
-             "Size: both towers' files (the image file alone in brackets). Student: the flagship shape "
-             "`conf/student/vit_w384_d6_p32.yaml` (ViT w384/d6/p32, 224 px; text w256/d4; "
-             "embed_dim 512) with **random weights** (seed 0; no trained student of this shape exists offline): size, "
+             "Size: both towers' files (the image file alone in brackets). Student: "
+             + ("the flagship shape `conf/student/vit_w384_d6_p32.yaml` (ViT w384/d6/p32, 224 px; text w256/d4; "
+                "embed_dim 512)" if a.student == "vit_w384_d6_p32" else f"`conf/student/{a.student}.yaml`")
+             + " with **random weights** (seed 0; no trained student of this shape exists offline): size, "
              "latency and agreement with the fp32 student are real, top-1 means something only as the *change* from "
              "fp32. Files from the variants' own export steps (export defaults: opset 20, patch_embed matmul, "
              f"attention matmul; dynamic int8 mode `default`); QDQ image tower calibrated on {a.calibration} "
@@ -188,9 +187,8 @@ def _write(a: argparse.Namespace, rows: dict, cos: dict, image_mb: dict, es: Any
                "(DynamicQuantizeLinear + MatMulInteger), which it runs as they are."])
     lines += ["", "Text tower, batch 1 (ms, median): " + ", ".join(
         f"`{n}` {r['latency']['text_b1_median_ms']:.2f}" for n, r in rows.items() if r["status"] == "ok"), "",
-        "Environment:", "", "```json", json.dumps(env, indent=1), "```", "", "Export:", "", "```json",
-        json.dumps(export_info, indent=1), "```", ""]
-    Path(a.out).write_text("\n".join(lines))
+        "Export:", "", "```json", json.dumps(export_info, indent=1), "```"]
+    common.write_results(a.out, lines, data={"variants": rows, "cosine_to_fp32": cos, "export": export_info}, env=env)
     print("\n".join(lines))
 
 

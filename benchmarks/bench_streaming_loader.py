@@ -17,6 +17,7 @@ pixels). The shards are freshly written, so they are read from the page cache: t
 loader's CPU-side cost, not a disk or a network.
 
     .venv/bin/python benchmarks/bench_streaming_loader.py --sizes 10000,100000 --images 8000 --workers 0,2
+    .venv/bin/python benchmarks/bench_streaming_loader.py --smoke     # 200 items, no workers, seconds
 
 Appends a Markdown section to benchmarks/results/streaming_loader.md (or --out).
 """
@@ -24,51 +25,12 @@ Appends a Markdown section to benchmarks/results/streaming_loader.md (or --out).
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import subprocess
-import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def jpeg_blobs(n: int, px: int) -> list[bytes]:
-    """``n`` distinct px x px JPEGs (a gradient plus seeded noise, about what a small photo compresses to)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    ramp = np.linspace(0, 200, px, dtype=np.float32)
-    out = []
-    for _ in range(n):
-        base = ramp[None, :, None] + ramp[:, None, None] * rng.uniform(0.2, 1.0, 3)[None, None, :]
-        img = np.clip(base * 0.6 + rng.normal(0, 12, (px, px, 3)), 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
-
-
-def write_shards(folder: Path, items: int, per_shard: int, px: int) -> str:
-    """``items`` samples in shards of ``per_shard``; -> the brace pattern of the shards."""
-    blobs = jpeg_blobs(32, px)
-    n_shards = (items + per_shard - 1) // per_shard
-    for s in range(n_shards):
-        with tarfile.open(folder / f"shard-{s:06d}.tar", "w") as tf:
-            for i in range(s * per_shard, min(items, (s + 1) * per_shard)):
-                for name, data in ((f"{i:09d}.jpg", blobs[i % len(blobs)]), (f"{i:09d}.txt", f"a photo of thing {i}".encode())):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tf.addfile(info, io.BytesIO(data))
-    return str(folder / f"shard-{{000000..{n_shards - 1:06d}}}.tar")
+import common
 
 
 # ----------------------------------------------------------------------------- one measurement (child process)
@@ -102,11 +64,6 @@ class _Indexed:
 
     def __getitem__(self, i: int):
         return _tensor(self.src.open(i))
-
-
-def _vm_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 
 
 def _children() -> list[int]:
@@ -150,13 +107,11 @@ def measure(kind: str, pattern: str, images: int, batch: int, workers: int) -> d
     import distill.datasets  # noqa: F401  (imports are in the baseline, not in the source's rise)
     import distill.streaming  # noqa: F401
 
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM: the peak below belongs to the loader, not to the imports
-    base_kb = _vm_kb("VmRSS")
+    base_kb = common.reset_peak()  # the peak below belongs to the loader, not to the imports
     t0 = time.perf_counter()
     src, it, loader = _build(kind, pattern, batch, workers)
     t1 = time.perf_counter()
-    rise_kb = _vm_kb("VmRSS") - base_kb
+    rise_kb = common.vm_kb("VmRSS") - base_kb
     pickled = len(pickle.dumps(src))
     first = next(it)
     t2 = time.perf_counter()
@@ -166,7 +121,7 @@ def measure(kind: str, pattern: str, images: int, batch: int, workers: int) -> d
     t3 = time.perf_counter()
     state = len(json.dumps(loader.state_dict())) if loader is not None else None
     worker_kb = max((_private_kb(pid) for pid in _children()), default=None)
-    peak_kb = _vm_kb("VmHWM")
+    peak_kb = common.vm_kb("VmHWM")
     return {"loader": kind, "items": len(src) if kind == "indexed" else None, "workers": workers,
             "startup_s": round(t1 - t0, 3), "first_batch_s": round(t2 - t1, 3),
             "images_per_s": round(seen / (t3 - t2), 1), "measured_images": seen, "batch": int(first.shape[0]),
@@ -177,21 +132,16 @@ def measure(kind: str, pattern: str, images: int, batch: int, workers: int) -> d
 
 
 def run_child(kind: str, pattern: str, images: int, batch: int, workers: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", json.dumps([kind, pattern, images, batch, workers])]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    if res.returncode != 0:
-        raise RuntimeError(f"{kind} loader failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return common.run_child(common.script_cmd(__file__, "--child", json.dumps([kind, pattern, images, batch, workers])))
 
 
 # ----------------------------------------------------------------------------- report
 
 
-def render(rows: list[dict], env: dict, args: argparse.Namespace, shard_mb: dict[int, float], elapsed: float) -> str:
+def render(rows: list[dict], args, shard_mb: dict[int, float], elapsed: float) -> list[str]:
     date = time.strftime("%Y-%m-%d")
     lines = [f"## Streaming vs indexed WebDataset loader, cpu ({date})", "",
-             f"Command: `python benchmarks/bench_streaming_loader.py {' '.join(sys.argv[1:])}`", "",
-             f"Environment: `{json.dumps(env)}`", "",
+             f"Command: `{common.command(args.argv)}`", "",
              f"Data: synthetic shards of {args.per_shard} samples ({args.px}x{args.px} JPEG, about "
              f"{args.jpeg_kb:.1f} KB, + .txt caption); sizes {', '.join(f'{n:,} items ({shard_mb[n]:.0f} MB)' for n in shard_mb)}; "
              f"read from the page cache. Loader alone: decode to RGB + uint8 (B, 3, {args.px}, {args.px}) tensors, "
@@ -206,48 +156,41 @@ def render(rows: list[dict], env: dict, args: argparse.Namespace, shard_mb: dict
                      f"{r['peak_rss_main_mb']} ({r['peak_rise_main_mb']}) | "
                      f"{r['worker_private_mb'] if r['worker_private_mb'] is not None else '-'} |")
     lines += ["", f"Total wall time {elapsed:.0f} s (including writing the shards).", ""]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv=None) -> None:
+    ap = common.parser(__doc__, "streaming_loader.md")
     ap.add_argument("--sizes", default="10000,100000", help="data set sizes in items (comma-separated)")
     ap.add_argument("--images", type=int, default=8000, help="images timed per row, after the first batch")
     ap.add_argument("--workers", default="0,2", help="DataLoader worker counts (comma-separated)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--per-shard", type=int, default=1000)
     ap.add_argument("--px", type=int, default=64)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "streaming_loader.md"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = common.parse(ap, argv, smoke=dict(sizes="200", images=128, workers="0", per_shard=100))
     if args.child:
-        print(json.dumps(measure(*json.loads(args.child))))
+        common.child_result(measure(*json.loads(args.child)))
         return
-    from distill.bench import environment
-
     t0 = time.time()
-    env = environment()
-    env["webdataset"] = _version("webdataset")
-    env["pillow"] = _version("pillow")
-    args.jpeg_kb = sum(map(len, jpeg_blobs(32, args.px))) / 32 / 1024
+    env = {**common.environment(), "webdataset": _version("webdataset"), "pillow": _version("pillow")}
+    args.jpeg_kb = sum(map(len, common.jpeg_blobs(32, args.px))) / 32 / 1024
     rows, shard_mb = [], {}
     with tempfile.TemporaryDirectory(prefix="bench_stream_") as tmp:
         for size in (int(s) for s in args.sizes.split(",")):
             folder = Path(tmp) / str(size)
             folder.mkdir()
-            pattern = write_shards(folder, size, args.per_shard, args.px)
+            pattern = common.write_shards(folder, size, args.per_shard, args.px)
             shard_mb[size] = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
             for workers in (int(w) for w in args.workers.split(",")):
                 for kind in ("indexed", "streaming"):
                     r = {"size": size, **run_child(kind, pattern, args.images, args.batch, workers)}
                     print(json.dumps(r), flush=True)
                     rows.append(r)
-    text = render(rows, env, args, shard_mb, time.time() - t0)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        f.write(("\n" if out.exists() and out.stat().st_size else "") + text)
-    print(text)
+    lines = render(rows, args, shard_mb, time.time() - t0)
+    runs = common.load_json(args.out).get("runs", []) + [{"args": vars(args), "rows": rows}]
+    common.write_results(args.out, lines, data={"runs": runs}, env=env, append=True)
+    print("\n".join(lines))
 
 
 def _version(dist: str) -> str | None:

@@ -8,6 +8,7 @@ real Tux Paint images. Measures images/s, the step-time split (data / teacher / 
     .venv/bin/python benchmarks/bench_train_throughput.py --device cpu --steps 6 --batch-size 32
     .venv/bin/python benchmarks/bench_train_throughput.py --device cuda --steps 60 --batch-size 256
     .venv/bin/python benchmarks/bench_train_throughput.py --device cpu --modes cache --precision fp32,bf16,fp32,bf16
+    .venv/bin/python benchmarks/bench_train_throughput.py --smoke     # tiny teacher and student, seconds
 
 --precision takes a list (train.precision values, measured in the order given: repeat them to
 interleave); bf16 on a CPU needs native bf16 (AVX-512 BF16 or AMX), otherwise that row is fp32.
@@ -17,26 +18,34 @@ Appends a Markdown section to benchmarks/results/train_throughput.md (or --out).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import common
+import open_clip
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from distill import datasets, flops
+from distill.cache import build_or_load
+from distill.compose import train_defaults
+from distill.data import TrainSet, ViewSpec, build_corpus
+from distill.losses import DistillLoss
+from distill.students import build_student
+from distill.teachers.open_clip_teacher import OpenClipTeacher
+from distill.train import train
 
-from distill import bench, datasets, flops  # noqa: E402
-from distill.cache import build_or_load  # noqa: E402
-from distill.data import TrainSet, ViewSpec, build_corpus  # noqa: E402
-from distill.losses import DistillLoss  # noqa: E402
-from distill.students import build_student  # noqa: E402
-from distill.teachers.open_clip_teacher import OpenClipTeacher  # noqa: E402
-from distill.compose import train_defaults as defaults  # noqa: E402
-from distill.train import train  # noqa: E402
+# (teacher, student vision, student text, image size): the design card's, and a tiny pair for the smoke run
+MODELS = {
+    "design": ("ViT-B-32", dict(width=384, layers=6, heads=6, patch_size=32, image_size=224),
+               dict(mode="distilled", width=256, layers=4, heads=4, context_length=77), 224),
+    "tiny": (None, dict(width=64, layers=2, heads=2, patch_size=8, image_size=32),
+             dict(mode="distilled", width=32, layers=1, heads=2, context_length=32), 32),
+}
+TINY_TEACHER = dict(embed_dim=64, vision_cfg=dict(width=96, layers=2, head_width=48, patch_size=8, image_size=32),
+                    text_cfg=dict(width=64, layers=2, heads=2, context_length=32, vocab_size=49408))
 
 # Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets.
 BF16_PEAK_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H200": 989.4, "A100": 312.0}
@@ -50,7 +59,7 @@ def gpu_peak(name: str) -> float | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = common.parser(__doc__, "train_throughput.md")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -59,20 +68,22 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--modes", default="cache,online", help="teacher targets: cache, online or both")
     ap.add_argument("--precision", default="auto", help="comma list of train.precision values")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_throughput.md"))
-    args = ap.parse_args()
+    ap.add_argument("--models", choices=list(MODELS), default="design", help="teacher and student sizes")
+    args = common.parse(ap, smoke=dict(device="cpu", steps=2, batch_size=4, images=8, workers=0, models="tiny"))
     dev = torch.device(args.device)
     if dev.type == "cpu":
         torch.set_num_threads(2)
 
-    teacher = OpenClipTeacher("ViT-B-32", pretrained=None, device=dev)
-    src = datasets.tuxpaint("train")
-    n = min(args.images, len(src))
-    ds = TrainSet([src], ViewSpec(size=224, views=max(1, args.images // len(src)), augment=True),
+    t_name, vision, text, size = MODELS[args.models]
+    teacher = (OpenClipTeacher(t_name, pretrained=None, device=dev) if t_name else
+               OpenClipTeacher(model_name=None, model_cfg=TINY_TEACHER, seed=0, device=dev))
+    dim = teacher.embed_dim
+    full = len(datasets.tuxpaint("train"))
+    src = datasets.tuxpaint("train", limit=args.images)
+    n = len(src)
+    ds = TrainSet([src], ViewSpec(size=size, views=max(1, args.images // full), augment=True),
                   corpus=build_corpus(templates=["a photo of a {}."]))
-    vision = dict(width=384, layers=6, heads=6, patch_size=32, image_size=224)
-    text = dict(mode="distilled", width=256, layers=4, heads=4, context_length=77)
-    s_flops = flops.clip_flops(build_student(512, vision, text)[1])
+    s_flops = flops.clip_flops(build_student(dim, vision, text)[1])
     t_flops = flops.clip_flops(teacher.model_cfg)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,19 +93,20 @@ def main() -> None:
         runs = [(m, p) for p in args.precision.split(",") for m in args.modes.split(",")]
         for i, (mode, precision) in enumerate(runs):
             torch.manual_seed(0)
-            student, _ = build_student(512, vision, text)
+            student, model_cfg = build_student(dim, vision, text)
             loss = DistillLoss(weights={"feature_mse": 1.0, "contrastive_kd": 1.0}, temperature_mode="fixed",
-                               temperature=0.02, student_dim=512, teacher_dim=512)
-            cfg = defaults(steps=args.steps, batch_size=args.batch_size, num_workers=args.workers, seed=0,
+                               temperature=0.02, student_dim=dim, teacher_dim=dim)
+            cfg = train_defaults(steps=args.steps, batch_size=args.batch_size, num_workers=args.workers, seed=0,
                            optimizer={"lr": 1e-4}, scheduler={"warmup_steps": 1},
                            log_every=1, eval_every=0, ckpt_every=0, resume="never", tensorboard=False, progress=True,
                            compile=args.compile, precision=precision)
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             # one warm-up step is excluded: run steps+1, then time from the per-step split
-            res = train(student=student, loss_fn=loss, dataset=ds, tokenizer=__import__("open_clip").SimpleTokenizer(),
-                        cfg=cfg, out_dir=Path(tmp) / f"{i}_{mode}", device=dev, cache=cache if mode == "cache" else None,
-                        teacher=teacher if mode == "online" else None, image_size=224)
+            tok = open_clip.SimpleTokenizer(context_length=int(model_cfg["text_cfg"]["context_length"]))
+            res = train(student=student, loss_fn=loss, dataset=ds, tokenizer=tok, cfg=cfg,
+                        out_dir=Path(tmp) / f"{i}_{mode}", device=dev, cache=cache if mode == "cache" else None,
+                        teacher=teacher if mode == "online" else None, image_size=size)
             lines = [json.loads(l) for l in (Path(tmp) / f"{i}_{mode}" / "metrics.jsonl").read_text().splitlines()]
             ips = sorted(l["images_per_s"] for l in lines[1:]) or [res["images_per_s"]]
             med = ips[len(ips) // 2]
@@ -109,11 +121,9 @@ def main() -> None:
                 if peak:
                     row["share_of_bf16_peak_pct"] = round(100 * row["achieved_tflops"] / peak, 1)
             rows.append(row)
-    env = bench.environment()
-    md = [f"\n## Training throughput, {args.device}, batch {args.batch_size}, {args.steps} steps "
+    md = [f"## Training throughput, {args.device}, batch {args.batch_size}, {args.steps} steps "
           f"({time.strftime('%Y-%m-%d')})\n",
-          f"Command: `python benchmarks/bench_train_throughput.py {' '.join(sys.argv[1:])}`\n",
-          f"Environment: `{json.dumps(env)}`\n",
+          f"Command: `{common.command(args.argv)}`\n",
           f"Cache build: {n} images x views = {len(ds)} items in {cache_s:.1f} s.\n",
           "| targets | precision | images/s (median step) | step split ms (load/data/teacher/student/optim) | achieved TFLOP/s | peak mem GB | % bf16 peak |",
           "|---|---|---|---|---|---|---|"]
@@ -138,10 +148,9 @@ def main() -> None:
             md.append(f"\nbf16 / fp32 images/s ({mode}, median of each precision's runs): **{bf16 / fp32:.2f}x**.")
     md.append(f"\nFLOPs per trained image: student fwd+bwd = 3 x forward "
               f"({3 * (s_flops['image'] + s_flops['text']) / 1e9:.2f} GFLOPs), teacher forward "
-              f"{(t_flops['image'] + t_flops['text']) / 1e9:.2f} GFLOPs (FLOPs = 2 x MACs).\n")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write("\n".join(md) + "\n")
+              f"{(t_flops['image'] + t_flops['text']) / 1e9:.2f} GFLOPs (FLOPs = 2 x MACs).")
+    runs = common.load_json(args.out).get("runs", []) + [{"args": vars(args), "cache_s": cache_s, "rows": rows}]
+    common.write_results(args.out, md, data={"runs": runs}, append=True)
     print("\n".join(md))
 
 

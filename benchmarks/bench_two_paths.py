@@ -7,6 +7,7 @@
 
     .venv/bin/python benchmarks/bench_two_paths.py [--seeds 0,1,2] [--distill-steps 500]
         [--tune-steps 200] [--per-class 100]
+    .venv/bin/python benchmarks/bench_two_paths.py --smoke     # one seed, 2 steps of everything, few images
 
 Both paths see the same training set (the offline data: Fashion-MNIST train captioned from its
 labels + Tux Paint train), the same distillation steps, and the same fine-tune steps and batch; only
@@ -22,23 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-OUT = REPO / "benchmarks" / "results"
+import common
+
 FMNIST = "fashion-mnist/test/top1"
 R5 = ("tuxpaint/val/i2t_r5", "tuxpaint/val/t2i_r5")
-
-
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+# the smoke run's few images and texts (with --train-per-class): seconds of each stage
+SMOKE_OVERRIDES = ["++data.train.sources.1.source.limit=12", "++data.eval.retrieval.0.source.limit=16",
+                   "data.train.corpus.imagenet_classes=false", "data.train.corpus.words.limit=20",
+                   "student.token_init=random", "finetune.wise_ft.alphas=[0.0,1.0]", "train.batch_size=8",
+                   "train.extra_texts=8", "finetune.train.batch_size=8"]
 
 
 def _scores(metrics: dict) -> dict:
@@ -51,24 +47,30 @@ def _distil(cfg, teacher, trainset, eval_sets, out: Path) -> tuple[dict, object,
 
     from distill import pipeline
     from distill.encoders import ClipEncoder
+    from distill.evaluation import evaluate_encoder
+    from distill.session import seed_everything
+    from distill.train import train_stage
 
     cpu = torch.device("cpu")
     cache = pipeline.cache_stage(cfg.cache, teacher, trainset, cpu)
     teacher = teacher.release() if hasattr(teacher, "release") else teacher
-    pipeline.seed_everything(int(cfg.seed))
+    seed_everything(int(cfg.seed))
     student, model_cfg = pipeline.build_student_stage(cfg.student, teacher, cache_dir=cfg.cache.dir)
     tok = pipeline.student_tokenizer(model_cfg)
-    pipeline.train_stage(cfg, teacher, student, model_cfg, tok, trainset, eval_sets, cache, out, cpu)
+    train_stage(cfg, teacher, student, model_cfg, tok, trainset, eval_sets, cache, out, cpu)
     enc = ClipEncoder(student.eval(), tok, int(model_cfg["vision_cfg"]["image_size"]), device=cpu)
-    return _scores(pipeline.evaluate_encoder(enc, eval_sets)), student, model_cfg
+    return _scores(evaluate_encoder(enc, eval_sets)), student, model_cfg
 
 
 def run_seed(seed: int, args: argparse.Namespace, work: Path) -> dict:
     import torch
 
     from distill import pipeline
+    from distill.data_build import build_data
+    from distill.evaluation import evaluate_encoder
     from distill.export import save_open_clip_dir
     from distill.finetune.stage import finetune_stage
+    from distill.session import seed_everything
 
     torch.set_num_threads(2)
     cpu = torch.device("cpu")
@@ -76,19 +78,19 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path) -> dict:
             f"train.steps={args.distill_steps}", "train.ckpt_every=0", "train.progress=false",
             f"finetune.train.steps={args.tune_steps}", "finetune.train.eval_every=50", "finetune.train.ckpt_every=0",
             "+finetune.train.progress=false", f"cache.dir={work / 'cache'}",
-            f"+data.eval.classification.0.source.per_class={args.per_class}",
+            f"++data.eval.classification.0.source.per_class={args.per_class}",
             *([f"data.train.sources.0.per_class={args.train_per_class}", "data.train.sources.1.times=1"]
-              if args.train_per_class else [])]
-    cfg = _compose(base)
-    pipeline.seed_everything(seed)
+              if args.train_per_class else []), *(SMOKE_OVERRIDES if args.smoke else [])]
+    cfg = common.compose(base)
+    seed_everything(seed)
     zero_shot = pipeline.build_teacher(cfg.teacher, cpu)
-    trainset, eval_sets, _ = pipeline.build_data(cfg.data)
-    row: dict = {"seed": seed, "teacher_zero_shot": _scores(pipeline.evaluate_encoder(zero_shot, eval_sets))}
+    trainset, eval_sets, _ = build_data(cfg.data)
+    row: dict = {"seed": seed, "teacher_zero_shot": _scores(evaluate_encoder(zero_shot, eval_sets))}
 
     # B: fine-tune the teacher (head), then distil from it
     t0 = time.perf_counter()
     tuned, ft = finetune_stage(cfg.finetune, zero_shot, trainset, eval_sets, work / f"B{seed}", cpu)
-    row["teacher_tuned"] = {**_scores(pipeline.evaluate_encoder(tuned, eval_sets)), "alpha": ft["alpha"]}
+    row["teacher_tuned"] = {**_scores(evaluate_encoder(tuned, eval_sets)), "alpha": ft["alpha"]}
     t1 = time.perf_counter()
     row["B"], _, _ = _distil(cfg, tuned, trainset, eval_sets, work / f"B{seed}")
     row["B"]["minutes"] = (time.perf_counter() - t0) / 60
@@ -100,12 +102,12 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path) -> dict:
     row["A_generic"] = generic
     folder = save_open_clip_dir(student, model_cfg, work / f"A{seed}" / "open_clip")
     t1 = time.perf_counter()
-    scfg = _compose([*base, "finetune=full", "teacher=openclip", f"teacher.model_name=local-dir:{folder}",
+    scfg = common.compose([*base, "finetune=full", "teacher=openclip", f"teacher.model_name=local-dir:{folder}",
                      "teacher.pretrained=null", f"finetune.train.optimizer.lr={args.student_lr}",
                      "finetune.train.optimizer.weight_decay=0.1"])
     student_teacher = pipeline.build_teacher(scfg.teacher, cpu)
     tuned_student, sft = finetune_stage(scfg.finetune, student_teacher, trainset, eval_sets, work / f"A{seed}ft", cpu)
-    row["A"] = {**_scores(pipeline.evaluate_encoder(tuned_student, eval_sets)), "alpha": sft["alpha"],
+    row["A"] = {**_scores(evaluate_encoder(tuned_student, eval_sets)), "alpha": sft["alpha"],
                 "minutes": (time.perf_counter() - t0) / 60, "finetune_minutes": (time.perf_counter() - t1) / 60}
     return row
 
@@ -115,16 +117,11 @@ def _ms(xs: list[float]) -> str:
 
 
 def write(rows: list[dict], args: argparse.Namespace, env: dict) -> None:
-    from distill.bench import environment_section
-
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "two_paths.json").write_text(json.dumps({"args": vars(args), "environment": env, "rows": rows}, indent=2))
     col = lambda path, key: [r[path][key] for r in rows]  # noqa: E731
     lines = [
         "# Fine-tune the student, or distil from a fine-tuned teacher?",
         "",
-        f"`benchmarks/bench_two_paths.py --seeds {args.seeds} --distill-steps {args.distill_steps} "
-        f"--tune-steps {args.tune_steps} --per-class {args.per_class}`. Seeds {args.seeds}; mean ± sd over "
+        f"`{common.command(args.argv)}`. Seeds {args.seeds}; mean ± sd over "
         "seeds (each seed reruns the whole chain: fine-tunes, distillations, draws). Same training set for every "
         f"step (Fashion-MNIST train captioned from labels + Tux Paint train), {args.distill_steps} distillation "
         f"steps x 64 and {args.tune_steps} fine-tune steps x 64 on both paths.",
@@ -158,14 +155,12 @@ def write(rows: list[dict], args: argparse.Namespace, env: dict) -> None:
         *[f"| {r['seed']} | {r['teacher_tuned']['top1']:.1f} / {r['teacher_tuned']['r5']:.1f} | "
           f"{r['B']['top1']:.1f} / {r['B']['r5']:.1f} | {r['A_generic']['top1']:.1f} / {r['A_generic']['r5']:.1f} | "
           f"{r['A']['top1']:.1f} / {r['A']['r5']:.1f} |" for r in rows],
-        "",
-        *environment_section(env),
     ]
-    (OUT / "two_paths.md").write_text("\n".join(lines))
+    common.write_results(args.out, lines, data={"args": vars(args), "rows": rows}, env=env)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> None:
+    ap = common.parser(__doc__, "two_paths.md")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--distill-steps", type=int, default=500)
     ap.add_argument("--tune-steps", type=int, default=200)
@@ -174,11 +169,10 @@ def main() -> None:
     ap.add_argument("--train-per-class", type=int, default=0,
                     help="a smaller training set for a quick check of the script (0: the offline data as configured)")
     ap.add_argument("--work", default=None, help="folder for caches and runs (default: a temporary one)")
-    args = ap.parse_args()
-    from distill.bench import environment
-
-    env = environment()
-    work = Path(args.work or tempfile.mkdtemp(prefix="two_paths_"))
+    args = common.parse(ap, argv, smoke=dict(seeds="0", distill_steps=2, tune_steps=2, per_class=2,
+                                             train_per_class=3))
+    env = common.environment()
+    work = Path(args.work) if args.work else common.scratch(args, "two_paths_")
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         rows.append(run_seed(seed, args, work))

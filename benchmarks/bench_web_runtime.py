@@ -1,6 +1,7 @@
 """The bundle's browser page (onnxruntime-web, wasm SIMD + threads) vs native onnxruntime, same machine.
 
     .venv/bin/python benchmarks/bench_web_runtime.py [--threads 1 2] [--repeats 30] [--rounds 3]
+    .venv/bin/python benchmarks/bench_web_runtime.py --smoke     # the tiny student, one thread count, 3 photos
 
 Builds the design card's student (vit_w384_d6_p32: ViT width 384, depth 6, patch 32, 224 px; text width
 256, depth 4; random weights, no hub here) the way a run exports it (ONNX opset 20, patch/attention as
@@ -22,51 +23,50 @@ Targets: browser int8 image latency at batch 1 within 3x of native; download (in
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import os
+import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+import common
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from distill.bench import environment  # noqa: E402
-from tests.test_web_page import Chromium, Server, chromium_binary, drop_files, tuxpaint_pngs  # noqa: E402
+# the DevTools driver the browser tests use: one driver for the page, in tests and here
+from tests.test_web_page import Chromium, Server, chromium_binary, drop_files, tuxpaint_pngs
 
 LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 TEMPLATES = ["a photo of a {}."]
 MB = 1e6
 
 
-def build_bundle(work: Path) -> Path:
+def build_bundle(work: Path, card_name: str) -> Path:
     import open_clip
     import torch
     import yaml
 
-    from distill.export import default_preprocess, export_onnx, write_bundle
+    from distill.bundle import write_bundle
+    from distill.export import default_preprocess, export_onnx
     from distill.quantize import quantize_dynamic_onnx
     from distill.students import build_student
 
-    card = yaml.safe_load((REPO / "conf/student/vit_w384_d6_p32.yaml").read_text())["builder"]
+    card = yaml.safe_load((Path(common.config_dir()) / "student" / f"{card_name}.yaml").read_text())["builder"]
+    size, ctx = int(card["vision"]["image_size"]), int(card["text"]["context_length"])
     torch.manual_seed(0)
     # embed_dim 512 and QuickGELU: the ViT-B-32-quickgelu teacher's, as the experiment sets them
     model, _ = build_student(512, card["vision"], card["text"], quick_gelu=True)
     model.eval()
-    info = export_onnx(model, work / "onnx", image_size=224, context_length=77)
+    info = export_onnx(model, work / "onnx", image_size=size, context_length=ctx)
     int8 = quantize_dynamic_onnx(info["image"]["path"], work / "onnx" / "image_encoder.int8.onnx")
     with torch.no_grad():
-        tok = open_clip.tokenize([TEMPLATES[0].format(c) for c in LABELS])
+        tok = open_clip.tokenize([TEMPLATES[0].format(c) for c in LABELS], context_length=ctx)
         cls = torch.nn.functional.normalize(model.encode_text(tok), dim=-1)
     return write_bundle(work / "bundle", image_onnx=info["image"]["path"], image_int8_onnx=int8,
                         text_onnx=info["text"]["path"], class_embeddings=cls.numpy(), labels=LABELS,
-                        preprocess=default_preprocess(224), context_length=77, extra={"templates": TEMPLATES})
+                        preprocess=default_preprocess(size), context_length=ctx, extra={"templates": TEMPLATES})
 
 
 def photos(work: Path, n_png: int, n_jpg: int) -> list[str]:
@@ -108,14 +108,7 @@ def native_times(path: Path, feed: dict, threads: int, warmup: int, repeats: int
     from distill import onnx_tools
 
     sess = onnx_tools.session(path, threads)
-    for _ in range(warmup):
-        sess.run(None, feed)
-    ms = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        ms.append((time.perf_counter() - t) * 1e3)
-    return ms
+    return common.time_samples(lambda: sess.run(None, feed), warmup=warmup, repeats=repeats)
 
 
 def open_page(binary: str, url: str, profile: Path) -> tuple[Chromium, dict]:
@@ -137,10 +130,10 @@ def int8_modes(binary: str, bundle: Path, work: Path, pixels: np.ndarray, args) 
     pages, out = {}, {}
     for mode in DYNAMIC_MODES:
         d = work / f"mode_{mode}"
-        d.mkdir(exist_ok=True)
-        for f in bundle.iterdir():  # the bundle by links, without bundle.json: the page skips the manifest
-            if f.name not in ("bundle.json", "image_encoder.int8.onnx") and not (d / f.name).exists():
-                (d / f.name).symlink_to(f)
+        # the bundle by hard links (serve refuses symlinks out of its folder), without bundle.json: the
+        # page then skips the manifest's checksums
+        shutil.copytree(bundle, d, ignore=shutil.ignore_patterns("bundle.json", "image_encoder.int8.onnx"),
+                        copy_function=_link_or_copy, dirs_exist_ok=True)
         model = quantize_dynamic_onnx(bundle / "image_encoder.onnx", d / "image_encoder.int8.onnx", mode=mode)
         server = Server(d)
         b, rep = open_page(binary, f"{server.url}?threads={t}", work / f"mode_profile_{mode}")
@@ -161,12 +154,19 @@ def int8_modes(binary: str, bundle: Path, work: Path, pixels: np.ndarray, args) 
     return out
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system
+        shutil.copy2(src, dst)
+
+
 def med(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = common.parser(__doc__, "web_runtime.md")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=30, help="timed b1 calls per variant, over all rounds")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls before each round's timed ones")
@@ -175,15 +175,16 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, nargs=2, default=[24, 8], metavar=("PNG", "JPEG"))
     ap.add_argument("--bundle", default=None, help="an existing bundle (with web/) instead of building one")
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/web_runtime.md"))
-    args = ap.parse_args(argv)
+    ap.add_argument("--student", default="vit_w384_d6_p32", help="the conf/student card the bundle is built from")
+    args = common.parse(ap, argv, smoke=dict(threads=[1], repeats=1, warmup=1, rounds=1, cold_starts=1, images=[2, 1],
+                                             student="tiny"))
     t_start = time.time()
     binary = chromium_binary()
     if binary is None:
         sys.exit("headless Chromium not found: apt-get install -y --no-install-recommends chromium-headless-shell")
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_web_"))
+    work = Path(args.workdir) if args.workdir else common.scratch(args, "bench_web_")
     work.mkdir(parents=True, exist_ok=True)
-    bundle = Path(args.bundle) if args.bundle else build_bundle(work)
+    bundle = Path(args.bundle) if args.bundle else build_bundle(work, args.student)
     print(f"[{time.time() - t_start:.0f}s] bundle {bundle}", flush=True)
     imgs = photos(work, *args.images)
     sz = sizes(bundle)
@@ -253,14 +254,16 @@ def main(argv=None) -> int:
         print(f"[{time.time() - t_start:.0f}s] int8 modes", flush=True)
     finally:
         server.close()
-    env = environment()
-    (work / "results.json").write_text(json.dumps({"results": results, "sizes": sz}, default=str))
+    env = common.environment()
     write_report(Path(args.out), args, env, chromium_version, ort_version, sz, results, len(imgs), time.time() - t_start)
-    print(f"wrote {args.out} ({time.time() - t_start:.0f} s)")
+    print(f"{time.time() - t_start:.0f} s in all")
     return 0
 
 
 def write_report(out: Path, args, env, chromium_version, ort_version, sz, results, n_images, wall) -> None:
+    env = {**env, "browser": f"{chromium_version} (Debian chromium-headless-shell), wasm SIMD128 + threads "
+           "(SharedArrayBuffer: crossOriginIsolated)",
+           "onnxruntime-web": f"{ort_version} (ort.wasm.min.mjs + ort-wasm-simd-threaded.wasm, wasm execution provider)"}
     cold_set = ["wasm runtime (ort-wasm-simd-threaded.wasm)", "js (page, tokenizer, onnxruntime-web .mjs)",
                 "int8 image model", "small bundle files (bundle.json, labels, preprocess, class embeddings)"]
     text_set = ["fp32 text encoder", "tokenizer (vocabulary, gzip already)"]
@@ -276,11 +279,11 @@ def write_report(out: Path, args, env, chromium_version, ort_version, sz, result
     L = [
         "# Browser runtime: the bundle's page (onnxruntime-web) vs native onnxruntime",
         "",
-        f"Command: `.venv/bin/python benchmarks/bench_web_runtime.py --threads {' '.join(map(str, args.threads))} "
-        f"--repeats {args.repeats} --rounds {args.rounds}` (wall time {wall:.0f} s).",
+        f"Command: `{common.command(args.argv)}` (wall time {wall:.0f} s).",
         "",
-        "Student: the design card's `vit_w384_d6_p32` (ViT width 384, depth 6, patch 32, 224 px; text width 256, "
-        "depth 4; embed 512), random weights, exported as a run does (ONNX opset 20, MatMul patch embedding and "
+        (f"Student: the design card's `vit_w384_d6_p32` (ViT width 384, depth 6, patch 32, 224 px; text width 256, "
+         "depth 4; embed 512)" if args.student == "vit_w384_d6_p32" else f"Student: `conf/student/{args.student}.yaml`")
+        + ", random weights, exported as a run does (ONNX opset 20, MatMul patch embedding and "
         "attention, ORT dynamic int8 `s8_per_channel_reduce_range`), in an edge bundle served by "
         "`python -m distill.edge serve` (COOP/COEP: cross-origin isolated, so wasm threads) from localhost to "
         f"headless Chromium driven over the DevTools protocol. Agreement: {n_images} real photos "
@@ -308,18 +311,6 @@ def write_report(out: Path, args, env, chromium_version, ort_version, sz, result
         "which slows both sides; interleaved rounds keep the browser/native ratio fair, absolute numbers less so. "
         f"With {env['usable_cores']} cores shared, runs at {max(args.threads)} threads compete with that job for every "
         "core (both runtimes spin-wait in their thread pools), so the 1-thread rows are the cleaner comparison.",
-        "",
-        "## Environment",
-        "",
-        "```",
-        f"cpu: {env['cpu']}",
-        f"cpu_flags: {', '.join(env['cpu_flags'])}",
-        f"logical_cores: {env['logical_cores']}  usable_cores: {env['usable_cores']}",
-        f"browser: {chromium_version} (Debian chromium-headless-shell), wasm SIMD128 + threads "
-        "(SharedArrayBuffer: crossOriginIsolated)",
-        f"onnxruntime-web: {ort_version} (ort.wasm.min.mjs + ort-wasm-simd-threaded.wasm, wasm execution provider)",
-        f"onnxruntime (native): {env['onnxruntime']}  python: {env['python']}  os: {env['os']}",
-        "```",
         "",
         "## Download",
         "",
@@ -394,9 +385,9 @@ def write_report(out: Path, args, env, chromium_version, ort_version, sz, result
           "left is decoding and wasm vs native kernels.",
           f"- int8: top-1 label the same for {100 * results['agree']['int8_top1']:.1f}% of the photos (bundle labels, "
           f"class_embeddings.npy); embedding cosine min {results['agree']['int8_cos']['min']:.6f}, mean "
-          f"{results['agree']['int8_cos']['mean']:.6f} (dynamic int8 on different kernels).",
-          ""]
-    out.write_text("\n".join(L))
+          f"{results['agree']['int8_cos']['mean']:.6f} (dynamic int8 on different kernels)."]
+    data = {"results": results, "sizes": sz, "browser_over_native_int8_image_b1": ratio}
+    common.write_results(out, L, data=json.loads(json.dumps(data, default=str)), env=env)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """ONNX graph variants of the w384/d6/p32 student's image tower, dynamic int8, timed interleaved.
 
-    .venv/bin/python benchmarks/bench_onnx_export_variants.py --threads 2 --rounds 6
+    .venv/bin/python benchmarks/studies/bench_onnx_export_variants.py --threads 2 --rounds 6
 
 Variants: opset 20 with the patch embedding as a Conv and torch's own decomposition of
 nn.MultiheadAttention (``export.patch_embed=conv export.attention=native``, the first export);
@@ -9,12 +9,12 @@ ConvInteger is slow in ORT, a MatMul becomes DynamicQuantizeMatMul); self-attent
 MatMul/Softmax (``attention=matmul``, distill.export.MatMulAttention: ~13 nodes a layer instead of
 ~45); and opset 23, where the exporter writes SDPA as one ONNX ``Attention`` node (kept in float by
 distill.quantize; needs ``attention=native``). Batch 1, random weights, medians over all rounds.
-Writes benchmarks/results/onnx_export_variants.md.
+A study: the A/B behind export.patch_embed and export.attention. Writes
+benchmarks/results/onnx_export_variants.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -22,26 +22,24 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
+import common  # noqa: E402
+import torch  # noqa: E402
 
-from distill.bench import environment, interleaved_times  # noqa: E402
 from distill.export import export_onnx  # noqa: E402
+from distill.onnx_tools import session  # noqa: E402
 from distill.quantize import quantize_dynamic_onnx  # noqa: E402
 from distill.students import build_student  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = common.parser(__doc__, "onnx_export_variants.md", smoke=False)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--per-round", type=int, default=20)
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/onnx_export_variants.md"))
-    args = ap.parse_args(argv)
+    args = common.parse(ap, argv)
     import onnx
-    import onnxruntime as ort
 
     torch.manual_seed(0)
     model, _ = build_student(512, {"width": 384, "layers": 6, "heads": 6, "patch_size": 32, "image_size": 224},
@@ -56,24 +54,17 @@ def main(argv=None) -> int:
         info = export_onnx(model, work / name, image_size=224, context_length=77, towers=("image",), opset=opset,
                            patch_embed=patch, attention=attention)
         files[name] = quantize_dynamic_onnx(info["image"]["path"], work / name / "image_encoder.int8.onnx")
-    sessions = {}
-    for name, path in files.items():
-        so = ort.SessionOptions()
-        so.intra_op_num_threads, so.log_severity_level = args.threads, 3
-        sessions[name] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sessions = {name: session(path, threads=args.threads) for name, path in files.items()}
     x = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
     ref = sessions["opset20"].run(None, {"pixels": x})[0]
-    timed = interleaved_times({n: (lambda s=s: s.run(None, {"pixels": x})) for n, s in sessions.items()},
+    timed = common.interleaved_times({n: (lambda s=s: s.run(None, {"pixels": x})) for n, s in sessions.items()},
                               rounds=args.rounds, per_round=args.per_round, warmup=5, settle_s=0.5)
     times = {n: [t for rnd in rounds for t in rnd] for n, rounds in timed.items()}
     names = list(sessions)
     base = statistics.median(times["opset20"])
-    env = environment()
     lines = ["# ONNX export variants of the student image tower (dynamic int8, batch 1)", "",
-             f"Command: `.venv/bin/python benchmarks/bench_onnx_export_variants.py --threads {args.threads} "
-             f"--rounds {args.rounds}`, {time.strftime('%Y-%m-%d')}. CPU {env.get('cpu')} "
-             f"({', '.join(env.get('cpu_flags') or [])}), {args.threads} threads, torch {env.get('torch')}, "
-             f"onnxruntime {env.get('onnxruntime')}. Student ViT w384/d6/h6/p32 at 224 px, random weights, "
+             f"Command: `{common.command(args.argv)}`, {time.strftime('%Y-%m-%d')}. "
+             f"{args.threads} threads. Student ViT w384/d6/h6/p32 at 224 px, random weights, "
              f"int8 mode = the project default. {args.rounds} interleaved rounds x {args.per_round} calls.", "",
              "| variant | int8 nodes (all / Transpose / Attention / ConvInteger / MatMulInteger) | median ms | speed-up vs opset 20 | max abs diff vs opset 20 |",
              "|---|---|---:|---:|---:|"]
@@ -84,7 +75,7 @@ def main(argv=None) -> int:
         lines.append(f"| {n} | {len(ops)} / {ops.count('Transpose')} / {ops.count('Attention')} / {ops.count('ConvInteger')} / "
                      f"{ops.count('MatMulInteger')} | "
                      f"{med:.3f} | {base / med:.3f}x | {diff:.2e} |")
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    common.write_results(args.out, lines, data={"args": vars(args), "ms": times})
     print("\n".join(lines))
     return 0
 

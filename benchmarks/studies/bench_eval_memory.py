@@ -9,20 +9,21 @@ runs in a fresh process. For comparison, the all-at-once path (``EvalSet.images`
 float tensor, what evaluation held before) is measured on a 1,000-image subset; its pixels alone are
 N x 3 x S x S x 4 bytes (6.0 GB for 10,000 images at 224 px).
 
-    .venv/bin/python benchmarks/bench_eval_memory.py [--threads 2] [--out benchmarks/results/eval_memory.md]
+    .venv/bin/python benchmarks/studies/bench_eval_memory.py [--threads 2] [--out benchmarks/results/eval_memory.md]
+
+A study (streamed against all-at-once evaluation, the change it was measured for); it appends a section.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
+import common  # noqa: E402
 
 STUDENTS = {160: "vit_w192_d6_p32_160", 224: "vit_w384_d6_p32"}
 # (image size, images (None = all 10,000), mode)
@@ -37,7 +38,7 @@ def _encoder(size: int):
     from distill.encoders import ClipEncoder
     from distill.students import build_student
 
-    b = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "student" / f"{STUDENTS[size]}.yaml").builder)
+    b = OmegaConf.to_container(OmegaConf.load(Path(common.config_dir()) / "student" / f"{STUDENTS[size]}.yaml").builder)
     model, cfg = build_student(512, b["vision"], b["text"])
     tok = open_clip.SimpleTokenizer(context_length=int(cfg["text_cfg"]["context_length"]))
     return ClipEncoder(model.eval(), tok, size)
@@ -47,7 +48,7 @@ def measure(size: int, limit: int | None, mode: str, threads: int) -> dict:
     """One case, in this process: -> {"peak_rss_mb", "delta_mb", "seconds", "images", "top1", ...}."""
     import torch
 
-    from distill import bench, datasets, evaluation
+    from distill import datasets, evaluation
     from distill.data import EvalSet, load_eval_set
 
     torch.set_num_threads(threads)
@@ -66,23 +67,20 @@ def measure(size: int, limit: int | None, mode: str, threads: int) -> dict:
         out.update(images=len(es), seconds=round(time.perf_counter() - t0, 1), embed_dim=res.image_emb.shape[1],
                    **res.row(4))
 
-    out.update(bench.measure_peak_rss(body))
+    out.update(common.measure_peak_rss(body))
     return out
 
 
 def _run_case(size: int, limit: int | None, mode: str, threads: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", json.dumps([size, limit, mode, threads])]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)
-    row = json.loads(done.stdout.strip().splitlines()[-1])
+    row = common.run_child(common.script_cmd(__file__, "--child", json.dumps([size, limit, mode, threads])))
     print(f"{mode} {size}px {row['images']} images: peak {row['peak_rss_mb']} MiB (+{row['delta_mb']}), "
           f"{row['seconds']} s", flush=True)
     return {"size": size, "mode": mode, "student": STUDENTS[size], **row}
 
 
-def write_markdown(rows: list[dict], env: dict, path: Path, argv: list[str]) -> None:
-    md = [f"\n## Evaluation memory, Fashion-MNIST test ({time.strftime('%Y-%m-%d')})\n",
-          f"Command: `python benchmarks/bench_eval_memory.py {' '.join(argv)}`\n",
-          f"Environment: `{json.dumps(env)}`\n",
+def write_markdown(rows: list[dict], path: str, argv: list[str]) -> None:
+    md = [f"## Evaluation memory, Fashion-MNIST test ({time.strftime('%Y-%m-%d')})\n",
+          f"Command: `{common.command(argv)}`\n",
           "Peak RSS = the process's resident high-water mark while loading + evaluating (imports and the "
           "model are in the baseline); rise = peak minus resident size just before. Random-weight students, "
           "so top-1 is near chance: the interval is there to show it is computed, not a result. Pixels = what "
@@ -97,28 +95,20 @@ def write_markdown(rows: list[dict], env: dict, path: Path, argv: list[str]) -> 
         md.append(f"| {r['mode']} | {r['size']} | {r['student']} | {r['images']:,} | {r['peak_rss_mb']} | "
                   f"{r['delta_mb']} | {pixels:,.0f} | {emb:.1f} | {r['seconds']} | "
                   f"{100 * r['top1']:.2f} [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}] |")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write("\n".join(md) + "\n")
-    print(f"appended to {path}")
+    runs = common.load_json(path).get("runs", []) + [{"argv": argv, "rows": rows}]
+    common.write_results(path, md, data={"runs": runs}, append=True)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None) -> None:
+    ap = common.parser(__doc__, "eval_memory.md", smoke=False)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "eval_memory.md"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = common.parse(ap, argv)
     if args.child:
-        print(json.dumps(measure(*json.loads(args.child))))
+        common.child_result(measure(*json.loads(args.child)))
         return
-    import torch
-
-    from distill.bench import environment
-
-    torch.set_num_threads(args.threads)
     rows = [_run_case(size, limit, mode, args.threads) for size, limit, mode in CASES]
-    write_markdown(rows, environment(), Path(args.out), sys.argv[1:])
+    write_markdown(rows, args.out, args.argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """int8 modes for the student image tower: ORT dynamic (3 weight modes) and static QDQ vs fp32.
 
-    .venv/bin/python benchmarks/bench_int8_modes.py --threads 2 --out benchmarks/results/int8_modes.md
+    .venv/bin/python benchmarks/studies/bench_int8_modes.py --threads 2 --out benchmarks/results/int8_modes.md
 
 Model: open_clip CLIP image tower, ViT width 384, depth 6, 6 heads (head_width 64), patch 32,
 224 px, embed_dim 512, random init (seed 0; no pretrained weights offline). Exported with
@@ -12,33 +12,28 @@ shared machine hits all variants alike; median and p90 over all timed calls); co
 embedding to the fp32 ONNX embedding on 32 real Tux Paint photos, preprocessed by
 distill.edge.preprocess_image (the project's convention). Static QDQ is calibrated on 32 *other*
 Tux Paint photos. Random weights: cosine here measures numeric damage, not accuracy; the default
-is to be confirmed by zero-shot top-1 of a trained student.
+is to be confirmed by zero-shot top-1 of a trained student (bench_int8_zero_shot.py). A study: the
+comparison behind export.int8.mode's default.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import onnxruntime as ort  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
+import common  # noqa: E402
 import open_clip  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from distill.bench import environment  # noqa: E402
 from distill.edge import preprocess_image  # noqa: E402
 from distill.export import default_preprocess, export_onnx  # noqa: E402
+from distill.onnx_tools import session  # noqa: E402
 from distill.quantize import DEFAULT_DYNAMIC_MODE, DYNAMIC_MODES, quantize_dynamic_onnx, quantize_static_onnx  # noqa: E402
 
 STUDENT = dict(embed_dim=512,
@@ -46,37 +41,18 @@ STUDENT = dict(embed_dim=512,
                text_cfg=dict(width=32, layers=1, heads=2, context_length=16, vocab_size=49408))  # text unused
 
 
-def tuxpaint_pngs() -> list[str]:
-    out = subprocess.run(["dpkg", "-L", "tuxpaint-stamps-default"], capture_output=True, text=True, check=True)
-    photos = ("/stamps/animals/", "/stamps/food/", "/stamps/vehicles/")
-    return sorted(p for p in out.stdout.split()
-                  if p.endswith(".png") and any(s in p for s in photos) and Path(p).is_file())
-
-
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv=None) -> None:
+    ap = common.parser(__doc__, "int8_modes.md", smoke=False)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--images", type=int, default=32)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--per-round", type=int, default=15)
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/int8_modes.md"))
-    args = ap.parse_args()
+    args = common.parse(ap, argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
 
-    pngs = tuxpaint_pngs()
-    step = max(1, len(pngs) // (2 * args.images))
-    chosen = pngs[::step][: 2 * args.images]
+    chosen = common.stamp_photos(2 * args.images)
     eval_files, calib_files = chosen[0::2], chosen[1::2]
     pre = default_preprocess(224)
     load = lambda files: np.stack([preprocess_image(Image.open(f), pre) for f in files])  # noqa: E731
@@ -96,7 +72,7 @@ def main() -> None:
                                                             method=method)
     print(f"[{time.time() - t0:.0f}s] exported and quantised", flush=True)
 
-    sess = {k: session(p, args.threads) for k, p in files.items()}
+    sess = {k: session(p, threads=args.threads) for k, p in files.items()}
     emb = {}
     for k, s in sess.items():
         out = np.concatenate([s.run(None, {"pixels": x_eval[i:i + 8]})[0] for i in range(0, len(x_eval), 8)])
@@ -105,13 +81,10 @@ def main() -> None:
     for s in sess.values():
         for _ in range(args.warmup):
             s.run(None, {"pixels": one})
-    times: dict[str, list[float]] = {k: [] for k in sess}
-    for _ in range(args.rounds):  # interleaved rounds: background load affects every variant alike
-        for k, s in sess.items():
-            for _ in range(args.per_round):
-                t = time.perf_counter()
-                s.run(None, {"pixels": one})
-                times[k].append((time.perf_counter() - t) * 1e3)
+    # interleaved rounds: background load affects every variant alike
+    timed = common.interleaved_times({k: (lambda s=s: s.run(None, {"pixels": one})) for k, s in sess.items()},
+                                     rounds=args.rounds, per_round=args.per_round, warmup=0, settle_s=0.0)
+    times = {k: [t for r in v for t in r] for k, v in timed.items()}
     print(f"[{time.time() - t0:.0f}s] timed", flush=True)
 
     rows = []
@@ -124,12 +97,10 @@ def main() -> None:
                      "p90_ms": round(float(t[int(np.ceil(0.9 * len(t))) - 1]), 2),
                      "speedup_vs_fp32": round(med_fp32 / float(np.median(t)), 2),
                      "cos_min": round(float(cos.min()), 5), "cos_mean": round(float(cos.mean()), 5)})
-    env = environment()
-    env["ort_intra_op_threads"] = args.threads
-    cmd = "PYTHONPATH=. .venv/bin/python " + " ".join(shlex.quote(a) for a in sys.argv)
+    env = {**common.environment(), "ort_intra_op_threads": args.threads}
     lines = [
         "# int8 modes: ORT dynamic (3 weight modes) and static QDQ vs fp32, student image tower", "",
-        f"Command: `{cmd}`  ",
+        f"Command: `{common.command(args.argv)}`  ",
         f"Run took {time.time() - t0:.0f} s on {time.strftime('%Y-%m-%d %H:%M')}.", "",
         "Model: open_clip CLIP image tower, ViT w384/d6/h6/p32, 224 px, embed_dim 512, **random init** (seed 0). "
         f"Export: {info['image']['exporter']} opset {info['image']['opset']}, parity min cosine "
@@ -158,11 +129,8 @@ def main() -> None:
               "reasons are in the comment above it in distill/quantize.py.",
               "- Random weights: cosine measures numeric damage, not accuracy. p90 / median in this run: "
               f"{min(r['p90_ms'] / r['median_ms'] for r in rows):.2f}-{max(r['p90_ms'] / r['median_ms'] for r in rows):.2f}x "
-              "(the 2 cores are shared and have slow phases); medians over interleaved rounds are the figures to compare.",
-              "",
-              "## Environment", "", "```json", json.dumps(env, indent=1), "```", "",
-              "## Raw rows", "", "```json", json.dumps(rows, indent=1), "```", ""]
-    Path(args.out).write_text("\n".join(lines))
+              "(the 2 cores are shared and have slow phases); medians over interleaved rounds are the figures to compare."]
+    common.write_results(args.out, lines, data={"rows": rows}, env=env)
     print("\n".join(lines[:12 + len(rows)]))
 
 

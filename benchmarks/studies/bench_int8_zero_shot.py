@@ -6,26 +6,22 @@ encoder with every ORT dynamic mode and static QDQ (calibrated on training-split
 measures Fashion-MNIST test zero-shot top-1/top-5 with the run's own fp32 text encoder for the
 class embeddings, plus batch-1 latency on 2 threads, timed in interleaved rounds (distill.bench.
 interleaved_times) so that a slow phase of a shared machine does not land on one variant.
-Writes benchmarks/results/int8_zero_shot.md.
+Writes benchmarks/results/int8_zero_shot.md. A study: the comparison behind export.int8.mode's default.
 
-    .venv/bin/python benchmarks/bench_int8_zero_shot.py --run outputs/offline/<time>
+    .venv/bin/python benchmarks/studies/bench_int8_zero_shot.py --run outputs/offline/<time>
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
-import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
+import common  # noqa: E402
 
 from distill import bench, datasets, metrics, quantize  # noqa: E402
 from distill.data import load_eval_set  # noqa: E402
@@ -33,16 +29,15 @@ from distill.encoders import normalize_images  # noqa: E402
 from distill.teachers.onnx_teacher import OnnxTeacher  # noqa: E402
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None) -> None:
+    ap = common.parser(__doc__, "int8_zero_shot.md", smoke=False)
     ap.add_argument("--run", default=None, help="a run folder with export/onnx (default: latest outputs/offline/*)")
     ap.add_argument("--per-class", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--per-round", type=int, default=25)
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/int8_zero_shot.md"))
-    a = ap.parse_args()
-    run = Path(a.run or sorted(glob.glob(str(REPO / "outputs/offline/*")))[-1])
+    a = common.parse(ap, argv)
+    run = Path(a.run or sorted(glob.glob(str(common.REPO / "outputs/offline/*")))[-1])
     onnx_dir = run / "export" / "onnx"
     img_fp32, txt_fp32 = onnx_dir / "image_encoder.onnx", onnx_dir / "text_encoder.onnx"
     tok_dir = run / "export" / "bundle" / "tokenizer"
@@ -70,7 +65,7 @@ def main() -> None:
             encoders[name] = enc
             rows.append({"variant": name, "top1": round(100 * acc["top1"], 2), "top5": round(100 * acc["top5"], 2),
                          "size_mb": round(bench.file_size_mb([path]), 2)})
-        timed = bench.interleaved_times({name: (lambda e=enc: e.encode_image(x1)) for name, enc in encoders.items()},
+        timed = common.interleaved_times({name: (lambda e=enc: e.encode_image(x1)) for name, enc in encoders.items()},
                                         rounds=a.rounds, per_round=a.per_round, warmup=5, settle_s=0.2)
         round_medians = {name: [statistics.median(t) for t in rounds] for name, rounds in timed.items()}
         for r in rows:
@@ -81,8 +76,7 @@ def main() -> None:
     lines = [
         "# int8 modes on a trained student: zero-shot top-1 and latency",
         "",
-        f"Command: `.venv/bin/python benchmarks/bench_int8_zero_shot.py --run {run.relative_to(REPO) if run.is_relative_to(REPO) else run}`"
-        f" ({time.time() - t0:.0f} s, {time.strftime('%Y-%m-%d')})",
+        f"Command: `{common.command(a.argv)}` ({time.time() - t0:.0f} s, {time.strftime('%Y-%m-%d')})",
         "",
         f"Student: the offline experiment's image encoder ({img_fp32}), Fashion-MNIST test, {len(es.images)} images "
         f"({a.per_class} a class, inverted), prompt `a photo of a {{}}.` embedded by the run's fp32 text encoder. "
@@ -96,9 +90,8 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['variant']} | {r['top1']:.2f} | {r['top5']:.2f} | {r['top1'] - fp['top1']:+.2f} | "
                      f"{r['b1_median_ms']:.3f} | {r['speedup']:.2f}x | {r['size_mb']:.2f} |")
-    lines += ["", f"Code default: `{quantize.DEFAULT_DYNAMIC_MODE}`.", "", "Environment:", "",
-              "```json", json.dumps(bench.environment(), indent=1), "```", ""]
-    Path(a.out).write_text("\n".join(lines))
+    lines += ["", f"Code default: `{quantize.DEFAULT_DYNAMIC_MODE}`."]
+    common.write_results(a.out, lines, data={"run": str(run), "rows": rows})
     print("\n".join(lines))
 
 

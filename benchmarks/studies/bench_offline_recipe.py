@@ -1,6 +1,6 @@
 """Ablations of the offline flagship's recipe, with a per-tower breakdown of the student's accuracy.
 
-    .venv/bin/python benchmarks/bench_offline_recipe.py NAME [hydra overrides] ['py:<python editing cfg>']
+    .venv/bin/python benchmarks/studies/bench_offline_recipe.py NAME [hydra overrides] ['py:<python editing cfg>']
 
 Composes ``+experiment=offline`` with the overrides (an argument starting ``py:`` is Python run
 with ``cfg`` in scope, for edits the Hydra command line cannot express, such as appending a data
@@ -12,29 +12,27 @@ eval embeddings to the mean teacher target of each training source's views; and,
 set, a label oracle (``label_oracle``: every eval image given the mean teacher target of its class's
 training views, from a training source labelled with the same classes). Appends one JSON line to
 benchmarks/results/offline_recipe.jsonl (no export, no latency: see the pipeline's report for those).
+A study: one ablation of the recipe per call.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from hydra import compose, initialize_config_dir  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
+import common  # noqa: E402
+import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from distill import pipeline  # noqa: E402
-from distill.bench import environment  # noqa: E402
 from distill.cache import build_or_load  # noqa: E402
+from distill.data_build import build_data  # noqa: E402
 from distill.encoders import ClipEncoder  # noqa: E402
 from distill.metrics import retrieval_recall, zero_shot_accuracy, zero_shot_classifier  # noqa: E402
 from distill.train import train  # noqa: E402
@@ -61,15 +59,15 @@ def label_oracle(ds, targets: torch.Tensor, owner: torch.Tensor, ev, teacher_emb
     return out
 
 
-def main(argv: list[str]) -> int:
-    if not argv:
-        print(__doc__)
-        return 2
-    name, args = argv[0], argv[1:]
+def main(argv=None) -> int:
+    ap = common.parser(__doc__, "offline_recipe.md", smoke=False)
+    ap.add_argument("name")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides and 'py:<python editing cfg>' edits")
+    parsed = common.parse(ap, argv)
+    name, args = parsed.name, parsed.overrides
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["+experiment=offline"] + [a for a in args if not a.startswith("py:")])
+    cfg = common.compose(["+experiment=offline"] + [a for a in args if not a.startswith("py:")])
     OmegaConf.set_struct(cfg, False)
     for a in args:
         if a.startswith("py:"):
@@ -77,7 +75,7 @@ def main(argv: list[str]) -> int:
     t0 = time.time()
     dev = torch.device("cpu")
     teacher = pipeline.build_teacher(cfg.teacher, dev)
-    ds, evs, _ = pipeline.build_data(cfg.data)
+    ds, evs, _ = build_data(cfg.data)
     cache = build_or_load(teacher, ds, cfg.cache.dir, progress=False)
     t_cache = time.time() - t0
     student, model_cfg = pipeline.build_student_stage(cfg.student, teacher, cache_dir=cfg.cache.dir)
@@ -114,19 +112,9 @@ def main(argv: list[str]) -> int:
         res[f"{n}/text_cosine"] = round((tt * st).sum(-1).mean().item(), 4)
         res[f"{n}/image_cosine"] = round((ti * si).sum(-1).mean().item(), 4)
         res[f"{n}/teacher_cosine_to_train_mean"] = {k: round((ti @ m).mean().item(), 4) for k, m in means.items()}
-    record(res, REPO / "benchmarks/results/offline_recipe.jsonl")
+    common.append_jsonl(Path(parsed.out).with_suffix(".jsonl"), res)
     return 0
 
 
-def record(res: dict, out: Path) -> dict:
-    """Add the environment to ``res``, print it as one JSON line and append that line to ``out``; returns the environment."""
-    env = environment()
-    res["env"] = {k: env.get(k) for k in ("cpu", "cpu_flags", "torch_threads", "torch", "onnxruntime")}
-    print(json.dumps(res), flush=True)
-    with out.open("a") as f:
-        f.write(json.dumps(res) + "\n")
-    return env
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

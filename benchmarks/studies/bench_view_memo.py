@@ -1,44 +1,38 @@
 """What the view memo saves: decoding, cropping and resizing the offline flagship's views, per batch.
 
-    .venv/bin/python benchmarks/bench_view_memo.py [--experiment offline_finetuned] [--batch 64]
+    .venv/bin/python benchmarks/studies/bench_view_memo.py [--experiment offline_finetuned] [--batch 64]
 
-Builds the experiment's real training set and eval sets (`distill.pipeline.build_data`), then loads
+Builds the experiment's real training set and eval sets (the pipeline's build_data), then loads
 every training view in a seeded random order in batches (as the student's loop does, in its own
 process: num_workers 0) and every image of the first classification eval set in chunks of 256, three
 ways: without a memo, with a memo on its first pass (it fills), and with it on a later pass (every
 view a hit). Records ms per batch, the memo's size, and that a hit is bit-identical to a fresh
-decode. Writes benchmarks/results/view_memo.{json,md}.
+decode. A study: the measurement behind view_memo_mb. Writes benchmarks/results/view_memo.{json,md}.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-OUT = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
+import common  # noqa: E402
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> None:
+    ap = common.parser(__doc__, "view_memo.md", smoke=False)
     ap.add_argument("--experiment", default="offline_finetuned")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    args = common.parse(ap, argv)
     import torch
-    from hydra import compose, initialize_config_dir
 
-    from distill.bench import environment, environment_section
     from distill.data import ViewMemo, collate
-    from distill.pipeline import build_data
+    from distill.data_build import build_data
 
     torch.set_num_threads(args.threads)
-    with initialize_config_dir(str(REPO / "conf"), version_base=None):
-        cfg = compose("config", overrides=[f"+experiment={args.experiment}"])
+    cfg = common.compose([f"+experiment={args.experiment}"])
     trainset, eval_sets, _ = build_data(cfg.data)
     ename, evalset = next(iter(eval_sets["classification"].items()))
     order = torch.randperm(len(trainset), generator=torch.Generator().manual_seed(0)).tolist()
@@ -67,15 +61,11 @@ def main() -> None:
         hit_ms, got = pass_fn()
         same = same and torch.equal(ref, got)
         rows[label] = {"off_ms": off_ms, "fill_ms": fill_ms, "hit_ms": hit_ms, "memo": memo.stats()}
-    env = environment()
-    OUT.mkdir(parents=True, exist_ok=True)
     unit = {"training views": f"batch of {args.batch}", f"eval set {ename}": "chunk of 256"}
-    (OUT / "view_memo.json").write_text(json.dumps({"args": vars(args), "environment": env, "rows": rows,
-                                                    "bit_identical": same}, indent=2))
     lines = [
         "# The view memo: decoded views kept as uint8",
         "",
-        f"`benchmarks/bench_view_memo.py --experiment {args.experiment} --batch {args.batch}`: the experiment's "
+        f"`{common.command(args.argv)}`: the experiment's "
         f"real training set ({len(trainset)} views at {trainset.spec.size} px, a seeded random order) and "
         f"eval set {ename} ({len(evalset)} images), loaded in one process (num_workers 0, as the flagship's "
         "student loop) without a memo, with a memo filling on its first pass, and on a later pass.",
@@ -88,10 +78,8 @@ def main() -> None:
         "",
         f"Hits are bit-identical to a fresh decode: {same}. One run, one machine: the ratios are what to "
         "quote, not the milliseconds.",
-        "",
-        *environment_section(env),
     ]
-    (OUT / "view_memo.md").write_text("\n".join(lines))
+    common.write_results(args.out, lines, data={"args": vars(args), "rows": rows, "bit_identical": same})
     print("\n".join(lines[:10]))
 
 
