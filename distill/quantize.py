@@ -18,20 +18,10 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 DYNAMIC_MODES = ("s8_per_channel_reduce_range", "u8u8", "s8")
-# Default chosen by measurement on two kinds of x86 CPU, batch 1, 2 threads, interleaved rounds:
-# - AMD EPYC with AVX2 and no VNNI (benchmarks/results/int8_modes_avx2.md: w384/d6/h6/p32 224 px image
-#   tower, random init, 32 Tux Paint photos): plain "s8" saturates there (AVX2's u8 x s8 multiply-add,
-#   VPMADDUBSW, overflows 16 bits): cosine to fp32 min 0.986. "s8_per_channel_reduce_range" (7-bit
-#   weights avoid the overflow) 0.99975 and "u8u8" 0.99985; u8u8 a little faster (1.30x fp32 vs 1.21x).
-# - AMD EPYC with AVX-512 VNNI (benchmarks/results/int8_zero_shot.md, the trained offline student, 1000
-#   Fashion-MNIST test images; and results/int8_modes.md): every mode within 0.1 top-1 points of fp32,
-#   and the s8-weight modes much faster, because MLAS's VNNI kernels (VPDPBUSD) take u8 x s8 only:
-#   s8 1.82x fp32, s8 per-channel reduce-range 1.73x, u8u8 1.44x (1.82x / 1.68x / 1.30x in a first
-#   run; w384/d6 tower: 1.93x / 1.82x / 1.36x).
-# The file is built once and shipped to CPUs we do not know, so the default is the mode that is safe
-# on every x86 CPU (no saturation without VNNI) and within ~8% of the fastest on VNNI CPUs:
-# s8_per_channel_reduce_range (onnxruntime's own advice for x86: reduce_range for U8S8 without VNNI).
-# Plain "s8" is the pick when every target has VNNI or ARM dot-product instructions (export.int8.mode).
+# The file is built once for CPUs we do not know: 7-bit weights stay exact on AVX2 without VNNI, where
+# plain "s8" saturates, and s8 weights are near the fastest on VNNI, whose kernels take u8 x s8 only
+# (onnxruntime's advice for x86). Plain "s8" suits targets that all have VNNI or ARM dot-product
+# instructions (export.int8.mode). Measurements: benchmarks/results/config_choices.md, "int8 mode".
 DEFAULT_DYNAMIC_MODE = "s8_per_channel_reduce_range"
 
 

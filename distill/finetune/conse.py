@@ -6,8 +6,8 @@ the temperature (the ConSE counterpart of CLIP's projections); text = MiniLM. Wh
 frozen (head, lock_image, LoRA or adapters on the text side only) its pooled features are memoised
 by the view's pixels, so a fine-tune, its WiSE-FT sweep and the teacher cache built after it run the
 backbone once per view instead of once per visit. On CPU those passes run through onnxruntime (the
-frozen backbone exported once, parity-checked against torch): 1.7x faster than torch's
-depthwise convolutions on 2 cores (benchmarks/results/frozen_backbone.md). Where the text tower is
+frozen backbone exported once, parity-checked against torch), which runs EfficientNet's depthwise
+convolutions faster than torch does (benchmarks/results/frozen_backbone.md). Where the text tower is
 frozen, caption embeddings are memoised by string the same way.
 """
 
@@ -168,7 +168,7 @@ class ConSEModule(nn.Module):
         todo = [i for i, k in enumerate(keys) if k not in self.memo]
         if todo:
             run = self._frozen_pass(x)
-            # the fastest batch on 2 cores: 4 for torch, 16 for onnxruntime (1.1x over 4; frozen_backbone.md)
+            # each runtime's fastest batch on a small CPU (benchmarks/results/frozen_backbone.md)
             step = 4 if run == self._pooled else 16
             with torch.no_grad():
                 fresh = torch.cat([run(x[todo[i:i + step]]) for i in range(0, len(todo), step)])
