@@ -33,7 +33,10 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config", job_name
 def one_line(e: BaseException) -> str:
     """Hydra's multi-line composition error as one line: the problem and the options, without the
     config search path it appends."""
-    return " ".join(str(e).split("Config search path")[0].split())
+    text = " ".join(str(e).split("Config search path")[0].split())
+    if type(e).__name__ == "OverrideParseException":  # e.g. shard braces, which Hydra reads as a dict
+        text += """ (a value with braces, commas or spaces goes in double quotes: 'key="a-{000..009}.tar"')"""
+    return text
 
 
 def train_defaults(**overrides: Any) -> dict[str, Any]:

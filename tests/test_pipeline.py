@@ -104,6 +104,12 @@ def test_cli_unknown_option_or_key_is_one_line_exit_2(tmp_path, args, needle):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
 
 
+def test_cli_unquoted_braces_say_how_to_quote(tmp_path):
+    r = _cli(["+experiment=smoke", "data=webdataset", "data.train_urls=/d/train-{000..009}.tar"], tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "double quotes" in r.stderr
+
+
 def test_cache_command_unknown_experiment_is_one_line_exit_2(tmp_path):
     env = {**os.environ, "DISTILL_CACHE_DIR": str(tmp_path / "cache")}
     r = subprocess.run([sys.executable, "-m", "distill", "cache", "+experiment=nope"], capture_output=True,
