@@ -82,8 +82,9 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, 
         p.data_info["view_memo"] = p.memo.stats()
         log.info("view memo: %(views)d views, %(mb).0f of %(budget_mb)d MB, %(hits)d hits, %(misses)d misses",
                  p.data_info["view_memo"])
-    report = report_mod.report_stage(cfg, teacher, model_cfg, measured, train_metrics, export_info, out, finetune=p.ft_info,
-                          started=started)
+    report = report_mod.report_stage(cfg, teacher, model_cfg, measured, train_metrics, export_info, out,
+                                     finetune=p.ft_info, started=started,
+                                     student_start=getattr(student, "pretrained_start", None))
     if train_metrics["steps"] >= int(cfg.train.steps) or train_metrics.get("early_stopped"):
         runs.mark_finished(out, cfg)  # a run stopped by train.stop_after_steps stays resumable
     log.info("report written to %s", out / "report.md")

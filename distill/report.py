@@ -353,7 +353,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines = [f"# Teacher vs student: {report.get('experiment', '?')}", "",
              f"Created {report.get('created', '?')}. Teacher: `{report.get('teacher', {}).get('name', '?')}`"
              + _activation_note(report.get("teacher", {})) + "; "
-             f"student: `{report.get('student', {}).get('name', '?')}`.", "",
+             f"student: `{report.get('student', {}).get('name', '?')}`" + _start_note(report.get("student", {})) + ".", "",
              "Conventions: FLOPs = 2 x MACs, per sample. Accuracy and recall in percent, with "
              "[95% interval] where measured (percentile bootstrap over the test images). Latency in ms, "
              "median and p90 of repeated timed calls after warm-up, same inputs and threads for every variant"
@@ -417,6 +417,17 @@ def _skipped_lines(report: Mapping[str, Any]) -> list[str]:
         more = f", and {count - len(first)} more" if count > len(first) else ""
         lines.append(f"- {where}: {count} unreadable, skipped: {'; '.join(first) or '(not named)'}{more}")
     return lines
+
+
+def _start_note(student: Mapping[str, Any]) -> str:
+    """Where the student's image tower started, said plainly when it shares weights with the teacher."""
+    start = student.get("pretrained_start")
+    if not start:
+        return " (random start)" if student else ""
+    note = f" (image tower started from `{Path(str(start.get('file', '?'))).name}`"
+    if start.get("inherits_from"):
+        note += f", which is {start['inherits_from']}: it shares weights with the teacher"
+    return note + ")"
 
 
 def _chain_cells(flat: Mapping[str, Any], cols: list[str]) -> list[str]:
@@ -620,7 +631,8 @@ def evaluate_targets(report: Mapping[str, Any], targets: Mapping[str, Any]) -> d
 
 def report_stage(cfg: Any, teacher: Any, model_cfg: dict[str, Any], measured: dict[str, Any],
                  train_metrics: dict[str, Any], export_info: dict[str, Any], out: Path,
-                 finetune: dict[str, Any] | None = None, started: float | None = None) -> dict[str, Any]:
+                 finetune: dict[str, Any] | None = None, started: float | None = None,
+                 student_start: dict[str, Any] | None = None) -> dict[str, Any]:
     """The report stage: report.json / report.md (and plots) in the run folder ``out``, with the summary
     and the targets (``cfg.bench.targets``); ``measured`` is the bench stage's output."""
     import time
@@ -634,7 +646,9 @@ def report_stage(cfg: Any, teacher: Any, model_cfg: dict[str, Any], measured: di
     if teacher.activation:
         t.update(activation=teacher.activation, activation_reason=getattr(teacher, "activation_reason", None))
     report = new_report(
-        cfg.experiment_name, environment(), teacher=t, student={"name": cfg.student.name, "model_cfg": model_cfg},
+        cfg.experiment_name, environment(), teacher=t, student={"name": cfg.student.name, "model_cfg": model_cfg,
+                                                            **({"pretrained_start": plain_start(student_start)}
+                                                               if student_start else {})},
         variants=measured["variants"], training=train_metrics, export=export_info, ceilings=measured["ceilings"],
         timing=measured["timing"], command="python -m distill " + " ".join(command_line()))
     if finetune is not None:
@@ -645,3 +659,8 @@ def report_stage(cfg: Any, teacher: Any, model_cfg: dict[str, Any], measured: di
     report["targets"] = evaluate_targets(report, OmegaConf.to_container(cfg.bench.targets, resolve=True) if cfg.bench.get("targets") else {})
     write_report(report, out)
     return report
+
+
+def plain_start(start: Mapping[str, Any]) -> dict[str, Any]:
+    """A pretrained start's report as JSON: the file, what loaded, and what it shares with the teacher."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in start.items()}

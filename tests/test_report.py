@@ -163,3 +163,14 @@ def test_fine_tune_line_says_which_evaluated_weights_were_handed_on():
     assert "best validation at step 150 (its weights are the tuned model)" in _finetune_lines({"finetune": ft})[3]
     ft.update(best_step=300, restored_best=False)
     assert "best validation at step 300, the last;" in _finetune_lines({"finetune": ft})[3]
+
+
+def test_report_says_where_the_student_started_and_what_it_shares_with_the_teacher():
+    from distill.report import render_markdown
+
+    base = {"experiment": "x", "environment": {}, "variants": {}, "summary": {}, "teacher": {"name": "t"}}
+    shared = {"name": "lite0", "pretrained_start": {"file": "/site/efficientnet-lite0-57934424.pth", "loaded": 250,
+                                                    "inherits_from": "the ConSE teacher's EfficientNet-Lite0 backbone"}}
+    md = render_markdown({**base, "student": shared})
+    assert "started from `efficientnet-lite0-57934424.pth`" in md and "shares weights with the teacher" in md
+    assert "(random start)" in render_markdown({**base, "student": {"name": "vit"}})
