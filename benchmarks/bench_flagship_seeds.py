@@ -21,7 +21,6 @@ import datetime
 import json
 import math
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,8 +28,6 @@ from pathlib import Path
 import common
 
 FM, TUX = "fashion-mnist/test", "tuxpaint/val"
-# two-sided 95% Student-t quantiles by degrees of freedom (n - 1)
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 # the smoke run: 30 Fashion-MNIST and 12 Tux Paint training images, 20 test images, a few steps of each training
 SMOKE_OVERRIDES = [
     "data.train.sources=[{_target_: distill.datasets.fashion_mnist, split: train, per_class: 3, invert: true, "
@@ -83,18 +80,6 @@ def figures(report: dict, run_dir: Path) -> dict:
     return out
 
 
-def stats(xs: list[float]) -> dict:
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
-    if not xs:
-        return {"mean": float("nan"), "sd": float("nan"), "ci95": [float("nan")] * 2, "n": 0}
-    m = statistics.mean(xs)
-    if len(xs) < 2:
-        return {"mean": m, "sd": float("nan"), "ci95": [float("nan")] * 2, "n": 1}
-    sd = statistics.stdev(xs)
-    h = T95.get(len(xs) - 1, 1.96) * sd / math.sqrt(len(xs))
-    return {"mean": m, "sd": sd, "ci95": [m - h, m + h], "n": len(xs)}
-
-
 ROWS = [  # (key, label, target as text)
     ("teacher_zero_shot_top1", "teacher zero-shot, Fashion-MNIST top-1 (%)", ""),
     ("teacher_top1", "teacher tuned at α*, Fashion-MNIST top-1 (%)", ">= 80"),
@@ -121,7 +106,7 @@ ROWS = [  # (key, label, target as text)
 
 
 def write(rows: list[dict], args: argparse.Namespace, env: dict) -> None:
-    agg = {k: stats([r["figures"][k] for r in rows]) for k, _, _ in ROWS}
+    agg = {k: common.mean_ci([r["figures"][k] for r in rows]) for k, _, _ in ROWS}
     seeds = [r["seed"] for r in rows]
     f = lambda x: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"  # noqa: E731
     lines = [

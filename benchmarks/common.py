@@ -45,7 +45,7 @@ from distill.compose import compose, config_dir  # noqa: E402  (the config pytho
 __all__ = ["BENCH", "REPO", "RESULTS", "environment", "environment_section", "interleaved_times", "measure_peak_rss",
            "peak_rss_mb", "summarise_times", "time_fn", "time_samples", "config_dir", "compose", "parser", "parse",
            "scratch", "command", "script_cmd", "run_child", "child_result", "run_logged", "write_results", "load_json",
-           "append_jsonl", "vm_kb", "reset_peak", "stamp_photos", "jpeg_blobs", "write_shards"]
+           "append_jsonl", "mean_ci", "vm_kb", "reset_peak", "stamp_photos", "jpeg_blobs", "write_shards"]
 
 
 # ----------------------------------------------------------------------------- command line
@@ -237,3 +237,25 @@ def write_shards(folder: str | os.PathLike, items: int, per_shard: int, px: int)
                     info.size = len(data)
                     tf.addfile(info, io.BytesIO(data))
     return str(folder / f"shard-{{000000..{n_shards - 1:06d}}}.tar")
+
+
+# ----------------------------------------------------------------------------- over seeds
+
+# two-sided 95% Student-t quantiles by degrees of freedom (n - 1)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def mean_ci(xs: Iterable[float | None]) -> dict[str, Any]:
+    """Mean, sd and the t-based 95% interval of the mean over seeds (NaN and None left out)."""
+    import math
+    import statistics
+
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return {"mean": float("nan"), "sd": float("nan"), "ci95": [float("nan")] * 2, "n": 0}
+    m = statistics.mean(xs)
+    if len(xs) < 2:
+        return {"mean": m, "sd": float("nan"), "ci95": [float("nan")] * 2, "n": 1}
+    sd = statistics.stdev(xs)
+    h = T95.get(len(xs) - 1, 1.96) * sd / math.sqrt(len(xs))
+    return {"mean": m, "sd": sd, "ci95": [m - h, m + h], "n": len(xs)}

@@ -36,6 +36,7 @@ HARNESSES: dict[str, tuple[Callable[[dict[str, Any]], Any], bool]] = {
     "reinforce": (lambda d: d["throughput"]["speedup"] * d["memory"]["128"]["train"]["peak_rss_mib"], False),
     "runtimes": (lambda d: d["variants"]["student_onnx_fp32"]["latency"]["image_b1_median_ms"], False),
     "streaming_loader": (lambda d: d["runs"][-1]["rows"][0]["images_per_s"], False),
+    "students": (lambda d: d["rows"]["tiny_timm"]["int8_b1_ms"]["mean"] * d["runs"]["tiny"][0]["params_m"], False),
     "train_throughput": (lambda d: d["runs"][-1]["rows"][0]["images_per_s_median"], False),
     "two_paths": (lambda d: d["rows"][0]["B"]["minutes"], False),
     "web_runtime": (lambda d: d["browser_over_native_int8_image_b1"]["1"], True),
