@@ -211,8 +211,3 @@ def finetune_export(cfg: DictConfig, zero_shot: Any, tuned: Any, ft_info: dict[s
     runs.mark_finished(out, cfg)
     print(f"report: {out / 'report.md'}")
     return report
-
-
-def _as_dict(node: Any) -> dict[str, Any]:
-    """A config node (or None) as a plain dict."""
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node or {})

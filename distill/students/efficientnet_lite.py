@@ -108,13 +108,6 @@ class EfficientNetLiteTower(TimmTower):
         except UserError as e:  # an unknown variant
             return [str(e)]
 
-    def vision_cfg(self, vision: Mapping[str, Any]) -> dict[str, Any]:
-        v = self.timm_vision(vision)
-        problems = self._static_problems(v)
-        if problems:
-            raise UserError(problems[0])
-        return self._open_clip_cfg(v)
-
     def what(self, vision: Mapping[str, Any]) -> str:
         return f"EfficientNet-{str(vision.get('variant', 'lite0')).capitalize()}"
 
