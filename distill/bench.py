@@ -336,7 +336,7 @@ def _accuracy_and_memory(v: Variant, eval_sets: Mapping[str, Any], calls: Mappin
     def body() -> None:
         for call in calls.values():
             call()
-        kept.update(evaluation.evaluate(v.encoder, eval_sets, image_batch=32, text_batch=256))
+        kept.update(evaluation.evaluate(v.encoder, eval_sets, image_batch=32, text_batch=256, general=True))
         row["zeroshot"] = {name: r.row() for name, r in kept["classification"].items()}
         row["retrieval"] = {name: r.row() for name, r in kept["retrieval"].items()}
 
@@ -477,8 +477,14 @@ def _agreement(kept: Mapping[str, dict], name: str, reference: str) -> dict[str,
         return {"reference": reference, "note": "reference variant failed or is not measured"}
     agr: dict[str, Any] = {"reference": reference}
     for set_name, entry in evaluation.agreement(kept[name], ref).items():
-        agr[set_name] = {k: None if x is None else round(x, 6) for k, x in entry.items()}
+        agr[set_name] = {k: _rounded(x) for k, x in entry.items()}
     return agr
+
+
+def _rounded(x: Any) -> Any:
+    if isinstance(x, float):
+        return round(x, 6)
+    return [_rounded(y) for y in x] if isinstance(x, (list, tuple)) else x
 
 
 # ---------------------------------------------------------------------------- the bench stage

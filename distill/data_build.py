@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from distill import distributed as dist_utils
-from distill.data import EvalSet, TrainSet, ViewSpec, build_corpus, load_eval_set
+from distill.data import EvalSet, TrainSet, ViewSpec, build_corpus, imagenet_classnames, load_eval_set
 from distill.datasets import ImageOnly, is_image_only
 from distill.errors import UserError
 from distill.streaming import StreamingShards
@@ -56,7 +56,40 @@ def build_eval_sets(cfg: DictConfig) -> tuple[dict[str, dict[str, EvalSet]], dic
             elif not es.captions:
                 raise UserError(f"retrieval eval set {item.name} has no captions: move it to data.eval.classification")
             eval_sets[kind][item.name] = es
+    general = build_general_sets(cfg, size)
+    if general:
+        eval_sets["general"] = general
     return eval_sets, classnames
+
+
+def build_general_sets(cfg: DictConfig, size: int) -> dict[str, EvalSet]:
+    """data.eval.general: image sets without labels (captions, if any, are ignored) on which each variant
+    is compared with the teacher (distill.evaluation.evaluate_general); ``classes: imagenet`` or a list
+    of class names for the prompt bank, ``templates`` and ``k`` for the k-NN agreement."""
+    out: dict[str, EvalSet] = {}
+    for item in cfg.eval.get("general", []) or []:
+        classes = item.get("classes", "imagenet")
+        if isinstance(classes, str):
+            if classes != "imagenet":
+                raise UserError(f"general eval set {item.name}: classes={classes!r} unknown: use imagenet or a "
+                                f"list of class names")
+            names = imagenet_classnames()
+        else:
+            names = [str(c) for c in classes]
+        k = int(item.get("k", 10))
+        if not names or k < 1:
+            raise UserError(f"general eval set {item.name} needs at least one class name and k >= 1 "
+                            f"(got {len(names)} classes, k={k})")
+        es = load_eval_set(item.name, instantiate(item.source, _convert_="all"), size,
+                           templates=item.get("templates"))
+        if len(es) <= k:
+            raise UserError(f"general eval set {item.name} has {len(es)} readable images, too few for k={k}: "
+                            f"lower data.eval.general[].k or add images")
+        es.classnames, es.labels, es.captions, es.knn_k = names, None, None, k
+        out[item.name] = es
+    return out
+
+
 
 
 def build_data(cfg: DictConfig) -> tuple[TrainSet | TrainStream, dict[str, dict[str, EvalSet]], dict[str, Any]]:

@@ -13,6 +13,13 @@ An eval set is a ``distill.data.EvalSet``, or a mapping (the bench's form):
 classification; ``{"images", "captions": N strings, or N lists of strings, or M strings plus
 "image_for_text": M ints}`` for retrieval.
 
+A "general" set (images only, no labels or captions) measures how close an encoder stays to a
+reference encoder away from the training domains: ``evaluate_general`` keeps its image embeddings and
+its zero-shot logits over a class-prompt bank (``classnames`` x ``templates``, e.g. the 1000 ImageNet
+names), and ``agreement`` compares them with the reference's: image cosine, top-1 agreement over the
+prompts, and k-NN agreement (the overlap of each image's ``knn_k`` nearest neighbours among the set).
+Only the bench evaluates general sets (``evaluate(..., general=True)``); training-time evaluation skips them.
+
 Numbers are fractions in [0, 1] (distill/metrics.py). Intervals are percentile-bootstrap 95%
 intervals over the test images (``metrics.bootstrap_ci``; the same seeded draws for every encoder),
 for top-1 and every R@K.
@@ -28,7 +35,7 @@ import torch
 from distill import metrics
 
 __all__ = ["DEFAULT_TEMPLATES", "SetResult", "evaluate", "evaluate_classification", "evaluate_retrieval",
-           "encode_images", "encode_texts", "flatten_captions", "flat_metrics", "agreement", "evaluate_encoder",
+           "evaluate_general", "encode_images", "encode_texts", "flatten_captions", "flat_metrics", "agreement", "evaluate_encoder",
            "make_evaluator"]
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -42,7 +49,8 @@ class SetResult:
     metrics: dict[str, float]
     ci95: dict[str, tuple[float, float]]
     image_emb: torch.Tensor  # (N, D) float32 on the CPU
-    logits: torch.Tensor | None = None  # (N, C) zero-shot cosine logits, classification only
+    logits: torch.Tensor | None = None  # (N, C) zero-shot cosine logits (classification and general sets)
+    knn_k: int | None = None  # general sets: neighbours compared by the k-NN agreement
 
     def row(self, digits: int = 6) -> dict[str, Any]:
         """Rounded metrics for report.json, each interval next to its metric: {"top1", "top1_ci95": [lo, hi], ...}."""
@@ -130,19 +138,36 @@ def evaluate_retrieval(encoder: Any, es: Any, *, image_batch: int = 32, text_bat
     return SetResult(scores, _intervals(hits, emb.shape[0], owners, resamples, seed), emb)
 
 
+def evaluate_general(encoder: Any, es: Any, *, image_batch: int = 32, text_batch: int = 256,
+                     chunk_size: int = 256) -> SetResult:
+    """Image embeddings and zero-shot logits over the set's class-prompt bank; no metrics of its own
+    (the set has no labels): ``agreement`` compares them with a reference encoder's."""
+    emb = encode_images(encoder, es, image_batch, chunk_size)
+    templates = list(_get(es, "templates") or DEFAULT_TEMPLATES)
+    clf = metrics.zero_shot_classifier(encoder.encode_text, list(_get(es, "classnames")), templates,
+                                       batch_size=text_batch)
+    return SetResult({}, {}, emb, metrics.classify_logits(emb, clf), knn_k=int(_get(es, "knn_k") or 10))
+
+
 def evaluate(encoder: Any, eval_sets: Mapping[str, Mapping[str, Any]], *, image_batch: int = 32,
              text_batch: int = 256, chunk_size: int = 256, resamples: int = 1000,
-             seed: int = 0) -> dict[str, dict[str, SetResult]]:
-    """Every eval set: {"classification": {name: SetResult}, "retrieval": {name: SetResult}}.
+             seed: int = 0, general: bool = False) -> dict[str, dict[str, SetResult]]:
+    """Every eval set: {"classification": {name: SetResult}, "retrieval": {name: SetResult}}, plus
+    "general" when ``general`` is true and the sets have any.
 
     ``encoder``: ``encode_image((B, 3, H, W) [0, 1]) -> (B, D)`` and ``encode_text(list[str]) -> (B, D)``
     (tensors or arrays, any device). ``resamples=0`` skips the intervals (training-time evaluation).
     """
     opts = {"image_batch": image_batch, "chunk_size": chunk_size, "resamples": resamples, "seed": seed}
-    return {"classification": {n: evaluate_classification(encoder, es, **opts)
-                               for n, es in (eval_sets.get("classification") or {}).items()},
-            "retrieval": {n: evaluate_retrieval(encoder, es, text_batch=text_batch, **opts)
-                          for n, es in (eval_sets.get("retrieval") or {}).items()}}
+    out = {"classification": {n: evaluate_classification(encoder, es, **opts)
+                              for n, es in (eval_sets.get("classification") or {}).items()},
+           "retrieval": {n: evaluate_retrieval(encoder, es, text_batch=text_batch, **opts)
+                         for n, es in (eval_sets.get("retrieval") or {}).items()}}
+    if general and eval_sets.get("general"):
+        out["general"] = {n: evaluate_general(encoder, es, image_batch=image_batch, text_batch=text_batch,
+                                              chunk_size=chunk_size)
+                          for n, es in eval_sets["general"].items()}
+    return out
 
 
 def flat_metrics(results: Mapping[str, Mapping[str, SetResult]]) -> dict[str, float]:
@@ -170,15 +195,41 @@ def make_evaluator(eval_sets: Mapping[str, Mapping[str, Any]], tokenizer: Any, i
     return evaluate_student
 
 
-def agreement(results: Mapping[str, Mapping[str, SetResult]], reference: Mapping[str, Mapping[str, SetResult]]
-              ) -> dict[str, dict[str, float | None]]:
-    """Per eval set (retrieval sets as "retrieval/<name>"): {"image_cosine": mean cosine of matching image
-    embeddings (None when the embedding sizes differ), "top1": share of equal zero-shot argmax
-    (classification only)} of ``results`` against the ``reference`` encoder's results."""
-    out: dict[str, dict[str, float | None]] = {}
+def _general_agreement(r: SetResult, ref: SetResult, resamples: int, seed: int) -> dict[str, Any]:
+    """A general set: mean image cosine (None when the embedding sizes differ), top-1 agreement over the
+    prompt bank and k-NN agreement, each with a bootstrap 95% interval over the images."""
+    per_image: dict[str, torch.Tensor] = {}
+    if r.image_emb.shape == ref.image_emb.shape:
+        per_image["image_cosine"] = metrics.row_cosine(r.image_emb, ref.image_emb)
+    per_image["top1"] = (r.logits.argmax(-1) == ref.logits.argmax(-1)).float()
+    k = min(int(r.knn_k or 10), r.image_emb.shape[0] - 1)
+    if k >= 1:
+        per_image["knn"] = metrics.knn_overlap(r.image_emb, ref.image_emb, k)
+    entry: dict[str, Any] = {"image_cosine": None, "n": int(r.image_emb.shape[0]), "knn_k": k}
+    entry.update({name: float(v.mean()) for name, v in per_image.items()})
+    if resamples > 0:
+        for name, (lo, hi) in metrics.bootstrap_ci(per_image, r.image_emb.shape[0], resamples=resamples,
+                                                   seed=seed).items():
+            entry[f"{name}_ci95"] = [lo, hi]
+    return entry
+
+
+def agreement(results: Mapping[str, Mapping[str, SetResult]], reference: Mapping[str, Mapping[str, SetResult]],
+              *, resamples: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Per eval set (retrieval sets as "retrieval/<name>", general sets as "general/<name>"):
+    {"image_cosine": mean cosine of matching image embeddings (None when the embedding sizes differ),
+    "top1": share of equal zero-shot argmax (classification and general sets)} of ``results`` against
+    the ``reference`` encoder's results; general sets add "knn" (k-NN agreement), "n", "knn_k" and
+    bootstrap intervals ("<metric>_ci95", ``resamples`` draws, 0: none)."""
+    out: dict[str, dict[str, Any]] = {}
     for kind, sets in results.items():
         for name, r in sets.items():
-            ref = reference[kind][name]
+            ref = reference.get(kind, {}).get(name)
+            if ref is None:
+                continue
+            if kind == "general":
+                out[f"general/{name}"] = _general_agreement(r, ref, resamples, seed)
+                continue
             entry = out.setdefault(name if kind == "classification" else f"retrieval/{name}", {})
             same = r.image_emb.shape == ref.image_emb.shape  # no cosine between e.g. 768-d and 512-d spaces
             entry["image_cosine"] = metrics.agreement(r.image_emb, ref.image_emb) if same else None

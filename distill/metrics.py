@@ -26,7 +26,7 @@ Template = Union[str, Callable[[str], str]]
 
 __all__ = ["openai_templates", "zero_shot_classifier", "zero_shot_accuracy", "retrieval_recall", "agreement",
            "top1_agreement", "classify_logits", "as_percent", "zero_shot_hits", "retrieval_hits", "caption_owners",
-           "bootstrap_ci"]
+           "bootstrap_ci", "row_cosine", "knn_overlap"]
 
 
 def openai_templates() -> list[Template]:
@@ -170,6 +170,36 @@ def agreement(emb_a: torch.Tensor, emb_b: torch.Tensor) -> float:
     if emb_a.shape != emb_b.shape:
         raise ValueError(f"agreement needs equal shapes, got {tuple(emb_a.shape)} and {tuple(emb_b.shape)}")
     return float(F.cosine_similarity(emb_a.float(), emb_b.float(), dim=-1).mean())
+
+
+@torch.inference_mode()
+def row_cosine(emb_a: torch.Tensor, emb_b: torch.Tensor) -> torch.Tensor:
+    """(N,) cosine similarity of matching rows of (N, D) and (N, D)."""
+    if emb_a.shape != emb_b.shape:
+        raise ValueError(f"row_cosine needs equal shapes, got {tuple(emb_a.shape)} and {tuple(emb_b.shape)}")
+    return F.cosine_similarity(emb_a.float(), emb_b.float(), dim=-1)
+
+
+@torch.inference_mode()
+def knn_overlap(emb_a: torch.Tensor, emb_b: torch.Tensor, k: int) -> torch.Tensor:
+    """(N,) k-NN agreement: per image, the share of its ``k`` nearest other images (cosine) in space A
+    that are also among its ``k`` nearest in space B. The spaces may differ in size (it compares
+    neighbour sets, not vectors): 1.0 when both encoders organise the images alike."""
+    n = emb_a.shape[0]
+    if emb_b.shape[0] != n:
+        raise ValueError(f"knn_overlap needs the same images, got {n} and {emb_b.shape[0]} rows")
+    if not 1 <= k < n:
+        raise ValueError(f"knn_overlap needs 1 <= k < number of images, got k={k} for {n} images")
+
+    def neighbours(emb: torch.Tensor) -> torch.Tensor:
+        e = F.normalize(emb.float(), dim=-1)
+        sim = e @ e.T
+        sim.fill_diagonal_(float("-inf"))  # an image is not its own neighbour
+        return sim.topk(k, dim=-1).indices  # (N, k)
+
+    na, nb = neighbours(emb_a), neighbours(emb_b)
+    hits = (na[:, :, None] == nb[:, None, :]).any(dim=-1)  # (N, k): a's neighbour j is among b's
+    return hits.float().mean(dim=-1)
 
 
 @torch.inference_mode()

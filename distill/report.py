@@ -104,6 +104,8 @@ def summarize(report: Mapping[str, Any]) -> dict[str, Any]:
     - ``accuracy_retained``: {student: {set: student top1 / teacher top1}};
       ``r5_retained``: {student: {set: {"i2t", "t2i"}}} the same for R@5.
     - ``int8_loss_points``: {runtime: {set: (fp32 top1 - int8 top1) * 100}} for the student.
+    - ``general``: {variant: {general set: {"image_cosine", "top1", "knn", each with "_ci95"}}} against
+      the agreement reference (the teacher), for every variant: ``general_summary``.
     - ``unsteady_latency``: [{variant, shape, median_ms, p90_ms, ratio}] where p90 / median is above
       ``LATENCY_SPREAD_WARN``: a stall while the box was busy, which makes that median suspect.
     """
@@ -143,6 +145,7 @@ def summarize(report: Mapping[str, Any]) -> dict[str, Any]:
             out["int8_loss_points"][runtime] = {
                 k: round(100 * (fp["zeroshot"][k]["top1"] - q["zeroshot"][k]["top1"]), 2)
                 for k in fp.get("zeroshot", {}) if k in q.get("zeroshot", {})}
+    out["general"] = general_summary(ok)
     out["unsteady_latency"] = unsteady_latency(ok)
     if report.get("run_minutes") is not None:
         out["run_minutes"] = report["run_minutes"]
@@ -151,6 +154,57 @@ def summarize(report: Mapping[str, Any]) -> dict[str, Any]:
         alone = report["finetune"].get("then") == "export" and "student_torch_fp32" in ok
         out["finetune"] = _finetune_summary(report["finetune"], ok.get("student_torch_fp32" if alone else ref or "", {}))
     return out
+
+
+GENERAL_KEYS = ("image_cosine", "top1", "knn")
+
+
+def general_summary(ok: Mapping[str, dict]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per variant and general set (data.eval.general), its agreement with the teacher: image cosine,
+    top-1 agreement over the class prompts and k-NN agreement, with their intervals and the set's size."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, row in ok.items():
+        agr = row.get("agreement") or {}
+        for key, entry in agr.items():
+            if not key.startswith("general/") or not isinstance(entry, Mapping):
+                continue
+            keep = {k: entry.get(k) for k in (*GENERAL_KEYS, *(f"{m}_ci95" for m in GENERAL_KEYS), "n", "knn_k")
+                    if k in entry}
+            out.setdefault(name, {})[key[len("general/"):]] = {**keep, "reference": agr.get("reference")}
+    return out
+
+
+def _general_lines(summ: Mapping[str, Any]) -> list[str]:
+    general = summ.get("general") or {}
+    if not general:
+        return []
+    sets = list(dict.fromkeys(s for per in general.values() for s in per))
+    lines = ["", "## General (away from the training domains)", "",
+             "Each variant against the teacher on held-out images no variant was trained on (data.eval.general): "
+             "mean image-embedding cosine, top-1 agreement of the zero-shot argmax over the class prompts, and "
+             "k-NN agreement (share of each image's nearest held-out neighbours that are the same); "
+             "[95% bootstrap interval over the images].", ""]
+    for name in sets:
+        first = next(per[name] for per in general.values() if name in per)
+        lines += [f"`{name}`: {first.get('n')} images, k = {first.get('knn_k')}, reference "
+                  f"`{first.get('reference')}`.", ""]
+        rows = []
+        for variant, per in general.items():
+            e = per.get(name)
+            if e is None:
+                continue
+            rows.append([f"`{variant}`"] + [_frac_ci(e, k) for k in GENERAL_KEYS])
+        lines += table(["variant", "image cosine", "prompt top-1 agreement (%)", "k-NN agreement (%)"], rows) + [""]
+    return lines
+
+
+def _frac_ci(entry: Mapping[str, Any], key: str) -> str:
+    x, ci = entry.get(key), entry.get(f"{key}_ci95")
+    if x is None:
+        return "-"
+    if key == "image_cosine":
+        return fmt(x, 3) + (f" [{fmt(ci[0], 3)}, {fmt(ci[1], 3)}]" if ci else "")
+    return pct(x) + (f" [{pct(ci[0])}, {pct(ci[1])}]" if ci else "")
 
 
 def _finetune_summary(ft: Mapping[str, Any], teacher: Mapping[str, Any]) -> dict[str, Any]:
@@ -379,6 +433,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines += ["", "## Ratios (within this run)", ""]
     rows = _ratio_rows(summ)
     lines += table(["variant", "ratio", "value"], rows) if rows else ["(no ratios: a baseline or student is missing)"]
+    lines += _general_lines(summ)
     lines += ["", "## Targets", ""] + _target_lines(report.get("targets", {}))
     lines += _finetune_lines(report)
     lines += _skipped_lines(report)

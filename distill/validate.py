@@ -195,7 +195,7 @@ def _sources(cfg: DictConfig) -> Iterator[tuple[str, dict[str, Any]]]:
     does not hide the others."""
     nodes = [(f"data.train.sources[{i}]", f"data.train.sources.{i}")
              for i in range(len(OmegaConf.select(cfg, "data.train.sources", default=None) or []))]
-    for kind in ("classification", "retrieval"):
+    for kind in ("classification", "retrieval", "general"):
         items = OmegaConf.select(cfg, f"data.eval.{kind}", default=None) or []
         nodes += [(f"data.eval.{kind}[{i}].source", f"data.eval.{kind}.{i}.source") for i in range(len(items))]
     for where, key in nodes:

@@ -26,7 +26,11 @@ def smoke_run(tmp_path_factory):
     from distill.pipeline import run
 
     tmp = tmp_path_factory.mktemp("smoke")
-    return run(_smoke_cfg(tmp)), tmp / "run"
+    # a general set (image-only held-out pictures, compared with the teacher) rides along: it leaves the
+    # training and the pinned metrics as they are
+    general = ("+data.eval.general=[{name: held, source: {_target_: distill.datasets.tuxpaint, split: val, "
+               "limit: 12}, classes: imagenet, k: 3}]")
+    return run(_smoke_cfg(tmp, general)), tmp / "run"
 
 
 def test_smoke_run_writes_report_and_loadable_onnx(smoke_run):
@@ -51,6 +55,17 @@ def test_smoke_run_writes_report_and_loadable_onnx(smoke_run):
         ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         ort.InferenceSession(data["export"]["onnx_int8"][f], providers=["CPUExecutionProvider"])
     assert report["variants"].keys() == v.keys()
+    # the general section: every variant, int8 included, against the teacher, in report.json and report.md
+    general = data["summary"]["general"]
+    assert set(general) == set(v)
+    for name, per in general.items():
+        g = per["held"]
+        assert g["n"] == 12 and g["knn_k"] == 3 and g["reference"] == "teacher_torch_fp32"
+        assert 0.0 <= g["top1"] <= 1.0 and 0.0 <= g["knn"] <= 1.0 and g["top1_ci95"][0] <= g["top1"]
+        if name.startswith("teacher"):  # the teacher against itself (the ONNX copy within float noise)
+            assert g["image_cosine"] > 0.999 and g["knn"] == 1.0
+    assert general["student_onnx_int8"]["held"]["image_cosine"] is not None
+    assert "## General (away from the training domains)" in md and "`held`: 12 images, k = 3" in md
 
 
 def test_smoke_metrics_match_the_pin(smoke_run):
