@@ -126,3 +126,31 @@ def test_ranks_that_disagree_on_the_config_stop_with_one_line(tmp_path, differ):
     errors = [line for _, out in nodes for line in out.splitlines() if line.startswith("error: ranks disagree")]
     assert errors and "same config" in errors[0]
     assert not list((tmp_path / "comp").glob("*.teacher.tar")) if (tmp_path / "comp").exists() else True
+
+
+def test_two_nodes_train_a_batchnorm_tower_and_say_its_statistics_are_per_rank(tmp_path):
+    """A timm conv student (BatchNorm) under DDP: both ranks train, rank 0 ships it; on CPU ranks
+    BatchNorm statistics stay per rank (torch's SyncBatchNorm is GPU-only), said in one warning."""
+    args = [*TRAIN, "student=tiny_timm", f"cache.dir={tmp_path / 'cache'}", "train.batch_size=8",
+            f"hydra.run.dir={tmp_path / 'two'}"]
+    nodes = _two_nodes(args, tmp_path)
+    for code, out in nodes:
+        assert code == 0, out[-3000:]
+    assert any("normalise over each rank's own batch" in out for _, out in nodes)
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert report["training"]["world_size"] == 2 and report["variants"]["student_torch_fp32"]["status"] == "ok"
+    losses = _losses(tmp_path / "two")
+    assert len(losses) == 8 and all(map(lambda x: x == x, losses))
+
+
+def test_gpu_ranks_convert_batchnorm_to_sync_batchnorm_in_place():
+    from distill.engine.loop import has_batchnorm, sync_batchnorm
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    weight = model[1].weight
+    assert sync_batchnorm(model, torch.device("cuda"))  # conversion only: no GPU needed until forward
+    assert isinstance(model[1], torch.nn.SyncBatchNorm) and model[1].weight is weight  # the optimiser's tensors
+    assert not sync_batchnorm(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.device("cuda"))
+    assert has_batchnorm(model) and not has_batchnorm(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    cpu = torch.nn.Sequential(torch.nn.BatchNorm1d(2))
+    assert not sync_batchnorm(cpu, torch.device("cpu")) and isinstance(cpu[0], torch.nn.BatchNorm1d)

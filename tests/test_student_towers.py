@@ -46,6 +46,9 @@ TOWERS = {
     "timm_reparam": dict(kind="timm", timm_model_name="repvit_m0_9", image_size=SIZE,
                          timm_model_kwargs={"embed_dim": [16, 24, 32, 48], "depth": [1, 1, 1, 1]}),
     "timm_vit": dict(kind="timm", timm_model_name="test_vit", image_size=SIZE, timm_model_kwargs={"img_size": SIZE}),
+    # a hybrid like MobileCLIP's towers: FastViT's reparameterised conv stages with attention in the last
+    "timm_hybrid": dict(kind="timm", timm_model_name="fastvit_sa12", image_size=SIZE,
+                        timm_model_kwargs={"embed_dims": [16, 32, 64, 128], "layers": [1, 1, 1, 1]}),
     "efficientnet_lite": dict(kind="efficientnet_lite", variant="lite0", image_size=SIZE),
 }
 LABELS = ["a red square", "a green circle", "a blue triangle"]
@@ -142,7 +145,7 @@ def test_tower_goes_from_build_to_a_selftested_bundle(name, cache, tmp_path):
 
     # ONNX (the export form, checked against the model as trained) and the FLOPs cross-check
     deployed = export_form(model)
-    assert (deployed is not model) == (name == "timm_reparam")  # only RepViT has branches to fuse
+    assert (deployed is not model) == (name in ("timm_reparam", "timm_hybrid"))  # RepViT and FastViT have branches to fuse
     info = export_onnx(model, tmp_path / "onnx", image_size=SIZE, context_length=CTX)
     assert info["image"]["min_cosine"] >= 0.9999 and info["text"]["min_cosine"] >= 0.9999
     graph = onnx_flops(info["image"]["path"])
@@ -189,7 +192,7 @@ def test_reparameterised_export_form_matches_the_trained_model():
 
 # ------------------------------------------------------------------------------- fine-tune layouts
 
-@pytest.mark.parametrize("name", ["timm", "timm_reparam", "timm_vit", "efficientnet_lite", "vit"])
+@pytest.mark.parametrize("name", ["timm", "timm_reparam", "timm_vit", "timm_hybrid", "efficientnet_lite", "vit"])
 def test_lora_and_adapters_find_their_sites_on_every_tower(name):
     model, _ = _build(name)
     model.eval()
@@ -202,7 +205,7 @@ def test_lora_and_adapters_find_their_sites_on_every_tower(name):
 
     modules, _ = methods.lora_targets(model, layout, {"image": "auto"}, rank=2)
     assert modules and all(m.startswith("visual.") for m in modules)
-    if name in ("timm", "timm_reparam", "efficientnet_lite"):  # conv towers: LoRA on their 1x1 convolutions
+    if name in ("timm", "timm_reparam", "timm_hybrid", "efficientnet_lite"):  # conv towers: LoRA on their 1x1 convolutions
         convs = [model.get_submodule(m) for m in modules if isinstance(model.get_submodule(m), torch.nn.Conv2d)]
         assert convs and all(c.kernel_size == (1, 1) and c.groups == 1 for c in convs)
     pm = methods.attach_lora(copy.deepcopy(model), layout, rank=2)

@@ -63,8 +63,30 @@ class Task(Protocol):
         """The task's own figures for the result (images seen, time split)."""
 
 
+def has_batchnorm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def sync_batchnorm(model: torch.nn.Module, device: torch.device) -> bool:
+    """Under DDP, a BatchNorm tower (timm conv/hybrid students) normalises over the global batch, as one
+    process with that batch would: SyncBatchNorm, in place. torch implements it for GPUs only, so CPU
+    ranks keep per-rank statistics (said once). -> whether it converted."""
+    if not has_batchnorm(model):
+        return False
+    if device.type != "cuda":
+        if dist_utils.rank() == 0:
+            log.warning("BatchNorm layers on CPU ranks normalise over each rank's own batch (torch's SyncBatchNorm "
+                        "needs GPUs): the run is not identical to one process with the global batch")
+        return False
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if converted is not model:  # the model itself is a BatchNorm layer: not a tower this engine trains
+        raise ValueError("sync_batchnorm converts BatchNorm layers inside a model, not a bare BatchNorm module")
+    return True
+
+
 def _wrap(model: torch.nn.Module, cfg: EngineConfig, device: torch.device) -> torch.nn.Module:
     if dist_utils.world_size() > 1:
+        sync_batchnorm(model, device)
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=bool(cfg.find_unused_parameters))
