@@ -5,9 +5,13 @@ Layout of one cache entry, ``<root>/<fingerprint>/``:
     image_emb.npy    (N * K, D) float16: one row per (image, view) item of the TrainSet
     text_emb.npy     (T, D) float16: one row per unique text of the TrainSet
     valid.npy        (N * K,) bool: False where the image could not be read
+    view_params.npy  (N * K,) structured (``PARAMS_DTYPE``): what each item's pixels are, as
+                     ``TrainSet.view_params`` says: its crop, and with ``data.train.mix`` its mix
+                     mode, partner item, lam and cutmix box (the teacher embedded the mixed pixels).
+                     ``TeacherCache.view_params(j)`` reads it back; entries built before it existed lack it.
 
 The fingerprint hashes the teacher's fingerprint, the TrainSet's (every item key, the view
-spec with its seed and count, and the texts) and the identity of the data files (``FILE_IDENTITY``:
+spec with its seed, count and mix, and the texts) and the identity of the data files (``FILE_IDENTITY``:
 size, mtime and a hash of the whole content of every image, CSV, tar shard or IDX file the sources
 read), so any change to them builds a new entry, including an image replaced at the same path or
 edited in place with its size and mtime restored; an entry is never reused for inputs it was not
@@ -64,7 +68,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from distill import distributed as dist_utils
-from distill.data import TrainSet, collate
+from distill.data import MIX_CODES, TrainSet, collate
 from distill.imageio import SkipLog
 from distill.errors import UserError
 from distill.teachers.base import Teacher
@@ -81,6 +85,38 @@ TEXT_CHUNK_FACTOR = 8  # a text costs far less than an image: its chunks are 8 t
 SHARED_FS_WAIT_S = 60.0  # how long a rank waits for another node's file to show on a network file system
 KILL_ENV = "DISTILL_CACHE_TEST_KILL"  # test hook, see _test_kill
 DELAY_ENV = "DISTILL_CACHE_TEST_DELAY"  # test hook, see _test_delay
+# One row per item of view_params.npy: crop (top, left, h, w, flip; -1 without a crop), mix (an
+# index into distill.data.MIX_CODES), partner (-1: none), lam (1.0 unmixed), box (top, left, h, w; -1: none).
+PARAMS_DTYPE = np.dtype([("crop", np.int32, (5,)), ("mix", np.int8), ("partner", np.int64), ("lam", np.float64),
+                         ("box", np.int32, (4,))])
+
+
+def empty_params(n: int) -> np.ndarray:
+    """``n`` rows of PARAMS_DTYPE meaning "no crop, not mixed" (an unreadable item keeps them)."""
+    out = np.zeros(n, dtype=PARAMS_DTYPE)
+    out["crop"], out["partner"], out["lam"], out["box"] = -1, -1, 1.0, -1
+    return out
+
+
+def params_row(out: np.ndarray, row: int, p: dict[str, Any]) -> None:
+    """Write ``TrainSet.view_params``'s dict ``p`` into row ``row`` of a PARAMS_DTYPE array."""
+    c, b = p.get("crop"), p.get("box")
+    if c is not None:
+        out["crop"][row] = (c["top"], c["left"], c["h"], c["w"], int(c["flip"]))
+    out["mix"][row] = MIX_CODES.index(p.get("mix", "none"))
+    out["partner"][row] = -1 if p.get("partner") is None else int(p["partner"])
+    out["lam"][row] = float(p.get("lam", 1.0))
+    if b is not None:
+        out["box"][row] = (b["top"], b["left"], b["h"], b["w"])
+
+
+def params_dict(rec: np.void, valid: bool) -> dict[str, Any]:
+    """A PARAMS_DTYPE row back as ``TrainSet.view_params``'s dict."""
+    crop, box = rec["crop"].tolist(), rec["box"].tolist()
+    return {"valid": bool(valid),
+            "crop": None if crop[0] < 0 else dict(zip(("top", "left", "h", "w"), crop[:4]), flip=bool(crop[4])),
+            "mix": MIX_CODES[int(rec["mix"])], "partner": None if rec["partner"] < 0 else int(rec["partner"]),
+            "lam": float(rec["lam"]), "box": None if box[0] < 0 else dict(zip(("top", "left", "h", "w"), box))}
 
 
 @dataclass
@@ -92,6 +128,14 @@ class TeacherCache:
     text_emb: np.ndarray  # (T, D)
     valid: np.ndarray  # (N*K,) bool
     manifest: dict[str, Any]
+    params: np.ndarray | None = None  # (N*K,) PARAMS_DTYPE memory map; None for entries built before it existed
+
+    def view_params(self, j: int) -> dict[str, Any]:
+        """Item j's view parameters as the build saw them (``TrainSet.view_params``'s dict)."""
+        if self.params is None:
+            raise UserError(f"teacher cache {self.path} was built before view parameters were stored: delete it "
+                            f"and rerun to rebuild it")
+        return params_dict(self.params[int(j)], bool(self.valid[int(j)]))
 
     def image_targets(self, index: torch.Tensor) -> torch.Tensor:
         """(B,) item indices -> (B, D) float32 teacher image embeddings."""
@@ -235,6 +279,7 @@ def load_cache(path: Path) -> TeacherCache:
         text_emb=np.load(path / "text_emb.npy", mmap_mode="r"),
         valid=np.load(path / "valid.npy"),
         manifest=manifest,
+        params=np.load(path / "view_params.npy", mmap_mode="r") if (path / "view_params.npy").exists() else None,
     )
 
 
@@ -357,17 +402,23 @@ def _missing(part: Path, chunks: list[_Chunk], state: dict[str, Any]) -> list[_C
 
 def _embed_images(teacher: Teacher, dataset: TrainSet, c: _Chunk, batch_size: int, num_workers: int,
                   device: torch.device | str, bar) -> dict[str, np.ndarray]:
-    """The chunk's items as {emb: (rows, D) float16, valid: (rows,) bool}; unreadable rows stay zero."""
+    """The chunk's items as {emb: (rows, D) float16, valid: (rows,) bool, params: (rows,) PARAMS_DTYPE};
+    unreadable rows stay zero (their params "no crop, not mixed"). The rows embed exactly the pixels
+    ``TrainSet`` gives (mixed ones included), and their params come with those pixels."""
     emb = np.zeros((c.hi - c.lo, teacher.embed_dim), dtype=np.float16)
     valid = np.ones(c.hi - c.lo, dtype=np.bool_)
+    params = empty_params(c.hi - c.lo)
     loader = DataLoader(torch.utils.data.Subset(dataset, range(c.lo, c.hi)), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=collate)
     for batch in loader:
         valid[np.asarray(batch["skipped"], dtype=np.int64) - c.lo] = False
         if len(batch["index"]):
             emb[batch["index"].numpy() - c.lo] = teacher.encode_image(batch["image"].to(device)).cpu().numpy()
+        for j, p in zip(batch["index"].tolist(), batch.get("params") or []):
+            if p is not None:
+                params_row(params, j - c.lo, p)
         bar.update(len(batch["index"]) + len(batch["skipped"]))
-    return {"emb": emb, "valid": valid}
+    return {"emb": emb, "valid": valid, "params": params}
 
 
 def _embed_texts(teacher: Teacher, texts: list[str], c: _Chunk, batch_size: int) -> dict[str, np.ndarray]:
@@ -434,6 +485,8 @@ def _read_chunk(path: Path, c: _Chunk, dim: int) -> dict[str, np.ndarray]:
             arrays = {k: z[k] for k in z.files}
         if arrays["emb"].shape != (c.hi - c.lo, dim):
             raise ValueError(f"shape {arrays['emb'].shape}")
+        if "params" in arrays and (arrays["params"].dtype != PARAMS_DTYPE or len(arrays["params"]) != c.hi - c.lo):
+            raise ValueError(f"view params {arrays['params'].dtype} x {len(arrays['params'])}")
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         path.unlink(missing_ok=True)
         raise RuntimeError(f"teacher cache chunk {path} was damaged ({e}) and is removed: rerun to rebuild it") from e
@@ -445,6 +498,7 @@ def _assemble(teacher: Teacher, dataset: TrainSet, part: Path, chunks: list[_Chu
     n, dim = len(dataset), teacher.embed_dim
     img = np.lib.format.open_memmap(part / "image_emb.npy", mode="w+", dtype=np.float16, shape=(n, dim))
     valid = np.lib.format.open_memmap(part / "valid.npy", mode="w+", dtype=np.bool_, shape=(n,))
+    params = np.lib.format.open_memmap(part / "view_params.npy", mode="w+", dtype=PARAMS_DTYPE, shape=(n,))
     txt = np.lib.format.open_memmap(part / "text_emb.npy", mode="w+", dtype=np.float16,
                                     shape=(len(dataset.texts), dim))
     seconds = 0.0
@@ -453,12 +507,23 @@ def _assemble(teacher: Teacher, dataset: TrainSet, part: Path, chunks: list[_Chu
         (img if c.kind == "image" else txt)[c.lo:c.hi] = arrays["emb"]
         if c.kind == "image":
             valid[c.lo:c.hi] = arrays["valid"]
+            params[c.lo:c.hi] = arrays["params"] if "params" in arrays else _params_of(dataset, c, arrays["valid"])
         seconds += float(arrays["seconds"])
-    for arr in (img, valid, txt):
+    for arr in (img, valid, txt, params):
         arr.flush()
     skipped = {str(j): dataset.key(int(j)) for j in np.flatnonzero(~np.asarray(valid))}
-    del img, valid, txt
+    del img, valid, txt, params
     return skipped, seconds
+
+
+def _params_of(dataset: TrainSet, c: _Chunk, valid: np.ndarray) -> np.ndarray:
+    """View params of a chunk that an earlier version embedded without them (a resumed build)."""
+    log.info("teacher cache: chunk %s has no view params (built by an earlier version): computing them", c.file)
+    out = empty_params(c.hi - c.lo)
+    for j in range(c.lo, c.hi):
+        if valid[j - c.lo]:
+            params_row(out, j - c.lo, dataset.view_params(j))
+    return out
 
 
 def _manifest(teacher: Teacher, dataset: TrainSet, fp: str, data_fp: str, identity: list[dict[str, Any]],
@@ -471,6 +536,7 @@ def _manifest(teacher: Teacher, dataset: TrainSet, fp: str, data_fp: str, identi
         "file_identity": FILE_IDENTITY,
         "data_identity": identity,
         "views": dataset.spec.describe(),
+        "view_params": "view_params.npy",  # per item: crop, mix mode, partner, lam, cutmix box
         "items": len(dataset),
         "texts": len(dataset.texts),
         "embed_dim": teacher.embed_dim,

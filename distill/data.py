@@ -9,6 +9,13 @@ horizontal flip drawn from that seed; with it off it is the eval transform (resi
 side, centre crop). The teacher cache stores one embedding per (i, v), and the student later
 regenerates the identical view from the same seed.
 
+Mixing. With ``data.train.mix`` (``MixSpec``) an item is, with probability ``prob``, blended with
+the base (unmixed) view of a partner item of another image: mixup (lam * a + (1 - lam) * b) or
+cutmix (a box of b pasted into a, lam = the share of a left). Whether, how, with whom and lam are
+drawn from the item's own seed, so every worker, rank and resume mixes alike, and the teacher cache
+embeds the mixed pixels the student sees (Beyer et al. 2022, "consistent" teaching; MobileCLIP's
+DataCompDR). ``TrainSet.view_params`` says what was done; the cache stores it per item.
+
 Memo. The pipeline visits the same views many times: the fine-tune, the teacher cache, every epoch
 of the student, every variant of the bench. A ``ViewMemo`` keeps each decoded view as uint8 (lossless:
 every view is an 8-bit image / 255) up to a byte budget, so decoding, cropping and resizing run once.
@@ -26,9 +33,11 @@ import hashlib
 import logging
 import math
 import random
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler, get_worker_info
@@ -67,15 +76,13 @@ def eval_view(img: Image.Image, size: int, spec: dict[str, Any] | None = None) -
     return torch.from_numpy(preprocess.eval_pixels(img, spec or preprocess.default_spec(size)))
 
 
-def augmented_view(img: Image.Image, size: int, seed: int, scale: tuple[float, float] = (0.6, 1.0),
-                   ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True) -> torch.Tensor:
-    """A RandomResizedCrop (+ flip) fully determined by ``seed`` -> (3, size, size) in [0, 1].
-
-    torchvision's RandomResizedCrop draws from the global torch RNG, which workers and resumes
-    would perturb; this follows its algorithm with a private ``random.Random(seed)``.
-    """
+def crop_params(width: int, height: int, seed: int, scale: tuple[float, float] = (0.6, 1.0),
+                ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True) -> tuple[int, int, int, int, bool]:
+    """The (top, left, h, w, flip) of ``augmented_view``'s seeded RandomResizedCrop of a ``width`` x
+    ``height`` image. torchvision's RandomResizedCrop draws from the global torch RNG, which workers and
+    resumes would perturb; this follows its algorithm with a private ``random.Random(seed)``."""
     rng = random.Random(seed)
-    w, h = img.size
+    w, h = width, height
     area = w * h
     top, left, ch, cw = 0, 0, h, w
     for _ in range(10):
@@ -86,10 +93,24 @@ def augmented_view(img: Image.Image, size: int, seed: int, scale: tuple[float, f
         if 0 < cw_ <= w and 0 < ch_ <= h:
             top, left, ch, cw = rng.randint(0, h - ch_), rng.randint(0, w - cw_), ch_, cw_
             break
+    flip = bool(hflip and rng.random() < 0.5)
+    return top, left, ch, cw, flip
+
+
+def apply_crop(img: Image.Image, size: int, crop: tuple[int, int, int, int, bool]) -> torch.Tensor:
+    """PIL RGB -> (3, size, size) in [0, 1]: the (top, left, h, w, flip) crop bicubic-resized to ``size``."""
+    top, left, ch, cw, flip = crop
     img = TF.resized_crop(img, top, left, ch, cw, [size, size], interpolation=InterpolationMode.BICUBIC)
-    if hflip and rng.random() < 0.5:
+    if flip:
         img = TF.hflip(img)
     return TF.to_tensor(img)
+
+
+def augmented_view(img: Image.Image, size: int, seed: int, scale: tuple[float, float] = (0.6, 1.0),
+                   ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True) -> torch.Tensor:
+    """A RandomResizedCrop (+ flip) fully determined by ``seed`` -> (3, size, size) in [0, 1]
+    (``crop_params`` draws it, ``apply_crop`` cuts it)."""
+    return apply_crop(img, size, crop_params(*img.size, seed, scale=scale, ratio=ratio, hflip=hflip))
 
 
 def build_corpus(
@@ -144,6 +165,7 @@ class ViewMemo:
         self.used = self.hits = self.misses = 0
         self.full = False
         self._rows: dict[Any, torch.Tensor] = {}
+        self._meta: dict[Any, Any] = {}  # what ``put`` was given beside a view (a training view's crop)
 
     def get(self, key: Any) -> torch.Tensor | None:
         if get_worker_info() is not None:
@@ -155,13 +177,19 @@ class ViewMemo:
         self.hits += 1
         return row.float().div_(255)
 
-    def put(self, key: Any, view: torch.Tensor) -> None:
+    def meta(self, key: Any) -> Any:
+        """What ``put`` stored beside the view of ``key`` (None: nothing, or no such view)."""
+        return self._meta.get(key)
+
+    def put(self, key: Any, view: torch.Tensor, meta: Any = None) -> None:
         if get_worker_info() is not None or key in self._rows:
             return
         if self.used + view.numel() > self.budget:
             self.full = True
             return
         self._rows[key] = view.mul(255).round_().to(torch.uint8)
+        if meta is not None:
+            self._meta[key] = meta
         self.used += view.numel()
 
     def stats(self) -> dict[str, Any]:
@@ -183,6 +211,60 @@ def attach_view_memo(trainset: Any, eval_sets: dict[str, dict[str, Any]], budget
     return memo
 
 
+MIX_MODES = ("none", "mixup", "cutmix", "both")
+MIX_CODES = ("none", "mixup", "cutmix")  # what an item gets ("both" picks one of the two per item)
+
+
+def mix_problems(mode: Any, prob: Any, alpha: Any) -> list[str]:
+    """One line per bad ``data.train.mix`` value (empty: the values are fine)."""
+    out = []
+    if mode not in MIX_MODES:
+        out.append(f"data.train.mix.mode={mode!r} is not known: use none, mixup, cutmix or both")
+
+    def number(v: Any) -> float:
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else float("nan")
+
+    if not 0.0 <= number(prob) <= 1.0:
+        out.append(f"data.train.mix.prob={prob!r} is not in [0, 1]: set the share of mixed items, "
+                   f"e.g. data.train.mix.prob=0.5")
+    if not (math.isfinite(number(alpha)) and number(alpha) > 0):
+        out.append(f"data.train.mix.alpha={alpha!r} must be a positive number (the mixing weight is drawn from "
+                   f"Beta(alpha, alpha)): e.g. data.train.mix.alpha=1.0")
+    return out
+
+
+@dataclass(frozen=True)
+class MixSpec:
+    """Mixup / cutmix of training items, consistent with the teacher (``TrainSet``): ``mode`` none,
+    mixup, cutmix or both (one of the two per item), each item mixed with probability ``prob``, the
+    mixing weight drawn from Beta(``alpha``, ``alpha``)."""
+
+    mode: str = "none"
+    prob: float = 0.5
+    alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        problems = mix_problems(self.mode, self.prob, self.alpha)
+        if problems:
+            raise UserError(problems[0])
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "MixSpec":
+        """``data.train.mix`` (a mapping, None or a MixSpec) -> MixSpec; a bad value is a one-line UserError."""
+        if cfg is None:
+            return cls()
+        if isinstance(cfg, MixSpec):
+            return cfg
+        values = dict(cfg)
+        unknown = sorted(set(values) - {"mode", "prob", "alpha"})
+        if unknown:
+            raise UserError(f"data.train.mix.{unknown[0]} is not a setting: use mode, prob and alpha")
+        return cls(**values)
+
+    def describe(self) -> str:
+        return f"mix={self.mode}:prob={float(self.prob)!r}:alpha={float(self.alpha)!r}"
+
+
 @dataclass
 class ViewSpec:
     size: int
@@ -190,9 +272,18 @@ class ViewSpec:
     augment: bool = False
     scale: tuple[float, float] = (0.6, 1.0)
     seed: int = 0
+    mix: MixSpec = field(default_factory=MixSpec)  # mixup / cutmix (TrainSet); none by default
+
+    def __post_init__(self) -> None:
+        self.mix = MixSpec.from_config(self.mix)
+
+    def base_describe(self) -> str:
+        """The views before any mixing."""
+        return f"size={self.size};views={self.views};augment={self.augment};scale={tuple(self.scale)};seed={self.seed}"
 
     def describe(self) -> str:
-        return f"size={self.size};views={self.views};augment={self.augment};scale={tuple(self.scale)};seed={self.seed}"
+        # mix appears only when on, so every fingerprint made before it existed stays as it was
+        return self.base_describe() + (f";{self.mix.describe()}" if self.mix.mode != "none" else "")
 
 
 class TrainSet(Dataset):
@@ -204,7 +295,13 @@ class TrainSet(Dataset):
 
     Items of image-only sources (``image_only`` attribute, distill.datasets.ImageOnly) are never
     paired; ``image_only_ratio`` (None: no mixing) is their share of every batch (ResumableSampler).
+
+    With ``spec.mix`` an item may be mixed with a partner's base view (see the module docstring):
+    it is then not a real caption pair (``paired`` False) and keeps its base image's text.
+    ``view_params(j)`` gives its crop, mix mode, partner, lam and cutmix box.
     """
+
+    RECENT = 1024  # view_params of the items rendered last (load_view then paired/view_params: one render)
 
     def __init__(self, sources: Sequence[ImageSource], spec: ViewSpec, corpus: Sequence[str] = (),
                  image_only_ratio: float | None = None) -> None:
@@ -238,6 +335,7 @@ class TrainSet(Dataset):
                             "set data.train.corpus (e.g. imagenet_classes: true)")
         self.skips = SkipLog()
         self.memo: ViewMemo | None = None
+        self._recent: OrderedDict[int, dict[str, Any]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.index) * self.spec.views
@@ -260,8 +358,17 @@ class TrainSet(Dataset):
         """[start, end) of the corpus texts inside ``texts`` (captions come first)."""
         return len(self.texts) - len(self.corpus), len(self.texts)
 
-    def paired(self, j: int) -> bool:
+    def captioned(self, j: int) -> bool:
+        """Whether item j's image has its own caption (its text is then that caption, mixed or not)."""
         return self._caption_of[j // self.spec.views] >= 0
+
+    def paired(self, j: int) -> bool:
+        """A real (image, caption) pair: a captioned item that is not mixed with another image."""
+        if not self.captioned(j):
+            return False
+        if self.mix_plan(j) is None:
+            return True
+        return self.view_params(j)["mix"] == "none"  # left unmixed when its partner is unreadable
 
     def image_only_items(self) -> list[bool]:
         """Per item j: whether it comes from an image-only source (the sampler's two groups)."""
@@ -287,24 +394,103 @@ class TrainSet(Dataset):
             h.update(t.encode() + b"\x00")
         return h.hexdigest()[:16]
 
-    def load_view(self, j: int) -> torch.Tensor | None:
-        key = ("train", self.spec.describe(), j)
+    def base_view(self, j: int) -> tuple[torch.Tensor | None, tuple[int, int, int, int, bool] | None]:
+        """Item j's own view before any mixing, and its crop (top, left, h, w, flip; None for the
+        un-augmented eval transform); (None, None) when the image is unreadable. Kept in the memo with
+        its crop, so a view met again (as an item or as a partner) costs a lookup, not a decode."""
+        key = ("train", self.spec.base_describe(), j)
         if self.memo is not None and (hit := self.memo.get(key)) is not None:
-            return hit
+            return hit, self.memo.meta(key)
         s, i = self.index[j // self.spec.views]
         img = try_open(self.sources[s], i, self.skips)
         if img is None:
-            return None
+            return None, None
+        crop = None
         if self.spec.augment:
-            view = augmented_view(img, self.spec.size, self.view_seed(j), scale=tuple(self.spec.scale))
+            crop = crop_params(*img.size, self.view_seed(j), scale=tuple(self.spec.scale))
+            view = apply_crop(img, self.spec.size, crop)
         else:
             view = eval_view(img, self.spec.size)
         if self.memo is not None:
-            self.memo.put(key, view)
-        return view
+            self.memo.put(key, view, meta=crop)
+        return view, crop
+
+    def mix_plan(self, j: int) -> dict[str, Any] | None:
+        """How item j is to be mixed, from its seed alone (None: not mixed): {"mix": mixup | cutmix,
+        "partner": an item of another image (its base view is mixed in), "lam": a's share, "box": the
+        cutmix box (top, left, h, w) in view pixels, else None}. Whether the partner can be read is
+        ``view_params``'s business."""
+        m = self.spec.mix
+        if m.mode == "none" or len(self.index) < 2:
+            return None
+        k = self.spec.views
+        rng = np.random.default_rng(stable_int(self.spec.seed, self.key(j), j % k, "mix"))
+        if not rng.random() < m.prob:
+            return None
+        mode = m.mode if m.mode != "both" else ("mixup" if rng.random() < 0.5 else "cutmix")
+        other = int(rng.integers(len(self.index) - 1))
+        other += other >= j // k  # never the item's own image
+        partner = other * k + int(rng.integers(k))
+        lam = float(rng.beta(m.alpha, m.alpha))
+        box = None
+        if mode == "cutmix":  # a square of area ~(1 - lam), wholly inside the view; lam from the actual box
+            size = self.spec.size
+            side = int(round(size * math.sqrt(1.0 - lam)))
+            if side == 0:
+                return None  # nothing to paste: the item is its own view
+            top, left = int(rng.integers(size - side + 1)), int(rng.integers(size - side + 1))
+            box, lam = (top, left, side, side), 1.0 - side * side / (size * size)
+        return {"mix": mode, "partner": partner, "lam": lam, "box": box}
+
+    def _render(self, j: int) -> tuple[torch.Tensor | None, dict[str, Any]]:
+        """Item j's pixels (None: unreadable) and its ``view_params``, computed together."""
+        view, crop = self.base_view(j)
+        params: dict[str, Any] = {"valid": view is not None, "crop": None, "mix": "none", "partner": None,
+                                  "lam": 1.0, "box": None}
+        if crop is not None:
+            params["crop"] = dict(zip(("top", "left", "h", "w", "flip"), (*map(int, crop[:4]), bool(crop[4]))))
+        plan = self.mix_plan(j) if view is not None else None
+        if plan is not None:
+            other, _ = self.base_view(plan["partner"])  # unreadable: counted in skips, the item stays unmixed
+            if other is not None:
+                view = mix_views(view, other, plan)
+                params.update(plan)
+                if plan["box"] is not None:
+                    params["box"] = dict(zip(("top", "left", "h", "w"), plan["box"]))
+        self._recent[j] = params
+        self._recent.move_to_end(j)
+        while len(self._recent) > self.RECENT:
+            self._recent.popitem(last=False)
+        return view, params
+
+    def view_params(self, j: int) -> dict[str, Any]:
+        """What item j's pixels are: {"valid": readable, "crop": {top, left, h, w, flip} of the original
+        image (None: eval transform), "mix": none | mixup | cutmix, "partner": the item whose base view
+        is mixed in (None), "lam": item j's own share (1.0 unmixed), "box": the cutmix box {top, left,
+        h, w} in view pixels (None)}. The teacher cache stores these per item."""
+        if j in self._recent:
+            return dict(self._recent[j])
+        return dict(self._render(j)[1])
+
+    def load_view(self, j: int) -> torch.Tensor | None:
+        return self._render(j)[0]
 
     def __getitem__(self, j: int) -> dict[str, Any]:
-        return {"index": j, "image": self.load_view(j), "text_index": self.text_index(j), "paired": self.paired(j)}
+        view, params = self._render(j)
+        captioned = self.captioned(j)
+        return {"index": j, "image": view, "text_index": self.text_index(j),
+                "paired": captioned and params["mix"] == "none", "captioned": captioned, "params": params}
+
+
+def mix_views(a: torch.Tensor, b: torch.Tensor, plan: dict[str, Any]) -> torch.Tensor:
+    """``a`` mixed with ``b`` as ``plan`` says: mixup lam * a + (1 - lam) * b, or cutmix (``b``'s box in ``a``)."""
+    if plan["mix"] == "mixup":
+        lam = float(plan["lam"])
+        return (lam * a + (1.0 - lam) * b).clamp_(0.0, 1.0)  # [0, 1] like every view (float rounding aside)
+    top, left, h, w = plan["box"]
+    out = a.clone()
+    out[:, top:top + h, left:left + w] = b[:, top:top + h, left:left + w]
+    return out
 
 
 def check_image_only_ratio(ratio: float | None, n_image_only: int, n_other: int) -> float | None:
@@ -338,6 +524,9 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "text_index": torch.tensor([it["text_index"] for it in ok], dtype=torch.long),
         "paired": all(it["paired"] for it in ok) and bool(ok),
         "pair_mask": torch.tensor([bool(it["paired"]) for it in ok], dtype=torch.bool),
+        # an item with its own caption (a mixed one included: it keeps its base image's caption)
+        "caption_mask": torch.tensor([bool(it.get("captioned", it["paired"])) for it in ok], dtype=torch.bool),
+        "params": [it.get("params") for it in ok],  # TrainSet.view_params of each item (the cache stores them)
         "skipped": [it["index"] for it in items if it["image"] is None],
     }
 

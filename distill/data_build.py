@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from distill import distributed as dist_utils
-from distill.data import EvalSet, TrainSet, ViewSpec, build_corpus, imagenet_classnames, load_eval_set
+from distill.data import EvalSet, MixSpec, TrainSet, ViewSpec, build_corpus, imagenet_classnames, load_eval_set
 from distill.datasets import ImageOnly, is_image_only
 from distill.errors import UserError
 from distill.streaming import StreamingShards
@@ -90,13 +90,15 @@ def build_general_sets(cfg: DictConfig, size: int) -> dict[str, EvalSet]:
     return out
 
 
-
-
 def build_data(cfg: DictConfig) -> tuple[TrainSet | TrainStream, dict[str, dict[str, EvalSet]], dict[str, Any]]:
     """Training set (sources + corpus + view spec), evaluation sets, and the figures the report keeps.
     With ``train.stream`` (distill.streaming.StreamingShards) the training data is a ``TrainStream``."""
-    eval_sets, classnames = build_eval_sets(cfg)
     tc = cfg.train
+    mix = MixSpec.from_config(tc.get("mix"))  # a bad value is one line before any image is opened
+    if mix.mode != "none" and tc.get("stream") is not None:
+        raise UserError(f"data.train.mix.mode={mix.mode} needs indexed training data and data.train.stream is a "
+                        f"stream: set data.train.mix.mode=none or train from data.train.sources")
+    eval_sets, classnames = build_eval_sets(cfg)
     sources = [instantiate(s, _convert_="all") for s in tc.sources]
     if tc.get("image_only_ratio") is not None and not 0 <= float(tc.image_only_ratio) <= 1:  # before the pool is listed
         raise UserError(f"data.train.image_only_ratio={tc.image_only_ratio} is not in [0, 1]: set the share of "
@@ -109,7 +111,7 @@ def build_data(cfg: DictConfig) -> tuple[TrainSet | TrainStream, dict[str, dict[
     excluded = eval_prompts(cfg, classnames)
     corpus = build_corpus(**corpus_cfg, exclude=excluded) if corpus_cfg else []
     spec = ViewSpec(size=int(cfg.image_size), views=int(tc.get("views", 1)), augment=bool(tc.get("augment", False)),
-                    scale=tuple(tc.get("scale", (0.6, 1.0))), seed=int(tc.get("seed", 0)))
+                    scale=tuple(tc.get("scale", (0.6, 1.0))), seed=int(tc.get("seed", 0)), mix=mix)
     evals = {"eval_sets": {k: {n: len(e) for n, e in v.items()} for k, v in eval_sets.items()},
              "eval_skipped": {n: e.skipped for v in eval_sets.values() for n, e in v.items()},
              "eval_skipped_first": {n: e.skip_log["first"] for v in eval_sets.values() for n, e in v.items()

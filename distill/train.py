@@ -178,8 +178,10 @@ class DistillTask:
             return self._stream_texts(batch, draw), None
         text_index = batch["text_index"]
         lo, hi = self.dataset.corpus_span()
-        if self.cfg.resample_corpus_texts and hi > lo and not batch["paired"]:
-            unp = ~batch["pair_mask"]
+        # uncaptioned images draw a corpus text; a mixed item (unpaired) keeps its base image's caption
+        captioned = batch.get("caption_mask", batch["pair_mask"])
+        if self.cfg.resample_corpus_texts and hi > lo and not bool(captioned.all()):
+            unp = ~captioned
             text_index = text_index.clone()
             text_index[unp] = _rank_rows(torch.randint(lo, hi, (len(unp) * dist_utils.world_size(),),
                                                        generator=draw), len(unp))[unp]

@@ -251,6 +251,29 @@ def _check_image_only(cfg: DictConfig) -> Iterator[str]:
                    f"or use a captioned source")
 
 
+def _check_mix(cfg: DictConfig) -> Iterator[str]:
+    """data.train.mix (distill.data.MixSpec): known values, and indexed data that the fine-tune does not share."""
+    mix = OmegaConf.select(cfg, "data.train.mix", default=None)
+    if mix is None:
+        return
+    if not OmegaConf.is_dict(mix):
+        yield f"data.train.mix={mix!r} must be a map: e.g. data.train.mix.mode=mixup (keys mode, prob, alpha)"
+        return
+    from distill.data import mix_problems
+
+    mode = mix.get("mode", "none")
+    problems = mix_problems(mode, mix.get("prob", 0.5), mix.get("alpha", 1.0))
+    yield from problems
+    if problems or mode == "none":
+        return
+    if OmegaConf.select(cfg, "data.train.stream", default=None) is not None:
+        yield (f"data.train.mix.mode={mode} needs indexed training data and data.train.stream is a stream: set "
+               f"data.train.mix.mode=none or train from data.train.sources")
+    if _number(cfg, "finetune.method") not in (None, "none"):
+        yield (f"data.train.mix.mode={mode} with finetune={_number(cfg, 'finetune.method')}: the fine-tune needs "
+               f"real caption pairs and would see mixed views; set data.train.mix.mode=none or finetune=none")
+
+
 def _check_urls(at: str, urls: str) -> Iterator[str]:
     if urls.startswith(("pipe:", "http://", "https://", "s3://", "gs://")):
         return
@@ -571,5 +594,5 @@ def _check_keys(cfg: DictConfig) -> Iterator[str]:
 
 
 CHECKS: tuple[Callable[[DictConfig], Iterator[str]], ...] = (
-    _check_keys, _check_train, _check_student, _check_teacher, _check_loss, _check_data, _check_image_only, _check_bench,
-    _check_finetune, _check_stream, _check_export)
+    _check_keys, _check_train, _check_student, _check_teacher, _check_loss, _check_data, _check_image_only, _check_mix,
+    _check_bench, _check_finetune, _check_stream, _check_export)
