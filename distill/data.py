@@ -475,11 +475,44 @@ class TrainSet(Dataset):
     def load_view(self, j: int) -> torch.Tensor | None:
         return self._render(j)[0]
 
+    def unmixed(self) -> "TrainSet | UnmixedViews":
+        """The items as a fine-tune must see them: this set itself when nothing is mixed, else
+        ``UnmixedViews`` (each item's own view, caption pairs intact)."""
+        return self if self.spec.mix.mode == "none" else UnmixedViews(self)
+
     def __getitem__(self, j: int) -> dict[str, Any]:
         view, params = self._render(j)
         captioned = self.captioned(j)
         return {"index": j, "image": view, "text_index": self.text_index(j),
                 "paired": captioned and params["mix"] == "none", "captioned": captioned, "params": params}
+
+
+class UnmixedViews(Dataset):
+    """A TrainSet's items before mixing (``TrainSet.unmixed``): each item's own augmented view, paired
+    when its image has a caption. A fine-tune trains on real (image, caption) pairs, so with
+    ``data.train.mix`` on it reads these while the teacher cache and the student read the mixed ones.
+    Everything else (spec, index, texts, keys, skips, memo) is the TrainSet's own."""
+
+    def __init__(self, trainset: "TrainSet") -> None:
+        self.trainset = trainset
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.trainset, name)
+
+    def __len__(self) -> int:
+        return len(self.trainset)
+
+    def paired(self, j: int) -> bool:
+        return self.trainset.captioned(j)
+
+    def load_view(self, j: int) -> torch.Tensor | None:
+        return self.trainset.base_view(j)[0]
+
+    def __getitem__(self, j: int) -> dict[str, Any]:
+        view, _ = self.trainset.base_view(j)
+        captioned = self.trainset.captioned(j)
+        return {"index": j, "image": view, "text_index": self.trainset.text_index(j), "paired": captioned,
+                "captioned": captioned, "params": None}
 
 
 def mix_views(a: torch.Tensor, b: torch.Tensor, plan: dict[str, Any]) -> torch.Tensor:

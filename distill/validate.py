@@ -252,7 +252,7 @@ def _check_image_only(cfg: DictConfig) -> Iterator[str]:
 
 
 def _check_mix(cfg: DictConfig) -> Iterator[str]:
-    """data.train.mix (distill.data.MixSpec): known values, and indexed data that the fine-tune does not share."""
+    """data.train.mix (distill.data.MixSpec): known values and indexed data (the fine-tune reads the unmixed views)."""
     mix = OmegaConf.select(cfg, "data.train.mix", default=None)
     if mix is None:
         return
@@ -269,9 +269,6 @@ def _check_mix(cfg: DictConfig) -> Iterator[str]:
     if OmegaConf.select(cfg, "data.train.stream", default=None) is not None:
         yield (f"data.train.mix.mode={mode} needs indexed training data and data.train.stream is a stream: set "
                f"data.train.mix.mode=none or train from data.train.sources")
-    if _number(cfg, "finetune.method") not in (None, "none"):
-        yield (f"data.train.mix.mode={mode} with finetune={_number(cfg, 'finetune.method')}: the fine-tune needs "
-               f"real caption pairs and would see mixed views; set data.train.mix.mode=none or finetune=none")
 
 
 def _check_urls(at: str, urls: str) -> Iterator[str]:

@@ -230,9 +230,23 @@ def test_config_validator_knows_the_keys_and_checks_the_values():
     assert any("data.train.mix.alhpa is not a setting; closest: alpha" in p for p in lines), lines
     assert any("data.train.mix.mode='blend' is not known" in p for p in lines), lines
     assert any("data.train.mix.prob=2 is not in [0, 1]" in p for p in lines), lines
-    with pytest.raises(ConfigError) as e:
-        check_config(_compose("data.train.mix.mode=mixup", "finetune=lora"))
-    assert any("finetune=none" in p and "data.train.mix.mode=none" in p for p in e.value.problems)
+    check_config(_compose("data.train.mix.mode=mixup", "finetune=lora"))  # the fine-tune reads unmixed views
+
+
+def test_the_fine_tune_reads_each_item_unmixed_with_its_caption():
+    ds = _set(mode="mixup", prob=1.0)
+    assert ds.unmixed() is not ds and _set(mode="none").unmixed().spec.mix.mode == "none"
+    un = ds.unmixed()
+    mixed = _mixed(ds, "mixup")
+    assert mixed and len(un) == len(ds) and un.texts is ds.texts and un.spec is ds.spec
+    for j in mixed[:4]:
+        assert not ds.paired(j) and un.paired(j)
+        item = un[j]
+        assert item["paired"] and item["text_index"] == ds.text_index(j)
+        assert torch.equal(item["image"], ds.base_view(j)[0]) and not torch.equal(item["image"], ds.load_view(j))
+        assert torch.equal(un.load_view(j), item["image"])
+    batch = collate([un[j] for j in mixed[:4]])
+    assert bool(batch["pair_mask"].all())
 
 
 def test_a_stream_with_mix_is_one_line_before_any_work():
@@ -297,3 +311,21 @@ def test_smoke_run_with_mixing_through_the_command_line(tmp_path):
     assert "mix=both:prob=0.8:alpha=1.0" in manifest["views"]
     params = np.load(entry.parent / "view_params.npy")
     assert len(params) == manifest["items"] and (params["mix"] > 0).any() and (params["mix"] == 0).any()
+
+
+def test_a_fine_tune_then_distillation_with_mixing_runs_end_to_end(tmp_path):
+    """finetune=lora tunes the teacher on real pairs (unmixed views) while the student learns the mixed ones."""
+    env = {**os.environ, "DISTILL_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    args = ["+experiment=smoke", "data.train.mix.mode=mixup", "data.train.mix.prob=1.0", "data.train.augment=true",
+            "finetune=lora", "finetune.train.steps=2", "finetune.train.eval_every=0", "finetune.train.ckpt_every=0",
+            "finetune.train.log_every=1", "finetune.chain_eval=false", "finetune.wise_ft.alpha=1.0", "train.steps=2",
+            "train.ckpt_every=0",
+            "train.progress=false", "threads=1", "export.bundle=false",
+            "variants=[teacher_torch_fp32,student_torch_fp32]", f"hydra.run.dir={tmp_path / 'run'}"]
+    r = subprocess.run([sys.executable, "-m", "distill", *args], capture_output=True, text=True, cwd=tmp_path, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["finetune"]["steps"] == 2 and report["training"]["steps"] == 2
+    log = (tmp_path / "run" / "finetune" / "metrics.jsonl").read_text().splitlines()
+    assert sum("contrastive_loss" in line for line in log) == 2  # no batch skipped as "not all pairs"

@@ -153,6 +153,7 @@ def finetune_stage(cfg: DictConfig, teacher: Any, trainset: TrainSet, eval_sets:
     if methods.METHODS.get(cfg.method, where="finetune.method").prepare is None:  # "none"
         return teacher, None
     t_start = time.perf_counter()
+    trainset = trainset.unmixed()  # real pairs: with data.train.mix on, only the distillation sees mixed views
     subject, model = subject_for(teacher)
     model, counts = apply_method(model, subject.layout, cfg)
     theta0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
