@@ -208,6 +208,19 @@ def test_bench_configs_are_measurable(name):
         report.target(1.0, **spec)  # every target spec is a valid at_least / at_most
 
 
+@pytest.mark.parametrize("name", options("experiment"))
+def test_experiment_targets_name_summary_entries(name):
+    """A target names a report summary entry (nested keys joined by '.'): a misspelt first key would
+    be reported missed forever instead of measured."""
+    from distill import report
+
+    cfg = _compose(f"+experiment={name}", *RANDOM_TEACHER.get(name, []))
+    known = set(report.summarize({"variants": {}, "run_minutes": 1.0, "finetune": {"chain": {}}}))
+    for key, spec in (OmegaConf.to_container(cfg.bench, resolve=True).get("targets") or {}).items():
+        assert key.split(".")[0] in known, (key, sorted(known))
+        report.target(1.0, **spec)
+
+
 # experiments whose teacher needs weights that cannot be downloaded here: built at random init
 RANDOM_TEACHER = {"vitb32_to_vits": ["teacher.pretrained=null"]}
 
