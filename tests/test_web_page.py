@@ -3,11 +3,11 @@
 - preprocess.js gives Pillow's pixels bit for bit from the same RGBA (node, random images and specs);
 - ``python -m distill.edge serve`` sends the COOP/COEP headers and the types the page needs;
 - write_bundle copies the page and onnxruntime-web into bundle/web/ (and without the npm files warns once);
-- the page, driven through the DevTools protocol over a pipe (no extra Python package): fp32 image
-  embeddings within cosine 0.999 of distill.edge's, int8 top-1 the same as distill.edge classify, text
-  embeddings from tokenizer.js + the text encoder within cosine 0.999 of distill.edge's, an undecodable
-  file named while the rest go on, a clear message for an empty prompt list, text and image search,
-  and a sha256 manifest that catches a modified file (and is skipped when there is none).
+- the page, driven through the DevTools protocol over a pipe (no extra Python package: tools/browser_driver.py,
+  which the benchmarks share): fp32 image embeddings within cosine 0.999 of distill.edge's, int8 top-1 the
+  same as distill.edge classify, text embeddings from tokenizer.js + the text encoder within cosine 0.999 of
+  distill.edge's, an undecodable file named while the rest go on, a clear message for an empty prompt list,
+  text and image search, and a sha256 manifest that catches a modified file (and is skipped when there is none).
 
 Needs Debian's chromium-headless-shell (``apt-get install --no-install-recommends chromium-headless-shell``,
 tools/setup.sh does) and the npm runtime (``npm ci`` in distill/web); without them the tests skip with one
@@ -17,18 +17,12 @@ benchmarks/results/web_page.png.
 
 from __future__ import annotations
 
-import base64
-import fcntl
 import gzip
 import json
 import os
-import queue
 import shutil
-import signal
 import subprocess
 import sys
-import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -37,6 +31,19 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "tools") not in sys.path:
+    sys.path.insert(0, str(REPO / "tools"))  # tools/ is not a package (as for pin_smoke in test_pipeline)
+# the DevTools driver and the page's server live in tools/browser_driver.py (the benchmarks use them too)
+from browser_driver import (  # noqa: E402
+    INSTALL_CHROMIUM,
+    BrowserUnavailable,
+    Chromium,
+    Server,
+    chromium_binary,
+    drop_files,
+)
+from browser_driver import tuxpaint_pngs as _tuxpaint_pngs  # noqa: E402
+
 WEB = REPO / "distill" / "web"
 ARTIFACTS = REPO / "tests" / "artifacts"
 SIZE, CTX = 32, 16
@@ -44,7 +51,6 @@ CFG = dict(embed_dim=32, vision_cfg=dict(width=64, layers=2, head_width=32, patc
            text_cfg=dict(width=32, layers=1, heads=2, context_length=CTX, vocab_size=49408))
 LABELS = ["frog", "bird", "cat", "car", "apple", "flower"]
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]
-INSTALL_CHROMIUM = "apt-get install -y --no-install-recommends chromium-headless-shell (tools/setup.sh does)"
 
 
 def _ci() -> bool:
@@ -57,202 +63,12 @@ def _missing(msg: str):
     pytest.skip(msg)
 
 
-def chromium_binary() -> str | None:
-    """Debian's chromium-headless-shell: on PATH, else where dpkg put it."""
-    found = shutil.which("chromium-headless-shell")
-    if found:
-        return found
-    try:
-        out = subprocess.run(["dpkg", "-L", "chromium-headless-shell"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return next((p for p in out.split() if p.endswith("/chromium-headless-shell") and os.access(p, os.X_OK)), None)
-
-
 def tuxpaint_pngs(n: int) -> list[str]:
-    """n real photos from the tuxpaint-stamps-default Debian package (sorted, so the choice is stable)."""
+    """The driver's Tux Paint photos; a missing package skips (fails under CI)."""
     try:
-        out = subprocess.run(["dpkg", "-L", "tuxpaint-stamps-default"], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        _missing("Debian package tuxpaint-stamps-default is not installed "
-                 "(apt-get install --no-install-recommends tuxpaint-stamps-default)")
-    pngs = sorted(p for p in out.stdout.split() if p.endswith(".png") and "/stamps/animals/" in p and Path(p).is_file())
-    return pngs[:: max(1, len(pngs) // n)][:n]
-
-
-# ---------------------------------------------------------------------------- DevTools protocol over a pipe
-
-class Chromium:
-    """Headless Chromium driven through --remote-debugging-pipe (fd 3: commands in, fd 4: replies out,
-    NUL-terminated JSON), so no websocket client is needed. One page target, flattened session."""
-
-    def __init__(self, binary: str, profile: Path, width: int = 1280, height: int = 1000, timeout: float = 120):
-        cmd_r, cmd_w = os.pipe()
-        out_r, out_w = os.pipe()
-        # above 9, so that moving them to 3 and 4 below never closes one of them
-        cmd_r, out_w = (self._high(fd) for fd in (cmd_r, out_w))
-        args = [binary, "--remote-debugging-pipe", "--headless", "--no-sandbox", "--no-first-run", "--disable-gpu",
-                "--disable-dev-shm-usage", "--disable-extensions", "--mute-audio", f"--user-data-dir={profile}",
-                f"--window-size={width},{height}", "about:blank"]
-        Path(profile).mkdir(parents=True, exist_ok=True)
-        self.log = Path(profile) / "chromium.log"  # a file, not a pipe nobody reads: a full pipe would stall the browser
-        # the browser wants the pipe on fds 3 and 4 exactly: let bash (dash takes fds up to 9 only) move them there
-        script = f'exec "$0" "$@" 3<&{cmd_r} 4>&{out_w} {cmd_r}<&- {out_w}>&-'
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(["bash", "-c", script, *args], pass_fds=(cmd_r, out_w), stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        os.close(cmd_r)
-        os.close(out_w)
-        self._w = os.fdopen(cmd_w, "wb", buffering=0)
-        self._r = os.fdopen(out_r, "rb", buffering=0)
-        self.timeout = timeout
-        self._id = 0
-        self._replies: dict[int, dict] = {}
-        self._cv = threading.Condition()
-        self.events: queue.Queue = queue.Queue()
-        self.console: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        self.width, self.height = width, height
-        deadline = time.monotonic() + 30
-        while not (pages := [t for t in self.send("Target.getTargets")["targetInfos"] if t["type"] == "page"]):
-            if time.monotonic() > deadline:  # the about:blank tab opens with the browser; wait for it, not forever
-                raise TimeoutError(f"no page target; {self.log}: {self.log.read_text()[-1000:]}")
-            time.sleep(0.1)
-        target = pages[0]
-        self.session = self.send("Target.attachToTarget", targetId=target["targetId"], flatten=True)["sessionId"]
-        for m in ("Page.enable", "Runtime.enable"):
-            self.page(m)
-        self.page("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
-
-    @staticmethod
-    def _high(fd: int) -> int:
-        high = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
-        os.close(fd)
-        return high
-
-    def _read(self) -> None:
-        buf = b""
-        while True:
-            chunk = self._r.read(1 << 16)
-            if not chunk:
-                break
-            buf += chunk
-            while b"\0" in buf:
-                raw, buf = buf.split(b"\0", 1)
-                msg = json.loads(raw)
-                if "id" in msg:
-                    with self._cv:
-                        self._replies[msg["id"]] = msg
-                        self._cv.notify_all()
-                else:
-                    if msg.get("method") == "Runtime.consoleAPICalled":
-                        self.console.append(" ".join(str(a.get("value", a.get("description", "")))
-                                                     for a in msg["params"]["args"]))
-                    elif msg.get("method") == "Runtime.exceptionThrown":
-                        self.console.append("exception: " + json.dumps(msg["params"]["exceptionDetails"])[:500])
-                    self.events.put(msg)
-
-    def send(self, method: str, session: str | None = None, timeout: float | None = None, **params):
-        self._id += 1
-        mid = self._id
-        msg = {"id": mid, "method": method, "params": params}
-        if session:
-            msg["sessionId"] = session
-        self._w.write(json.dumps(msg).encode() + b"\0")
-        deadline = time.monotonic() + (timeout or self.timeout)
-        with self._cv:
-            while mid not in self._replies:
-                left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
-                    why = "exited" if self.proc.poll() is not None else "timed out"
-                    raise TimeoutError(f"{method}: no reply (browser {why}); console: {self.console[-5:]}; "
-                                       f"{self.log}: {self.log.read_text(errors='replace')[-800:]}")
-                self._cv.wait(min(left, 1.0))
-            reply = self._replies.pop(mid)
-        if "error" in reply:
-            raise RuntimeError(f"{method}: {reply['error']}")
-        return reply.get("result", {})
-
-    def page(self, method: str, timeout: float | None = None, **params):
-        return self.send(method, session=self.session, timeout=timeout, **params)
-
-    def navigate(self, url: str) -> None:
-        while not self.events.empty():
-            self.events.get_nowait()
-        self.page("Page.navigate", url=url)
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            try:
-                ev = self.events.get(timeout=1.0)
-            except queue.Empty:
-                continue
-            if ev.get("method") == "Page.loadEventFired":
-                return
-        raise TimeoutError(f"{url}: no load event; console: {self.console[-5:]}")
-
-    def eval(self, expression: str, timeout: float | None = None):
-        """Evaluate in the page, awaiting a promise; returns the JSON value (raises on a JS exception)."""
-        r = self.page("Runtime.evaluate", timeout=timeout, expression=expression, awaitPromise=True, returnByValue=True)
-        if "exceptionDetails" in r:
-            d = r["exceptionDetails"]
-            raise RuntimeError(f"page: {d.get('exception', {}).get('description') or d.get('text')}")
-        return r["result"].get("value")
-
-    def set_files(self, selector: str, paths: list[str]) -> None:
-        root = self.page("DOM.getDocument")["root"]["nodeId"]
-        node = self.page("DOM.querySelector", nodeId=root, selector=selector)["nodeId"]
-        self.page("DOM.setFileInputFiles", nodeId=node, files=[str(Path(p).resolve()) for p in paths])
-
-    def screenshot(self, path: Path) -> None:
-        height = int(self.eval("Math.ceil(document.documentElement.scrollHeight)") or self.height)
-        self.page("Emulation.setDeviceMetricsOverride", width=self.width, height=max(height, 400), deviceScaleFactor=1,
-                  mobile=False)
-        data = self.page("Page.captureScreenshot", format="png")["data"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(base64.b64decode(data))
-        self.page("Emulation.setDeviceMetricsOverride", width=self.width, height=self.height, deviceScaleFactor=1,
-                  mobile=False)
-
-    def version(self) -> str:
-        return self.send("Browser.getVersion")["product"]
-
-    def close(self) -> None:
-        try:
-            self.send("Browser.close", timeout=5)
-        except Exception:  # noqa: BLE001 - it may be gone already; the kill below makes sure
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # our own process group (start_new_session)
-            self.proc.wait()
-        for f in (self._w, self._r):
-            try:
-                f.close()
-            except OSError:
-                pass
-
-
-class Server:
-    """``python -m distill.edge serve BUNDLE --port 0`` in a subprocess; .url is the page's address."""
-
-    def __init__(self, bundle: Path):
-        self.proc = subprocess.Popen([sys.executable, "-m", "distill.edge", "serve", str(bundle), "--port", "0"],
-                                     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        if not line.startswith("serving "):
-            self.proc.kill()
-            raise RuntimeError(f"serve did not start: {line}{self.proc.stderr.read()}")
-        self.url = line.split(" at ", 1)[1].split()[0]  # http://127.0.0.1:PORT/web/
-        self.root = self.url.rsplit("/web/", 1)[0]
-
-    def close(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        return _tuxpaint_pngs(n)
+    except BrowserUnavailable as e:
+        _missing(str(e))
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -341,17 +157,6 @@ def _cos(a, b) -> float:
 def _open(browser: Chromium, url: str) -> dict:
     browser.navigate(url)
     return browser.eval("window.clipDemo ? clipDemo.ready.then(() => clipDemo.report()) : Promise.reject(new Error('no clipDemo'))")
-
-
-def drop_files(browser: Chromium, paths: list[str], selector: str = "#files") -> dict:
-    """Give the page's file input these files (a folder for #folder), wait until they are all embedded
-    and classified, and return clipDemo.report()."""
-    # a listener added after the page's own runs after it, so by then the files are queued
-    browser.eval(f"window.__changed = new Promise(r => document.querySelector({json.dumps(selector)})"
-                 ".addEventListener('change', () => r(), {once: true})); true")
-    browser.set_files(selector, paths)
-    browser.eval("window.__changed.then(() => clipDemo.idle())", timeout=600)
-    return browser.eval("clipDemo.report()")
 
 
 # ---------------------------------------------------------------------------- no browser needed
