@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -85,6 +86,12 @@ class PoolSource:
         self._items = list(items)  # (path, key, crop index or -1)
         self.crop_scale, self.max_side, self.seed = (float(crop_scale[0]), float(crop_scale[1])), int(max_side), int(seed)
         self.captions = self.labels = self.classnames = None
+        self._recent: OrderedDict[str, Image.Image] = OrderedDict()  # decoded photos, newest last
+
+    KEEP = 2  # photos kept decoded (a 4K RGB photo is 25 MB)
+
+    def __getstate__(self) -> dict:  # DataLoader workers start with an empty memo, not the parent's photos
+        return {**self.__dict__, "_recent": OrderedDict()}
 
     def __len__(self) -> int:
         return len(self._items)
@@ -105,9 +112,20 @@ class PoolSource:
         left, top = rng.randint(0, w - side), rng.randint(0, h - side)
         return left, top, left + side, top + side
 
+    def _photo(self, path: str) -> Image.Image:
+        """The decoded photo, kept for the next crop: a photo's crops are neighbouring items, and
+        decoding a 4K wallpaper costs far more than cropping it (benchmarks/RESULTS.md, general pool)."""
+        hit = self._recent.get(path)
+        if hit is None:
+            hit = self._recent[path] = load_rgb(path)
+        self._recent.move_to_end(path)
+        while len(self._recent) > self.KEEP:
+            self._recent.popitem(last=False)
+        return hit
+
     def open(self, i: int) -> Image.Image:
         path, _, r = self._items[i]
-        img = load_rgb(path)
+        img = self._photo(path) if r >= 0 else load_rgb(path)
         if r >= 0:
             img = img.crop(self.crop_box(i, *img.size))
         if max(img.size) > self.max_side:  # the views are 224 px at most: keep later decoding cheap

@@ -74,6 +74,23 @@ def test_crops_are_seeded_distinct_and_small(fake_pool):
     assert [other.crop_box(i, 400, 300) for i in photo] != boxes
 
 
+def test_a_photo_is_decoded_once_for_its_neighbouring_crops(fake_pool, monkeypatch):
+    import pickle
+
+    p = pool.general_pool("all", crops=4, max_side=64, seed=0)
+    fresh = pool.general_pool("all", crops=4, max_side=64, seed=0)
+    fresh.KEEP = 0  # nothing kept: every crop decodes its photo
+    decoded = []
+    real = pool.load_rgb
+    monkeypatch.setattr(pool, "load_rgb", lambda path: decoded.append(path) or real(path))
+    photo = [i for i in range(len(p)) if "photo" in p.key(i)]
+    kept = [np.asarray(p.open(i)) for i in photo]
+    assert len(decoded) == 2  # two readable photos, four crops each
+    assert all(np.array_equal(a, np.asarray(fresh.open(i))) for a, i in zip(kept, photo))  # same pixels
+    assert len(decoded) == 2 + len(photo) and len(p._recent) <= p.KEEP
+    assert len(pickle.loads(pickle.dumps(p))._recent) == 0  # a loader worker starts without the parent's photos
+
+
 def test_corrupt_pool_image_is_skipped_and_counted(fake_pool):
     p = pool.general_pool("all", crops=2)
     bad = [i for i in range(len(p)) if "broken" in p.key(i)]
