@@ -33,6 +33,8 @@ HARNESSES: dict[str, tuple[Callable[[dict[str, Any]], Any], bool]] = {
     "finetune_methods": (lambda d: d["rows"][0]["step_ms"], False),
     "flagship_seeds": (lambda d: d["rows"][0]["figures"]["minutes"], False),
     "mobile": (lambda d: d["image_formats"][0]["median_ms"], False),
+    "patience": (lambda d: d["rows"][-1]["run_minutes"]["mean"] * d["rows"][-1]["steps"], False),
+    "int8_towers": (lambda d: d["rows"]["tiny_timm"]["static"]["b1_ms"], False),
     "reinforce": (lambda d: d["throughput"]["speedup"] * d["memory"]["128"]["train"]["peak_rss_mib"], False),
     "runtimes": (lambda d: d["variants"]["student_onnx_fp32"]["latency"]["image_b1_median_ms"], False),
     "streaming_loader": (lambda d: d["runs"][-1]["rows"][0]["images_per_s"], False),
