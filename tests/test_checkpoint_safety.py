@@ -225,3 +225,15 @@ def test_a_fine_tune_without_intact_checkpoints_names_its_own_resume_key(tmp_pat
         find_checkpoint("auto", root)
     assert "finetune.train.resume=never" in _one_line(err)
     assert (root / "damaged_step_0000005").is_dir() and not (root / "step_0000005").exists()
+
+
+def test_a_half_written_save_of_a_killed_run_is_removed_by_the_next_save(tmp_path):
+    task = Regression()
+    opt = torch.optim.AdamW(task.model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    stale = tmp_path / ".tmp_step_0000005"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half written")
+    path = Checkpointer(tmp_path, task.modules()).save(10, opt, sched, {})
+    assert not stale.exists() and path.name == "step_0000010" and verify(path) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step_0000010"]

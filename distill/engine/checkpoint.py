@@ -344,6 +344,8 @@ class Checkpointer:
         olds = [p for p in step_dirs(self.root) if p != final][::-1]
         for p in olds[: max(0, len(olds) - (self.keep - 1))]:
             shutil.rmtree(p, ignore_errors=True)
+        for stale in self.root.glob(".tmp_step_*"):  # a killed run's half-written save: never loaded, only disk
+            shutil.rmtree(stale, ignore_errors=True)
         return final
 
     def restore(self, path: Path, optimizer: torch.optim.Optimizer, scheduler: Any,
