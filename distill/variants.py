@@ -192,11 +192,15 @@ def _onnx_static_int8_export(ctx: VariantContext) -> None:
 
     ctx.require("student_onnx_int8")  # the text tower ships as dynamic int8
     n = int(ctx.cfg.int8.calibration_images)
-    idx = list(range(0, len(ctx.trainset), max(1, len(ctx.trainset) // n)))[:n]
-    views = [v for v in (ctx.trainset.load_view(j) for j in idx) if v is not None]
+    data = ctx.trainset.unmixed() if hasattr(ctx.trainset, "unmixed") else ctx.trainset  # views as deployed: unmixed
+    idx = list(range(0, len(data), max(1, len(data) // n)))[:n]
+    views = [v for v in (data.load_view(j) for j in idx) if v is not None]
     calib = [normalize_images(v[None]).numpy() for v in views]
+    ops = ctx.cfg.int8.get("static_op_types", "default")
     ctx.info["onnx_image_static_int8"] = str(quantize_static_onnx(
-        ctx.info["onnx"]["image"]["path"], ctx.export_dir / "onnx" / "image_encoder.static_int8.onnx", calib))
+        ctx.info["onnx"]["image"]["path"], ctx.export_dir / "onnx" / "image_encoder.static_int8.onnx", calib,
+        **({} if ops == "default" else {"op_types": ops if ops == "all" else tuple(ops)}),
+        fp32_first_convs=int(ctx.cfg.int8.get("static_fp32_first_convs", 0))))
 
 
 def _onnx_encoder(image: str, text: str, ctx: VariantContext) -> Any:
