@@ -130,7 +130,8 @@ def write(rows: list[dict], args: argparse.Namespace, env: dict) -> None:
     lines += ["", f"WiSE-FT α* per seed: {[r['figures']['alpha'] for r in rows]}.", "",
               "Targets per seed (report.json `targets`):", ""]
     for r in rows:
-        missed = [f"{k} ({t['measured']:.3f} vs {t['direction']} {t['target']})" for k, t in r["targets"].items() if not t["met"]]
+        missed = [f"{k} ({'not measured' if t['measured'] is None else format(t['measured'], '.3f')} vs "
+                  f"{t['direction']} {t['target']})" for k, t in r["targets"].items() if not t["met"]]
         lines.append(f"- seed {r['seed']}: {len(r['targets']) - len(missed)} of {len(r['targets'])} met"
                      + (f"; missed: {', '.join(missed)}" if missed else "") + (f" ({r['note']})" if r.get("note") else ""))
     common.write_results(args.out, lines, data={"args": vars(args), "rows": rows, "aggregate": agg}, env=env)
