@@ -25,7 +25,7 @@ DYNAMIC_MODES = ("s8_per_channel_reduce_range", "u8u8", "s8")
 DEFAULT_DYNAMIC_MODE = "s8_per_channel_reduce_range"
 
 
-class _QuietRoot:
+class QuietRoot:
     """onnxruntime's quantizer logs every skipped MatMul through the *root* logger at INFO, which
     buries the run log; hold the root logger at WARNING while it runs."""
 
@@ -37,14 +37,14 @@ class _QuietRoot:
         logging.getLogger().setLevel(self.level)
 
 
-def _pre_process(src: Path, dst: Path) -> None:
+def pre_process(src: Path, dst: Path) -> None:
     """ORT's recommended pre-processing (shape inference, graph optimisation) before quantising.
 
     skip_symbolic_shape=True: the symbolic shape inference fails on the dynamic batch axis.
     """
     from onnxruntime.quantization import quant_pre_process
 
-    with _QuietRoot():
+    with QuietRoot():
         quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
 
 
@@ -72,8 +72,8 @@ def quantize_dynamic_onnx(src: str | Path, dst: str | Path, mode: str = DEFAULT_
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         pre = Path(tmp) / "pre.onnx"
-        _pre_process(src, pre)
-        with _QuietRoot():
+        pre_process(src, pre)
+        with QuietRoot():
             quantize_dynamic(str(pre), str(dst), nodes_to_exclude=_standard_attention_nodes(pre),
                              **({"op_types_to_quantize": list(op_types)} if op_types else {}), **kw)
     return dst
@@ -93,7 +93,7 @@ def _standard_attention_nodes(path: Path) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]
 
 
-class _ArrayReader:
+class ArrayReader:
     """onnxruntime CalibrationDataReader over an iterable of input batches."""
 
     def __init__(self, batches: Iterable[np.ndarray], input_name: str) -> None:
@@ -155,12 +155,12 @@ def quantize_static_onnx(src: str | Path, dst: str | Path, calibration: Iterable
         raise UserError(f"op_types {op_types!r}: give a list of ONNX op types or \"all\"")
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    reader = _ArrayReader(itertools.chain([first], it), input_name)
+    reader = ArrayReader(itertools.chain([first], it), input_name)
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         pre = Path(tmp) / "pre.onnx"
-        _pre_process(src, pre)
+        pre_process(src, pre)
         keep = _first_convs(pre, int(fp32_first_convs))
-        with _QuietRoot():
+        with QuietRoot():
             # op_types_to_quantize=None: every op type onnxruntime quantises (QLinear + QDQ registries)
             quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, nodes_to_exclude=keep,
                             op_types_to_quantize=None if op_types == "all" else list(op_types),

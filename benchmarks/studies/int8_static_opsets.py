@@ -67,7 +67,7 @@ import yaml  # noqa: E402
 from distill import datasets  # noqa: E402
 from distill.data import augmented_view, eval_view  # noqa: E402
 from distill.encoders import normalize_images  # noqa: E402
-from distill.quantize import (DEFAULT_DYNAMIC_MODE, _pre_process, _QuietRoot,  # noqa: E402
+from distill.quantize import (DEFAULT_DYNAMIC_MODE, pre_process, QuietRoot,  # noqa: E402
                               quantize_dynamic_onnx, quantize_static_onnx)
 
 FAMILIES = {  # student name -> family label (int8_towers.md's)
@@ -190,7 +190,7 @@ def static(src: Path, dst: Path, calib: list[np.ndarray], *, fmt: str = "qdq", o
     nodes (graph order) fp32. hsdec: decompose_hardsigmoid first (ValueError when there is none)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from distill.quantize import _ArrayReader
+    from distill.quantize import ArrayReader
 
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                "entropy": CalibrationMethod.Entropy}
@@ -199,12 +199,12 @@ def static(src: Path, dst: Path, calib: list[np.ndarray], *, fmt: str = "qdq", o
         extra = {"ActivationSymmetric": True}
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         pre = Path(tmp) / "pre.onnx"
-        _pre_process(src, pre)
+        pre_process(src, pre)
         if hsdec and not decompose_hardsigmoid(pre):
             raise NotApplicable("no HardSwish/HardSigmoid in this tower (the file would be static_all's)")
         convs = [n.name for n in onnx.load(str(pre), load_external_data=False).graph.node if n.op_type == "Conv"]
-        with _QuietRoot():
-            quantize_static(str(pre), str(dst), _ArrayReader(calib, "pixels"), nodes_to_exclude=convs[:skip_convs],
+        with QuietRoot():
+            quantize_static(str(pre), str(dst), ArrayReader(calib, "pixels"), nodes_to_exclude=convs[:skip_convs],
                             quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
                             op_types_to_quantize=list(op_types) if op_types else None, per_channel=True,
                             reduce_range=reduce_range,
