@@ -66,6 +66,16 @@ def imagenet_classnames() -> list[str]:
     return [d.split(",")[0].strip() for d in ImageNetInfo().label_descriptions()]
 
 
+def named_classes(value: Any, unknown: str) -> list[str]:
+    """Class names given in a config: ``"imagenet"`` (the 1000 ImageNet-1k names) or a list; any other
+    string is a UserError with the caller's ``unknown`` line."""
+    if isinstance(value, str):
+        if value != "imagenet":
+            raise UserError(unknown)
+        return imagenet_classnames()
+    return [str(c) for c in value]
+
+
 def eval_view(img: Image.Image, size: int, spec: dict[str, Any] | None = None) -> torch.Tensor:
     """PIL RGB -> (3, size, size) float in [0, 1]: bicubic short-side resize, centre crop.
 

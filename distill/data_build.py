@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from distill import distributed as dist_utils
-from distill.data import EvalSet, MixSpec, TrainSet, ViewSpec, build_corpus, imagenet_classnames, load_eval_set
+from distill.data import EvalSet, MixSpec, TrainSet, ViewSpec, build_corpus, load_eval_set, named_classes
 from distill.datasets import ImageOnly, is_image_only
 from distill.errors import UserError
 from distill.streaming import StreamingShards
@@ -69,13 +69,8 @@ def build_general_sets(cfg: DictConfig, size: int) -> dict[str, EvalSet]:
     out: dict[str, EvalSet] = {}
     for item in cfg.eval.get("general", []) or []:
         classes = item.get("classes", "imagenet")
-        if isinstance(classes, str):
-            if classes != "imagenet":
-                raise UserError(f"general eval set {item.name}: classes={classes!r} unknown: use imagenet or a "
-                                f"list of class names")
-            names = imagenet_classnames()
-        else:
-            names = [str(c) for c in classes]
+        names = named_classes(classes, f"general eval set {item.name}: classes={classes!r} unknown: use imagenet or a "
+                                       f"list of class names")
         k = int(item.get("k", 10))
         if not names or k < 1:
             raise UserError(f"general eval set {item.name} needs at least one class name and k >= 1 "

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from distill.data import imagenet_classnames
+from distill.data import imagenet_classnames, named_classes  # noqa: F401 - imagenet_classnames: this module's public name since ConSE came
 from distill.errors import MissingDataError, UserError
 from distill.teachers.base import TEACHERS, freeze, hash_state_dict
 from distill.teachers.conse_common import MEAN, STD, resize_crop
@@ -160,16 +160,11 @@ class ConSETeacher:
                             f"e.g. teacher.prompt='a photo of a {{}}'")
         if int(batch_size) < 1:
             raise UserError(f"ConSE batch_size={batch_size} must be >= 1")
-        if isinstance(classnames, str):
-            if classnames != "imagenet":
-                raise UserError(f"ConSE classnames={classnames!r}: use 'imagenet' or a list of the 1000 ImageNet "
-                                f"class names in label order")
-            names = imagenet_classnames()
-        else:
-            names = [str(c) for c in classnames]
-            if len(names) != 1000:
-                raise UserError(f"ConSE classnames has {len(names)} names; the EfficientNet-Lite head is the 1000-way "
-                                f"ImageNet one, so give 1000 names in ImageNet label order (or classnames=imagenet)")
+        names = named_classes(classnames, f"ConSE classnames={classnames!r}: use 'imagenet' or a list of the 1000 "
+                                          f"ImageNet class names in label order")
+        if len(names) != 1000:  # "imagenet" always gives 1000
+            raise UserError(f"ConSE classnames has {len(names)} names; the EfficientNet-Lite head is the 1000-way "
+                            f"ImageNet one, so give 1000 names in ImageNet label order (or classnames=imagenet)")
         self.variant, self.top_k, self.prompt = variant, int(top_k), prompt
         self.classnames = names
         self.image_size = LITE_SIZES[variant]
